@@ -1,0 +1,247 @@
+"""Data specs: `synthetic`, `fashion-mnist[:PATH]`, `cifar10:PATH`, `imagefolder:PATH`.
+
+Every dataset yields normalised image tensors adapted to the model's input size
+(channels repeated or averaged, bilinear resize), so calibration, training and
+evaluation see exactly what the model was built for. The normalisation is returned
+with the data so artifacts can record it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from kpc.errors import KpcError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+KINDS = ("synthetic", "fashion-mnist", "cifar10", "imagefolder")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    path: Path | None = None
+
+    def label(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+def parse_data_spec(text: str) -> DataSpec:
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise KpcError(f"unknown data spec {text!r}: use one of synthetic, fashion-mnist[:PATH], "
+                       "cifar10:PATH, imagefolder:PATH")
+    if kind == "synthetic":
+        return DataSpec(kind)
+    if kind == "fashion-mnist":
+        path = Path(rest).expanduser() if rest else FASHION_MNIST_DIR
+    elif not rest:
+        raise KpcError(f"data spec {kind} needs a path: {kind}:PATH")
+    else:
+        path = Path(rest).expanduser()
+    if not path.exists():
+        hint = f" (install it with: {FASHION_MNIST_INSTALL})" if kind == "fashion-mnist" else ""
+        raise KpcError(f"data path {path} does not exist{hint}")
+    return DataSpec(kind, path)
+
+
+# ---------------------------------------------------------------- raw readers
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) as used by (Fashion-)MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if array.size != int(np.prod(shape)):
+            raise ValueError(f"expected {int(np.prod(shape))} values, found {array.size}")
+        return array.reshape(shape).copy()
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise KpcError(f"{path} is not a readable IDX file ({exc}): the dataset is corrupt") from exc
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    raise KpcError(f"{directory} has no {stem}[.gz]: not a Fashion-MNIST directory ({FASHION_MNIST_INSTALL})")
+
+
+def fashion_mnist_arrays(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise KpcError(f"Fashion-MNIST files in {directory} disagree: {images.shape} images, {labels.shape} labels")
+    return images, labels
+
+
+def cifar10_arrays(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the CIFAR-10 'python version' batches (data_batch_1..5, test_batch)."""
+    root = directory / "cifar-10-batches-py" if (directory / "cifar-10-batches-py").is_dir() else directory
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        file = root / name
+        if not file.is_file():
+            raise KpcError(f"{root} has no {name}: not a CIFAR-10 python-batches directory")
+        try:
+            with open(file, "rb") as handle:
+                batch = pickle.load(handle, encoding="latin1")  # the format itself is pickled numpy
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        except Exception as exc:
+            raise KpcError(f"{file} is not a readable CIFAR-10 batch ({exc})") from exc
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def adapt_images(images: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Tensor:
+    """Bring a float NCHW batch to the model's channels and size."""
+    channels, height, width = input_size
+    if images.shape[1] != channels:
+        if images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            images = images.mean(dim=1, keepdim=True)
+        else:
+            raise KpcError(f"cannot adapt {images.shape[1]}-channel images to a {channels}-channel model")
+    if images.shape[-2:] != (height, width):
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    return images.contiguous()
+
+
+class ArrayImages(Dataset):
+    """uint8 images in memory (N,H,W or N,C,H,W) with labels, normalised on access."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, norm: Normalization,
+                 input_size: tuple[int, int, int], augment: bool = False) -> None:
+        if images.ndim == 3:
+            images = images[:, None]
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.mean = torch.tensor(norm.mean).view(-1, 1, 1)
+        self.std = torch.tensor(norm.std).view(-1, 1, 1)
+        self.input_size = input_size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index].float().div_(255.0)
+        if self.augment:
+            image = _random_flip_and_crop(image)
+        image = (image - self.mean) / self.std
+        return adapt_images(image[None], self.input_size)[0], self.labels[index]
+
+
+def _random_flip_and_crop(image: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """The standard small-image augmentation: horizontal flip and a padded random crop."""
+    if torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    height, width = image.shape[-2:]
+    padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")[0]
+    top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+    return padded[:, top : top + height, left : left + width]
+
+
+FASHION_MNIST_NORM = Normalization((0.2860,), (0.3530,))
+CIFAR10_NORM = Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+IMAGENET_NORM = Normalization(IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclass
+class LoadedData:
+    dataset: Dataset
+    labeled: bool
+    num_classes: int | None
+    normalization: Normalization
+
+
+def load_dataset(spec: DataSpec, split: str, input_size: tuple[int, int, int], *,
+                 augment: bool = False, synthetic_size: int = 256, seed: int = 0) -> LoadedData:
+    """Open one split ("train" or "val") of a data spec, adapted to `input_size`."""
+    if spec.kind == "synthetic":
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn((synthetic_size, *input_size), generator=generator)
+        return LoadedData(TensorDataset(images), False, None, Normalization((0.0,), (1.0,)))
+    assert spec.path is not None
+    if spec.kind == "fashion-mnist":
+        images, labels = fashion_mnist_arrays(spec.path, split)
+        return LoadedData(ArrayImages(images, labels, FASHION_MNIST_NORM, input_size, augment), True, 10,
+                          FASHION_MNIST_NORM)
+    if spec.kind == "cifar10":
+        images, labels = cifar10_arrays(spec.path, split)
+        return LoadedData(ArrayImages(images, labels, CIFAR10_NORM, input_size, augment), True, 10, CIFAR10_NORM)
+    return _imagefolder(spec.path, split, input_size, augment)
+
+
+def _imagefolder(path: Path, split: str, input_size: tuple[int, int, int], augment: bool) -> LoadedData:
+    from torchvision import datasets, transforms
+
+    sub = path / ("train" if split == "train" else "val")
+    root = sub if sub.is_dir() else path
+    _, height, width = input_size
+    if augment:
+        steps = [transforms.RandomResizedCrop((height, width)), transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(round(height / 0.875)), transforms.CenterCrop((height, width))]
+    channels = input_size[0]
+    tf = transforms.Compose([
+        *steps,
+        transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]),
+    ])
+    try:
+        dataset = datasets.ImageFolder(str(root), transform=tf)
+    except (FileNotFoundError, OSError) as exc:
+        raise KpcError(f"imagefolder {root} has no class folders with images ({exc})") from exc
+    return LoadedData(dataset, True, len(dataset.classes), IMAGENET_NORM)
+
+
+def calibration_batches(spec: DataSpec, input_size: tuple[int, int, int], *, batches: int,
+                        batch_size: int, seed: int = 0, workers: int = 0
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Batches for the importance pass: the train split with eval transforms, shuffled with a fixed seed."""
+    data = load_dataset(spec, "train", input_size, synthetic_size=batches * batch_size, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                        num_workers=workers, drop_last=False)
+    for index, batch in enumerate(loader):
+        if index >= batches:
+            break
+        if data.labeled:
+            yield batch[0], batch[1]
+        else:
+            yield batch[0], None

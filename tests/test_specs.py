@@ -1,0 +1,65 @@
+"""Model specs: the one front door, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kpc.errors import KpcError
+from kpc.specs import build_model, load_weights, parse_input_size, parse_model_spec
+
+
+def test_torchvision_and_timm_specs_build_with_requested_classes_and_channels():
+    tv = build_model(parse_model_spec("torchvision:resnet18", num_classes=7, input_size=(1, 32, 32)))
+    assert tv(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    tm = build_model(parse_model_spec("timm:resnet18", num_classes=5, input_size=(1, 32, 32)))
+    assert tm(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_file_spec_builds_the_factory(tmp_path):
+    file = tmp_path / "net.py"
+    file.write_text(
+        "import torch.nn as nn\n"
+        "def make(num_classes=3):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+        " nn.Linear(16, num_classes))\n"
+    )
+    model = build_model(parse_model_spec(f"{file}:make", num_classes=4))
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 4)
+
+
+def test_unknown_names_suggest_close_matches(tmp_path):
+    with pytest.raises(KpcError, match="did you mean torchvision:resnet50"):
+        parse_model_spec("torchvision:resnet5O")
+    with pytest.raises(KpcError, match="timm:efficientnet_b0"):
+        parse_model_spec("timm:efficentnet_b0")
+    with pytest.raises(KpcError, match="unknown model source"):
+        parse_model_spec("keras:resnet50")
+    file = tmp_path / "net.py"
+    file.write_text("def build_net():\n    return None\n")
+    with pytest.raises(KpcError, match="did you mean build_net"):
+        build_model(parse_model_spec(f"{file}:build_nett"))
+
+
+def test_input_size_parsing():
+    assert parse_input_size("3x224x224") == (3, 224, 224)
+    assert parse_input_size("64") == (3, 64, 64)
+    with pytest.raises(KpcError, match="CxHxW"):
+        parse_input_size("3x224")
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    model = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
+    other = build_model(parse_model_spec("torchvision:resnet18", num_classes=100))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(KpcError, match=r"fc.weight is \(100, 512\), model wants \(10, 512\)"):
+        load_weights(model, path)
+    pt = tmp_path / "w.pt"
+    torch.save(model.state_dict(), pt)
+    fresh = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
+    load_weights(fresh, pt)
+    assert torch.equal(fresh.fc.weight, model.fc.weight)
+    with pytest.raises(KpcError, match="does not exist"):
+        load_weights(model, tmp_path / "missing.pt")
