@@ -1,0 +1,319 @@
+"""Coupled channel groups, found with torch-pruning's dependency graph.
+
+A group is the unit kpc prunes: a root layer's output channels plus every layer and
+parameter tied to them (a residual stream, a depthwise conv and its SE gate, the
+inputs of the consumers). Groups that cannot be pruned safely are kept, marked whole
+with a reason, so the rest of the network can still be pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping as _index_mapping
+
+from kpc.errors import KpcError
+
+GRAPH_TIME_LIMIT_S = 60
+UNMAPPABLE = "kpc_unmappable"  # graph attribute: nodes whose channel index mapping failed
+
+
+def _tolerant(update: Callable) -> Callable:
+    """Let one node's failed index mapping (e.g. a channel shuffle) spoil only the groups through it.
+
+    torch-pruning maps channel indices through every concat/split/reshape of the
+    graph at once; a single exotic reshape raises and kills the whole graph. The
+    failing node is recorded instead, and `discover_groups` leaves every group that
+    passes through it whole.
+    """
+
+    def wrapper(graph, node):
+        try:
+            return update(graph, node)
+        except Exception as exc:
+            failures = graph.__dict__.setdefault(UNMAPPABLE, {})
+            failures[node] = f"{type(exc).__name__} mapping channels through {getattr(node, 'name', node)}"
+            return None
+
+    wrapper.__wrapped__ = update  # type: ignore[attr-defined]
+    return wrapper
+
+
+for _name in ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
+              "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping"):
+    _update = getattr(_index_mapping, _name, None)
+    if _update is not None and not hasattr(_update, "__wrapped__"):
+        setattr(_index_mapping, _name, _tolerant(_update))
+
+
+@dataclass
+class ChannelGroup:
+    """One coupled set of channels, identified by the module that produces them."""
+
+    index: int
+    root: str  # name of the module whose output channels define the group
+    width: int  # channels at full width
+    layers: list[str]  # parameterised members, "name" for output side, "name<" for input side
+    prunable: bool = True
+    reason: str | None = None  # why the group is kept whole
+    tp_group: object = field(default=None, repr=False)  # torch-pruning Group, valid for the analysed model
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str) -> Iterator[None]:
+    """Bound pure-Python work (graph tracing) that can run for minutes on exotic nets."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _expire(signum, frame):
+        raise TimeoutError(f"{what} took longer than {seconds} s")
+
+    try:
+        previous = signal.signal(signal.SIGALRM, _expire)
+    except ValueError:  # not the main thread: no alarm available, run unbounded
+        yield
+        return
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
+def _is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped but not depthwise conv: slicing its channels independently breaks the groups."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and not module.groups == module.in_channels == module.out_channels)
+
+
+def _module_names(model: nn.Module) -> dict[nn.Module, str]:
+    return {module: name for name, module in model.named_modules()}
+
+
+def find_classifier(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """Modules whose output is the network output: their output width is never pruned."""
+    names = _module_names(model)
+    order: list[tuple[str, torch.Tensor]] = []
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and isinstance(module, (nn.Conv2d, nn.Linear)):
+            order.append((names[module], output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            output = model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = {name for name, tensor in order if tensor is output or (tensor.shape == output.shape and
+             tensor.data_ptr() == output.data_ptr())}
+    if not found and order:
+        found = {order[-1][0]}
+    if hasattr(model, "get_classifier"):
+        with contextlib.suppress(Exception):
+            classifier = model.get_classifier()
+            if isinstance(classifier, nn.Module) and classifier in names:
+                found.add(names[classifier])
+    return found
+
+
+def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = GRAPH_TIME_LIMIT_S
+                ) -> tp.DependencyGraph:
+    """Trace the dependency graph; if tracing runs over the limit, retry with attention blocks left out."""
+    try:
+        with time_limit(time_limit_s, "building the dependency graph"):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except TimeoutError:
+        attention = [m for m in model.modules() if _is_attention(m)]
+        if not attention:
+            raise KpcError(f"building the dependency graph took over {time_limit_s} s; pass --ignore for the "
+                           "parts of the network that should stay whole") from None
+        with time_limit(time_limit_s, "building the dependency graph without attention"):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                         ignored_layers=attention)
+
+
+def _each_group(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, object | None, str | None]]:
+    """Like torch-pruning's get_all_groups, but a root whose group cannot be traced is reported, not raised."""
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        width = int(pruner.get_out_channels(module))
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+        except Exception as exc:  # torch-pruning's index mapping fails on some split/concat patterns
+            visited.add(module)
+            yield module, None, f"dependencies not traceable ({type(exc).__name__} in torch-pruning)"
+            continue
+        for item in group:
+            if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
+                visited.add(item.dep.target.module)
+        yield module, group, None
+
+
+def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequence[str] = (),
+                    never_prune: set[str] = frozenset(), min_channels: int = 1) -> list[ChannelGroup]:
+    """List every coupled group rooted at a conv or linear layer, marking the unsafe ones whole."""
+    names = _module_names(model)
+    ignored = {n for n in names.values() if n and any(fnmatch.fnmatchcase(n, p) or n == p or
+                                                      n.startswith(p + ".") for p in ignore)}
+    groups: list[ChannelGroup] = []
+    for root_module, tp_group, failure in _each_group(graph):
+        root = names.get(root_module)
+        if root is None:
+            continue
+        if tp_group is None:
+            width = int(graph.get_pruner_of_module(root_module).get_out_channels(root_module))
+            groups.append(ChannelGroup(len(groups), root, width, [root], False, failure))
+            continue
+        layers: list[str] = []
+        out_names: list[str] = []
+        reason = None
+        unmappable = graph.__dict__.get(UNMAPPABLE, {})
+        for item in tp_group:
+            for node in (item.dep.source, item.dep.target):
+                if node in unmappable:
+                    reason = f"channel order not traceable: {unmappable[node]}"
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or module not in names:
+                if isinstance(module, nn.Parameter):
+                    layers.append("<parameter>")
+                continue
+            name = names[module]
+            if _is_attention(module):
+                reason = f"attention layer {name}: heads are left whole"
+            elif _is_grouped_conv(module):
+                reason = (f"grouped convolution {name} (groups={module.groups}): torch-pruning cannot keep "
+                          "its conv groups consistent, so it is left whole")
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                out_names.append(name)
+                if any(True for _ in module.parameters(recurse=False)):
+                    layers.append(name)
+            elif any(True for _ in module.parameters(recurse=False)):
+                layers.append(name + "<")
+        width = len(tp_group[0].idxs)
+        group = ChannelGroup(len(groups), root, width, layers, tp_group=tp_group)
+        touched_never = sorted(set(out_names) & never_prune)
+        touched_ignored = sorted(set(out_names) & ignored)
+        if touched_never:
+            group.prunable, group.reason = False, f"network output ({touched_never[0]})"
+        elif touched_ignored:
+            group.prunable, group.reason = False, f"ignored by --ignore ({touched_ignored[0]})"
+        elif reason is not None:
+            group.prunable, group.reason = False, reason
+        elif "<parameter>" in layers:
+            group.prunable, group.reason = False, "coupled to a bare parameter (e.g. position embedding)"
+        elif width <= min_channels:
+            group.prunable, group.reason = False, f"only {width} channels (at or below --min-channels)"
+        groups.append(group)
+    if not groups:
+        raise KpcError("found no prunable convolution or linear layers in this model")
+    return groups
+
+
+# ---------------------------------------------------------------- applying kept channels
+
+
+def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: Sequence[int]) -> None:
+    """Physically remove every channel of one group except `kept` (indices into the root's outputs)."""
+    keep = set(int(i) for i in kept)
+    removed = [i for i in range(width) if i not in keep]
+    if not removed:
+        return
+    pruner = graph.get_pruner_of_module(module)
+    group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
+    group.prune()
+
+
+def apply_kept(model: nn.Module, example: torch.Tensor, kept: dict[str, tuple[int, Sequence[int]]], *,
+               graph: tp.DependencyGraph | None = None) -> nn.Module:
+    """Prune `model` in place: `kept` maps a group's root name to (full width, kept indices)."""
+    graph = graph if graph is not None else build_graph(model, example)
+    for root, (width, indices) in kept.items():
+        try:
+            module = model.get_submodule(root)
+        except AttributeError as exc:
+            raise KpcError(f"plan names a layer {root!r} that this model does not have: the plan belongs "
+                           "to another model") from exc
+        prune_group(graph, module, width, indices)
+    return model
+
+
+def check_forward(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size) -> str | None:
+    """None when the model runs and keeps its output shape; else what went wrong."""
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as exc:  # any failure here means the pruned structure is inconsistent
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    if not isinstance(output, torch.Tensor):
+        return f"output is {type(output).__name__}, not a tensor"
+    if output.shape != expected_shape:
+        return f"output shape {tuple(output.shape)} != {tuple(expected_shape)}"
+    if not torch.isfinite(output).all():
+        return "output has non-finite values"
+    return None
+
+
+def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: list[ChannelGroup],
+                       probe_kept: Callable[[ChannelGroup], Sequence[int]]) -> dict[int, str]:
+    """Prune copies with the candidates reduced and bisect to the groups that break the network.
+
+    Cheap when everything works (one copy, one forward); a failure costs a few copies
+    per bad group. A group that breaks on its own is reported with the error it caused.
+    """
+    with torch.no_grad():
+        expected = model(example).shape
+
+    def trial(subset: list[ChannelGroup]) -> str | None:
+        trial_model = copy.deepcopy(model)
+        try:
+            graph = build_graph(trial_model, example)
+            for group in subset:
+                prune_group(graph, trial_model.get_submodule(group.root), group.width, probe_kept(group))
+        except KpcError:
+            raise
+        except Exception as exc:
+            return f"pruning failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return check_forward(trial_model, example, expected)
+
+    bad: dict[int, str] = {}
+
+    def search(subset: list[ChannelGroup]) -> None:
+        if not subset:
+            return
+        error = trial(subset)
+        if error is None:
+            return
+        if len(subset) == 1:
+            bad[subset[0].index] = error
+            return
+        middle = len(subset) // 2
+        search(subset[:middle])
+        search(subset[middle:])
+        if not any(g.index in bad for g in subset):
+            # each half works alone but not together: leave the whole subset's last group out and retry
+            bad[subset[-1].index] = f"fails only in combination: {error}"
+            search(subset[:-1])
+
+    search(candidates)
+    return bad

@@ -1,0 +1,252 @@
+"""Prune a model under a budget: groups -> importance -> costs -> knapsack -> apply -> verify.
+
+The library function behind `kpc prune`. Every step that can break a network is
+checked: unsafe groups are found before the solve (by pruning copies), and the final
+model is applied to a copy, run, and counted independently; a group that still breaks
+is left whole and the solve repeats. The plan records each attempt.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kpc.artifact import LoadedModel
+from kpc.costs import CostModel, FlopsModel, count_macs
+from kpc.data import DataSpec, calibration_batches
+from kpc.errors import KpcError
+from kpc.groups import (
+    ChannelGroup,
+    apply_kept,
+    build_graph,
+    check_forward,
+    discover_groups,
+    find_classifier,
+    find_unsafe_groups,
+)
+from kpc.importance import accumulate_gradients, score_groups
+from kpc.planner import LANDING_TOLERANCE, GroupChoices, make_choices, minimum_cost, solve_widths
+
+MAX_VERIFY_ROUNDS = 4
+
+
+@dataclass
+class Budget:
+    """What the user asked for: exactly one of GFLOPs, a ratio of the unpruned cost, or milliseconds."""
+
+    gflops: float | None = None
+    ratio: float | None = None
+    ms: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.gflops, self.ratio, self.ms) if v is not None]
+        if len(given) != 1:
+            raise KpcError("give exactly one budget: --budget-gflops, --budget-ratio or --budget-ms")
+        if given[0] <= 0:
+            raise KpcError(f"the budget must be positive (got {given[0]})")
+        if self.ratio is not None and self.ratio > 1:
+            raise KpcError(f"--budget-ratio {self.ratio} is above 1: it is a fraction of the unpruned cost")
+
+    def describe(self) -> str:
+        if self.gflops is not None:
+            return f"{self.gflops:g} GFLOPs"
+        if self.ratio is not None:
+            return f"{self.ratio:g} x unpruned cost"
+        return f"{self.ms:g} ms"
+
+
+@dataclass
+class PruneSettings:
+    data: DataSpec
+    calib_batches: int = 8
+    calib_batch_size: int = 32
+    importance: str = "taylor"
+    solver: str = "exact"
+    round_to: int = 8
+    min_channels: int = 8
+    ignore: Sequence[str] = field(default_factory=tuple)
+    seed: int = 0
+    bins: int = 10_000
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    round: dict[str, Any]  # the plan entry for this pruning round
+    groups: list[ChannelGroup]
+
+
+def _probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], list[int]]:
+    """Keep about half of a group's channels (its first ones) to exercise the index mapping."""
+
+    def kept(group: ChannelGroup) -> list[int]:
+        half = max(min_channels, round_to * max(1, (group.width // 2) // max(1, round_to)))
+        return list(range(min(half, group.width - 1)))
+
+    return kept
+
+
+def analyse(loaded: LoadedModel, settings: PruneSettings, *, log: Callable[[str], None] = print
+            ) -> tuple[Any, list[ChannelGroup], torch.Tensor]:
+    """Build the graph, list the groups and mark the ones that cannot be pruned safely."""
+    model = loaded.model
+    example = loaded.example_input()
+    graph = build_graph(model, example)
+    groups = discover_groups(model, graph, ignore=settings.ignore, never_prune=find_classifier(model, example),
+                             min_channels=settings.min_channels)
+    candidates = [g for g in groups if g.prunable]
+    unsafe = find_unsafe_groups(model, example, candidates, _probe_kept(settings.round_to, settings.min_channels))
+    for index, reason in unsafe.items():
+        groups[index].prunable = False
+        groups[index].reason = f"unsafe to prune: {reason}"
+        log(f"group {groups[index].root} is left whole: {reason}")
+    return graph, groups, example
+
+
+def compute_importance(loaded: LoadedModel, groups: list[ChannelGroup], settings: PruneSettings,
+                       *, progress: Callable[[], None] | None = None) -> dict[int, np.ndarray]:
+    torch.manual_seed(settings.seed)
+    if settings.importance == "taylor":
+        batches = calibration_batches(settings.data, loaded.spec.input_size, batches=settings.calib_batches,
+                                      batch_size=settings.calib_batch_size, seed=settings.seed)
+        accumulate_gradients(loaded.model, batches, progress=progress)
+    scores = score_groups(groups, settings.importance)
+    loaded.model.zero_grad(set_to_none=True)
+    return scores
+
+
+def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
+          cost_model: Callable[[nn.Module, torch.Tensor, Any, list[ChannelGroup]], CostModel] | None = None,
+          progress: Callable[[], None] | None = None, log: Callable[[str], None] = print) -> PruneResult:
+    """Prune `loaded.model` (left untouched) to the budget; returns the pruned copy and its plan round."""
+    graph, groups, example = analyse(loaded, settings, log=log)
+    scores = compute_importance(loaded, groups, settings, progress=progress)
+    make_cost = cost_model or (lambda m, x, g, gs: FlopsModel(m, x, g, gs))
+    attempts: list[dict[str, Any]] = []
+    target_scale = 1.0
+    for _attempt in range(MAX_VERIFY_ROUNDS + len(groups)):
+        cost = make_cost(loaded.model, example, graph, groups)
+        full_widths = np.array([g.width for g in groups], dtype=np.float64)
+        choices = [make_choices(g.index, scores[g.index], settings.round_to, settings.min_channels)
+                   for g in groups if g.prunable]
+        full_cost = cost.total(full_widths)
+        floor = minimum_cost(cost, full_widths, choices)
+        limit = _budget_in_cost_units(budget, full_cost, cost)
+        if limit >= full_cost:
+            raise KpcError(f"budget {budget.describe()} is at or above the model's current cost "
+                           f"({full_cost / _unit_scale(cost):.4g} {cost.unit}): nothing to prune; ask for less")
+        if limit < floor:
+            raise KpcError(f"budget {budget.describe()} is below the smallest achievable cost "
+                           f"{floor / _unit_scale(cost):.4g} {cost.unit} (every group at --min-channels "
+                           f"{settings.min_channels}); ask for at least that")
+        solution = solve_widths(cost, full_widths, choices, min(limit * target_scale, limit),
+                                solver=settings.solver, bins=settings.bins)
+        kept = _kept_by_root(groups, choices, solution.widths)
+        pruned = copy.deepcopy(loaded.model)
+        try:
+            apply_kept(pruned, example, kept)
+            error = check_forward(pruned, example, loaded.model(example).shape)
+        except KpcError:
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            chosen = [g for g in groups if g.root in kept]
+            bad = find_unsafe_groups(loaded.model, example, chosen, _solution_kept(choices, solution.widths))
+            if not bad:
+                raise KpcError(f"the pruned model fails its forward pass ({error}) and no single group is to blame")
+            for index, reason in bad.items():
+                groups[index].prunable = False
+                groups[index].reason = f"unsafe to prune: {reason}"
+                log(f"group {groups[index].root} is left whole: {reason}")
+            attempts.append({"target": limit * target_scale, "predicted": solution.cost, "error": error})
+            continue
+        counted = _count(pruned, example, cost)
+        attempts.append({"target": limit * target_scale, "predicted": solution.cost, "counted": counted})
+        lands = cost.unit != "GFLOPs" or counted >= limit * (1 - LANDING_TOLERANCE)
+        fits = counted <= limit * (1 + 1e-9) and lands
+        if fits or len(attempts) >= MAX_VERIFY_ROUNDS:
+            break
+        target_scale *= limit / counted
+    else:  # pragma: no cover - bounded by the number of groups
+        raise KpcError("pruning did not converge")
+    if counted > limit * (1 + 1e-9):
+        raise KpcError(f"could not land under the budget: the best plan counts {counted / _unit_scale(cost):.4g} "
+                       f"{cost.unit} against {limit / _unit_scale(cost):.4g}")
+    plan_round = {
+        "budget": {"asked": budget.describe(), **{k: v for k, v in asdict(budget).items() if v is not None}},
+        "cost_unit": cost.unit,
+        "full_cost": full_cost / _unit_scale(cost),
+        "min_cost": floor / _unit_scale(cost),
+        "limit": limit / _unit_scale(cost),
+        "predicted_cost": solution.cost / _unit_scale(cost),
+        "counted_cost": counted / _unit_scale(cost),
+        "kept_importance": solution.value,
+        "total_importance": float(sum(s.sum() for s in scores.values())),
+        "attempts": [{k: (v / _unit_scale(cost) if isinstance(v, float) else v) for k, v in a.items()}
+                     for a in attempts],
+        "importance": {"method": settings.importance, "data": settings.data.label(),
+                       "batches": settings.calib_batches, "batch_size": settings.calib_batch_size,
+                       "seed": settings.seed},
+        "solver": settings.solver,
+        "round_to": settings.round_to,
+        "min_channels": settings.min_channels,
+        "ignore": list(settings.ignore),
+        "input_size": list(loaded.spec.input_size),
+        "groups": [_group_record(g, choices, solution.widths) for g in groups],
+    }
+    return PruneResult(pruned.eval(), plan_round, groups)
+
+
+def _unit_scale(cost: CostModel) -> float:
+    return 1e9 if cost.unit == "GFLOPs" else 1.0
+
+
+def _budget_in_cost_units(budget: Budget, full_cost: float, cost: CostModel) -> float:
+    if budget.ratio is not None:
+        return budget.ratio * full_cost
+    if budget.gflops is not None:
+        if cost.unit != "GFLOPs":
+            raise KpcError("--budget-gflops needs the FLOPs cost model (drop --lut)")
+        return budget.gflops * 1e9
+    if cost.unit != "ms":
+        raise KpcError("--budget-ms needs a latency table: pass --lut FILE (measure one with kpc profile)")
+    assert budget.ms is not None
+    return budget.ms
+
+
+def _count(model: nn.Module, example: torch.Tensor, cost: CostModel) -> float:
+    if cost.unit == "GFLOPs":
+        return count_macs(model, example)[0]
+    measure = getattr(cost, "measure", None)
+    return float(measure(model)) if measure is not None else float("nan")
+
+
+def _kept_by_root(groups: list[ChannelGroup], choices: list[GroupChoices], widths: np.ndarray
+                  ) -> dict[str, tuple[int, list[int]]]:
+    kept = {}
+    for choice in choices:
+        group = groups[choice.index]
+        width = int(widths[choice.index])
+        if width < group.width:
+            kept[group.root] = (group.width, choice.kept_indices(width))
+    return kept
+
+
+def _solution_kept(choices: list[GroupChoices], widths: np.ndarray) -> Callable[[ChannelGroup], list[int]]:
+    by_index = {c.index: c for c in choices}
+    return lambda group: by_index[group.index].kept_indices(int(widths[group.index]))
+
+
+def _group_record(group: ChannelGroup, choices: list[GroupChoices], widths: np.ndarray) -> dict[str, Any]:
+    width = int(widths[group.index]) if group.prunable else group.width
+    by_index = {c.index: c for c in choices}
+    kept = by_index[group.index].kept_indices(width) if group.index in by_index else list(range(group.width))
+    return {"root": group.root, "layers": group.layers, "width": group.width, "kept_width": width,
+            "kept": kept, "prunable": group.prunable, "reason": group.reason}

@@ -1,0 +1,114 @@
+"""Pruning real networks under a FLOPs budget: lands on the budget, runs, reloads bit-identically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kpc.artifact import base_plan, load_artifact, open_model, save_artifact
+from kpc.costs import count_macs
+from kpc.data import parse_data_spec
+from kpc.errors import KpcError
+from kpc.prune import Budget, PruneSettings, prune
+
+from .conftest import SMALL
+
+SETTINGS = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=2, calib_batch_size=4)
+BUDGET_MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"]
+
+
+def _prune(spec: str, ratio: float, **settings):
+    loaded = open_model(spec, num_classes=10, input_size=SMALL)
+    chosen = PruneSettings(**{**SETTINGS.__dict__, **settings})
+    return loaded, prune(loaded, Budget(ratio=ratio), chosen, log=lambda _m: None)
+
+
+@pytest.mark.parametrize("name", BUDGET_MODELS)
+def test_counted_flops_land_on_the_budget(name):
+    loaded, result = _prune(f"torchvision:{name}", 0.6)
+    example = loaded.example_input()
+    base, _ = count_macs(loaded.model, example)
+    counted, _ = count_macs(result.model, example)  # counted independently of kpc's cost model
+    budget = 0.6 * base
+    assert counted <= budget
+    assert counted >= 0.99 * budget, f"{counted / base:.4f} of the unpruned MACs for a 0.6 budget"
+    assert result.round["counted_cost"] == pytest.approx(counted / 1e9)
+    assert result.model(example).shape == loaded.model(example).shape
+    assert any(g["kept_width"] < g["width"] for g in result.round["groups"])
+
+
+def test_exact_keeps_at_least_as_much_importance_as_greedy():
+    _, exact = _prune("torchvision:resnet18", 0.5)
+    _, greedy = _prune("torchvision:resnet18", 0.5, solver="greedy")
+    assert greedy.round["counted_cost"] <= greedy.round["limit"] * (1 + 1e-9)
+    assert exact.round["kept_importance"] >= greedy.round["kept_importance"] * 0.999
+
+
+def test_artifact_round_trip_is_bit_identical(tmp_path):
+    loaded, result = _prune("torchvision:mobilenet_v3_large", 0.5)
+    plan = base_plan(loaded, "pruned")
+    plan["rounds"] = [result.round]
+    out = save_artifact(tmp_path / "child", result.model, plan)
+    reloaded = load_artifact(out)
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(x), result.model(x))
+    assert reloaded.plan["weights"]["sha256"] and reloaded.plan["versions"]["torch"] == torch.__version__
+
+
+def test_pruning_an_artifact_again_replays_both_rounds(tmp_path):
+    loaded, first = _prune("torchvision:resnet18", 0.7)
+    plan = base_plan(loaded, "pruned")
+    plan["rounds"] = [first.round]
+    save_artifact(tmp_path / "a", first.model, plan)
+    again = open_model(str(tmp_path / "a"))
+    second = prune(again, Budget(ratio=0.7), SETTINGS, log=lambda _m: None)
+    plan2 = base_plan(again, "pruned")
+    plan2["rounds"] = [*plan2["rounds"], second.round]
+    save_artifact(tmp_path / "b", second.model, plan2)
+    reloaded = load_artifact(tmp_path / "b")
+    x = torch.randn(1, *SMALL)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(x), second.model(x))
+    assert len(reloaded.rounds) == 2
+
+
+def test_load_refuses_edited_weights_and_foreign_plans(tmp_path):
+    loaded, result = _prune("torchvision:resnet18", 0.5)
+    plan = base_plan(loaded, "pruned")
+    plan["rounds"] = [result.round]
+    out = save_artifact(tmp_path / "r18", result.model, plan)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(KpcError, match="sha256"):
+        load_artifact(out)
+    out2 = save_artifact(tmp_path / "r18b", result.model, plan)
+    foreign = json.loads((out2 / "plan.json").read_text())
+    foreign["model"]["name"] = "mobilenet_v3_large"
+    (out2 / "plan.json").write_text(json.dumps(foreign))
+    with pytest.raises(KpcError, match="another model"):
+        load_artifact(out2)
+    with pytest.raises(KpcError, match=r"plan\.json is missing"):
+        load_artifact(tmp_path)
+
+
+def test_budget_errors_say_what_is_possible():
+    loaded = open_model("torchvision:resnet18", num_classes=10, input_size=SMALL)
+    with pytest.raises(KpcError, match=r"below the smallest achievable cost [0-9.]+ GFLOPs"):
+        prune(loaded, Budget(gflops=1e-6), SETTINGS, log=lambda _m: None)
+    with pytest.raises(KpcError, match="at or above the model's current cost"):
+        prune(loaded, Budget(gflops=100.0), SETTINGS, log=lambda _m: None)
+    with pytest.raises(KpcError, match="exactly one budget"):
+        Budget(gflops=1.0, ratio=0.5)
+
+
+def test_ignore_and_classifier_are_left_whole():
+    _, result = _prune("torchvision:resnet18", 0.5, ignore=("layer4*",))
+    groups = {g["root"]: g for g in result.round["groups"]}
+    assert groups["fc"]["prunable"] is False and "network output" in groups["fc"]["reason"]
+    assert groups["layer4.0.conv1"]["kept_width"] == groups["layer4.0.conv1"]["width"]
+    assert "ignored" in groups["layer4.0.conv1"]["reason"]
