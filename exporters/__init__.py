@@ -1,0 +1,44 @@
+"""Export, run, validate and time CNNs on several runtimes behind one runner contract.
+
+This package never imports ``kpc``: it takes a torch module or an exported file plus named
+example inputs. Optional runtimes (onnxruntime, tensorrt) are imported only when a runner
+that needs them is prepared, so ``import exporters`` works without them.
+"""
+
+from exporters.errors import (
+    DeviceUnavailable,
+    ExporterError,
+    ParityError,
+    RuntimeNotInstalled,
+    UnknownRuntime,
+)
+from exporters.onnx_export import check_onnx, export_onnx
+from exporters.parity import OutputCheck, compare_outputs, raise_on_failures, validate_onnx
+from exporters.runners import RUNTIMES, Runner, get_runner
+from exporters.tensorrt_engine import ProfileShape, build_engine, engine_filename, profile_shapes
+from exporters.timing import TimingStats, bootstrap_ratio_ci, interleaved, measure
+
+__all__ = [
+    "RUNTIMES",
+    "DeviceUnavailable",
+    "ExporterError",
+    "OutputCheck",
+    "ParityError",
+    "ProfileShape",
+    "Runner",
+    "RuntimeNotInstalled",
+    "TimingStats",
+    "UnknownRuntime",
+    "bootstrap_ratio_ci",
+    "build_engine",
+    "check_onnx",
+    "compare_outputs",
+    "engine_filename",
+    "export_onnx",
+    "get_runner",
+    "interleaved",
+    "measure",
+    "profile_shapes",
+    "raise_on_failures",
+    "validate_onnx",
+]

@@ -1,0 +1,35 @@
+"""Where a measurement ran, in words a latency table can keep as provenance."""
+
+from __future__ import annotations
+
+import platform
+from functools import cache
+from pathlib import Path
+
+import torch
+
+
+@cache
+def cpu_name() -> str:
+    """CPU model name from /proc/cpuinfo, because ``platform.processor()`` is often empty on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU is usable.
+
+    torch is always installed and kpc installs its CUDA build on GPU machines, so it is the
+    one probe shared by the torch, ONNX Runtime and TensorRT runners.
+    """
+    return torch.cuda.is_available()
+
+
+def gpu_name(device_index: int = 0) -> str:
+    return torch.cuda.get_device_name(device_index)

@@ -1,0 +1,197 @@
+"""ONNX export and parity validation on real torchvision models (random init, small inputs)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+
+from exporters import (
+    ExporterError,
+    OutputCheck,
+    ParityError,
+    compare_outputs,
+    export_onnx,
+    raise_on_failures,
+    validate_onnx,
+)
+
+ATOL, RTOL = 1e-5, 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine, 2 OpenMP threads make a forward ~100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+MODELS = {
+    "resnet18": torchvision.models.resnet18,
+    "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
+    "efficientnet_b0": torchvision.models.efficientnet_b0,
+}
+
+
+@cache
+def calibrated(name: str) -> torch.nn.Module:
+    """Random init with BatchNorm statistics from a batch, so outputs are not ~0.
+
+    With fresh running stats every BN is an identity and the logits of these models are
+    ~1e-16, which any tolerance would pass; calibrating makes parity a real check. Cached:
+    building and first forwards dominate the test time; nothing below mutates the model.
+    """
+    torch.manual_seed(0)
+    model = MODELS[name](num_classes=10)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(module.weight)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    return model.eval()
+
+
+def image(batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"input": np.random.default_rng(seed).standard_normal((batch, 3, 64, 64), dtype=np.float32)}
+
+
+def as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_export_matches_pytorch_on_onnxruntime(name: str, dynamic: bool, tmp_path: Path) -> None:
+    model = calibrated(name)
+    path = export_onnx(model, as_tensors(image()), tmp_path / f"{name}.onnx", dynamic_batch=dynamic)
+
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input"]
+    assert [o.name for o in graph.output] == ["output"]
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    assert (batch_dim.dim_param == "batch") if dynamic else (batch_dim.dim_value == 1)
+
+    batches = [1, 2] if dynamic else [1]
+    for batch in batches:
+        checks = validate_onnx(model, path, image(batch, seed=batch), atol=ATOL, rtol=RTOL, threads=1)
+        assert [c.name for c in checks] == ["output"]
+        assert all(c.ok for c in checks), [c.line() for c in checks]
+        assert checks[0].shape_ref == checks[0].shape_got == (batch, 10)
+        raise_on_failures(checks)  # must not raise
+
+
+def test_static_export_rejects_other_batch(tmp_path: Path) -> None:
+    model = calibrated("resnet18")
+    path = export_onnx(model, as_tensors(image()), tmp_path / "static.onnx")
+    with pytest.raises(ExporterError, match=r"takes \(1, 3, 64, 64\).*dynamic_batch=True"):
+        validate_onnx(model, path, image(batch=2))
+
+
+def test_wrong_model_fails_with_parity_error_naming_worst_output(tmp_path: Path) -> None:
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(1))
+            self.small = torch.nn.LazyLinear(4)
+            self.large = torch.nn.LazyLinear(4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.body(x)
+            return self.small(h), self.large(h)
+
+    torch.manual_seed(0)
+    inputs = {"input": np.random.default_rng(1).standard_normal((1, 3, 16, 16), dtype=np.float32)}
+    exported = TwoHeads()
+    exported(torch.from_numpy(inputs["input"]))  # materialise the lazy layers
+    exported.eval()
+    path = export_onnx(exported, as_tensors(inputs), tmp_path / "two.onnx", output_names=["small", "large"])
+
+    reference = copy.deepcopy(exported)
+    with torch.no_grad():
+        reference.small.bias.add_(1e-3)  # slightly off
+        reference.large.bias.add_(1.0)  # badly off: the worst output
+
+    checks = validate_onnx(reference, path, inputs)
+    assert [c.name for c in checks] == ["small", "large"]
+    assert not any(c.ok for c in checks)
+    by_name = {c.name: c for c in checks}
+    assert by_name["large"].max_abs == pytest.approx(1.0, rel=1e-4)
+    assert by_name["small"].max_abs == pytest.approx(1e-3, rel=1e-2)
+    assert "FAIL large" in by_name["large"].line()
+
+    with pytest.raises(ParityError) as info:
+        raise_on_failures(checks)
+    error = info.value
+    assert error.exit_code == 1
+    assert [c.name for c in error.failures] == ["large", "small"]
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith("output 'large'")
+    assert "+1 more failed output" in message
+
+
+def test_shape_mismatch_is_reported_before_values() -> None:
+    ref = {"logits": np.zeros((1, 10), np.float32)}
+    got = {"logits": np.zeros((1, 9), np.float32)}
+    (check,) = compare_outputs(ref, got, atol=1e-4, rtol=1e-3)
+    assert not check.ok
+    assert check.shape_ref == (1, 10) and check.shape_got == (1, 9)
+    assert "shape (1, 9) != reference (1, 10)" in check.line()
+
+
+def test_missing_and_nan_outputs_fail() -> None:
+    ref = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}
+    got = {"a": np.array([1.0, np.nan, 1.0], np.float32)}
+    checks = {c.name: c for c in compare_outputs(ref, got, atol=1e-4, rtol=1e-3)}
+    assert not checks["a"].ok and "NaN" in checks["a"].problem()
+    assert not checks["b"].ok and checks["b"].problem() == "missing from the export"
+
+
+def test_outputs_matched_by_position_when_names_differ() -> None:
+    ref = {"output": np.array([1.0, 2.0], np.float32)}
+    got = {"logits": np.array([1.0, 2.0 + 1e-6], np.float32)}
+    (check,) = compare_outputs(ref, got, atol=1e-4, rtol=1e-3)
+    assert isinstance(check, OutputCheck)
+    assert check.ok and check.name == "logits"
+    assert check.max_abs == pytest.approx(1e-6, rel=0.1)
+
+
+def test_fp16_export_has_half_weights_and_io(tmp_path: Path) -> None:
+    model = calibrated("resnet18")
+    path = export_onnx(model, as_tensors(image()), tmp_path / "half.onnx", fp16=True)
+    graph = onnx.load(str(path)).graph
+    half = onnx.TensorProto.FLOAT16
+    assert graph.input[0].type.tensor_type.elem_type == half
+    assert graph.output[0].type.tensor_type.elem_type == half
+    float_inits = [i for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, half)]
+    assert float_inits and all(i.data_type == half for i in float_inits)
+    # The caller's module is untouched, and fp16 stays close to fp32 with fp16 tolerances.
+    assert next(model.parameters()).dtype == torch.float32
+    checks = validate_onnx(model, path, image(), atol=5e-2, rtol=5e-2)
+    assert all(c.ok for c in checks), [c.line() for c in checks]
+
+
+def test_export_writes_atomically(tmp_path: Path) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.eigvals(x).real  # complex intermediates: not exportable
+
+    target = tmp_path / "broken.onnx"
+    with pytest.raises(Exception):  # noqa: B017 - the exporter's own error type is not stable
+        export_onnx(Broken(), {"x": torch.randn(1, 4, 4)}, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_needs_inputs(tmp_path: Path) -> None:
+    with pytest.raises(ExporterError, match="at least one example input"):
+        export_onnx(torch.nn.Identity(), {}, tmp_path / "x.onnx")

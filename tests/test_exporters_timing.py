@@ -1,0 +1,124 @@
+"""Timing and the bootstrap speedup CI: behaviour only, never wall-clock values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from exporters import ExporterError, TimingStats, bootstrap_ratio_ci, get_runner, interleaved, measure
+from exporters.runners import Runner
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def image() -> dict[str, np.ndarray]:
+    return {"input": np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)}
+
+
+def prepared(model: torch.nn.Module) -> Runner:
+    runner = get_runner("torch-cpu", threads=1)
+    runner.prepare(model.eval(), image())
+    return runner
+
+
+@pytest.fixture(scope="module")
+def big() -> Iterator[Runner]:
+    torch.manual_seed(0)
+    runner = prepared(torchvision.models.resnet18(num_classes=10))
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[Runner]:
+    runner = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)))
+    yield runner
+    runner.close()
+
+
+def test_measure_summarises_every_timed_sample(tiny: Runner) -> None:
+    stats = measure(tiny, image(), warmup=2, iters=15)
+    assert stats.n == len(stats.samples_ms) == 15
+    samples = np.array(stats.samples_ms)
+    assert np.all(np.isfinite(samples)) and np.all(samples > 0)
+    assert stats.median_ms == pytest.approx(float(np.median(samples)))
+    assert stats.mean_ms == pytest.approx(float(samples.mean()))
+    assert samples.min() <= stats.median_ms <= stats.p90_ms <= stats.p99_ms <= samples.max()
+    assert set(stats.to_dict()) == {"median_ms", "p90_ms", "p99_ms", "mean_ms", "n"}
+
+
+def test_measure_rejects_empty_runs(tiny: Runner) -> None:
+    with pytest.raises(ExporterError, match="iters >= 1"):
+        measure(tiny, image(), warmup=0, iters=0)
+
+
+def test_interleaved_pairs_every_round(big: Runner, tiny: Runner) -> None:
+    a, b = interleaved(big, image(), tiny, image(), warmup=1, iters=7)
+    assert a.n == b.n == len(a.samples_ms) == len(b.samples_ms) == 7
+
+
+def test_larger_model_is_slower_with_ci_above_one(big: Runner, tiny: Runner) -> None:
+    a, b = interleaved(big, image(), tiny, image(), warmup=2, iters=20)
+    ratio, low, high = bootstrap_ratio_ci(a.samples_ms, b.samples_ms)
+    assert low <= ratio <= high
+    assert ratio > 1 and low > 1  # B (tiny) is faster than A (resnet18)
+
+
+def test_runner_against_itself_has_ci_containing_one(tiny: Runner) -> None:
+    a, b = interleaved(tiny, image(), tiny, image(), warmup=3, iters=60)
+    # A very wide interval so the test asserts behaviour, not luck: identical work is no speedup.
+    ratio, low, high = bootstrap_ratio_ci(a.samples_ms, b.samples_ms, confidence=0.999, resamples=4000)
+    assert low <= ratio <= high
+    assert low <= 1.0 <= high
+
+
+def test_bootstrap_is_deterministic_and_brackets_the_ratio() -> None:
+    rng = np.random.default_rng(42)
+    noise = rng.lognormal(0.0, 0.2, size=50)
+    a = 2.0 * noise * rng.lognormal(0.0, 0.05, size=50)
+    b = noise
+    first = bootstrap_ratio_ci(a, b, seed=7)
+    assert first == bootstrap_ratio_ci(a, b, seed=7)
+    ratio, low, high = first
+    assert ratio == pytest.approx(float(np.median(a) / np.median(b)))
+    assert low < ratio < high
+    assert low < 2.0 < high
+    _, wide_low, wide_high = bootstrap_ratio_ci(a, b, seed=7, confidence=0.99)
+    assert wide_low <= low and wide_high >= high
+
+
+def test_bootstrap_of_exact_multiple_is_exact() -> None:
+    b = np.linspace(1.0, 2.0, 11)
+    ratio, low, high = bootstrap_ratio_ci(3.0 * b, b)
+    assert ratio == pytest.approx(3.0)
+    assert low == pytest.approx(3.0) and high == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        ([1.0, 2.0], [1.0, 2.0, 3.0], "equal-length"),
+        ([1.0], [1.0], "equal-length"),
+        ([1.0, 0.0], [1.0, 1.0], "positive"),
+    ],
+)
+def test_bootstrap_rejects_bad_series(a: list[float], b: list[float], message: str) -> None:
+    with pytest.raises(ExporterError, match=message):
+        bootstrap_ratio_ci(a, b)
+
+
+def test_timing_stats_from_seconds_converts_to_ms() -> None:
+    stats = TimingStats.from_seconds([0.001, 0.002, 0.003])
+    assert stats.median_ms == pytest.approx(2.0)
+    assert stats.n == 3 and math.isclose(stats.mean_ms, 2.0)
