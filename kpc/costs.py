@@ -36,8 +36,11 @@ class CostModel(Protocol):
 
 
 @dataclass
-class _Side:
-    """One channel dimension of a module: a fixed part plus shares of group widths."""
+class Side:
+    """One channel dimension of a module: a fixed part plus shares of group widths.
+
+    Shared by every cost model: a module's channel count under any width assignment.
+    """
 
     full: float
     fixed: float
@@ -55,14 +58,45 @@ class _ModuleCost:
     name: str
     full_cost: float
     bilinear: bool  # conv/linear: out x in; otherwise linear in `out`
-    out: _Side
-    inp: _Side
+    out: Side
+    inp: Side
 
     def cost(self, widths: np.ndarray, full_widths: np.ndarray) -> float:
         out = self.out.value(widths, full_widths) / self.out.full
         if not self.bilinear:
             return self.full_cost * out
         return self.full_cost * out * self.inp.value(widths, full_widths) / self.inp.full
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+def channel_sides(model: nn.Module, graph: tp.DependencyGraph, groups: list[ChannelGroup]
+                  ) -> dict[nn.Module, tuple[Side, Side]]:
+    """(output side, input side) of every module a prunable group touches."""
+    names = {module: name for name, module in model.named_modules()}
+    touched: dict[nn.Module, dict[str, dict[int, float]]] = {}
+    for group in groups:
+        if not group.prunable:
+            continue
+        for item in group.tp_group:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or module not in names:
+                continue
+            side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            shares = touched.setdefault(module, {"out": {}, "in": {}})[side]
+            shares[group.index] = shares.get(group.index, 0.0) + len(item.idxs)
+    sides = {}
+    for module, shares in touched.items():
+        out_full = float(graph.get_out_channels(module) or 0) or sum(shares["out"].values())
+        in_full = float(graph.get_in_channels(module) or 0) or sum(shares["in"].values())
+        sides[module] = (_side(out_full, shares["out"]), _side(in_full, shares["in"]))
+    return sides
+
+
+def _side(full: float, shares: dict[int, float]) -> Side:
+    return Side(full, max(full - sum(shares.values()), 0.0), sorted(shares.items()))
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
@@ -82,29 +116,14 @@ class FlopsModel:
         self.counted_full = float(total)
         self.full_widths = np.array([g.width for g in groups], dtype=np.float64)
         names = {module: name for name, module in model.named_modules()}
-        touched: dict[nn.Module, dict[str, dict[int, float]]] = {}
-        for group in groups:
-            if not group.prunable:
-                continue
-            for item in group.tp_group:
-                module = item.dep.target.module
-                if not isinstance(module, nn.Module) or module not in names:
-                    continue
-                side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-                shares = touched.setdefault(module, {"out": {}, "in": {}})[side]
-                shares[group.index] = shares.get(group.index, 0.0) + len(item.idxs)
+        sides = channel_sides(model, graph, groups)
         self.modules: list[_ModuleCost] = []
         modelled = 0.0
-        for module, shares in touched.items():
+        for module, (out, inp) in sides.items():
             cost = per_module.get(module) or 0.0
             if cost <= 0:
                 continue
-            depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
-            bilinear = isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise
-            out_full = float(graph.get_out_channels(module) or 0) or sum(shares["out"].values())
-            in_full = float(graph.get_in_channels(module) or 0) or sum(shares["in"].values())
-            out = self._side(out_full, shares["out"])
-            inp = self._side(in_full, shares["in"])
+            bilinear = isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise(module)
             if not bilinear and not out.terms:  # a one-dimensional module reached from its input side
                 out = inp
             if out.full <= 0 or (bilinear and inp.full <= 0):
@@ -145,7 +164,7 @@ class FlopsModel:
             for handle in handles:
                 handle.remove()
         alive.clear()
-        side_of: dict[int, _Side] = {}
+        side_of: dict[int, Side] = {}
         added = 0.0
         for module, in_ptr, out_ptr, channels in trace:
             entry = by_name.get(names.get(module, ""))
@@ -163,11 +182,6 @@ class FlopsModel:
                 by_name[follower.name] = follower
                 added += cost
         return added
-
-    @staticmethod
-    def _side(full: float, shares: dict[int, float]) -> _Side:
-        fixed = full - sum(shares.values())
-        return _Side(full, max(fixed, 0.0), sorted(shares.items()))
 
     def total(self, widths: np.ndarray) -> float:
         return self.constant + sum(m.cost(widths, self.full_widths) for m in self.modules)

@@ -34,6 +34,8 @@ from kpc.importance import accumulate_gradients, score_groups
 from kpc.planner import LANDING_TOLERANCE, GroupChoices, make_choices, minimum_cost, solve_widths
 
 MAX_VERIFY_ROUNDS = 4
+LATENCY_WINDOW = (-0.05, 0.02)
+OVERSHOOT_MARGIN = 0.002  # a latency plan lands when measured/budget - 1 is inside this window
 
 
 @dataclass
@@ -129,6 +131,7 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
     scores = compute_importance(loaded, groups, settings, progress=progress)
     make_cost = cost_model or (lambda m, x, g, gs: FlopsModel(m, x, g, gs))
     attempts: list[dict[str, Any]] = []
+    candidates: list[tuple[nn.Module, Any, float]] = []
     target_scale = 1.0
     for _attempt in range(MAX_VERIFY_ROUNDS + len(groups)):
         cost = make_cost(loaded.model, example, graph, groups)
@@ -145,8 +148,8 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
             raise KpcError(f"budget {budget.describe()} is below the smallest achievable cost "
                            f"{floor / _unit_scale(cost):.4g} {cost.unit} (every group at --min-channels "
                            f"{settings.min_channels}); ask for at least that")
-        solution = solve_widths(cost, full_widths, choices, min(limit * target_scale, limit),
-                                solver=settings.solver, bins=settings.bins)
+        target = min(max(limit * target_scale, floor), full_cost)
+        solution = solve_widths(cost, full_widths, choices, target, solver=settings.solver, bins=settings.bins)
         kept = _kept_by_root(groups, choices, solution.widths)
         pruned = copy.deepcopy(loaded.model)
         try:
@@ -165,20 +168,29 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
                 groups[index].prunable = False
                 groups[index].reason = f"unsafe to prune: {reason}"
                 log(f"group {groups[index].root} is left whole: {reason}")
-            attempts.append({"target": limit * target_scale, "predicted": solution.cost, "error": error})
+            attempts.append({"target": target, "predicted": solution.cost, "error": error})
+            candidates.clear()  # earlier attempts used a group now known to be unsafe
             continue
         counted = _count(pruned, example, cost)
-        attempts.append({"target": limit * target_scale, "predicted": solution.cost, "counted": counted})
-        lands = cost.unit != "GFLOPs" or counted >= limit * (1 - LANDING_TOLERANCE)
-        fits = counted <= limit * (1 + 1e-9) and lands
-        if fits or len(attempts) >= MAX_VERIFY_ROUNDS:
+        attempts.append({"target": target, "predicted": solution.cost, "counted": counted})
+        if cost.unit != "GFLOPs":
+            log(f"round {len(attempts)}: predicted {solution.cost:.3f} ms, measured {counted:.3f} ms "
+                f"(budget {limit:.3f} ms)")
+        candidates.append((pruned, solution, counted))
+        if _lands(counted, limit, cost.unit) or len(attempts) >= MAX_VERIFY_ROUNDS:
             break
-        target_scale *= limit / counted
+        # Correct by the observed ratio; when over, step strictly below it, or a cost model that is off
+        # by a hair would re-solve to the same plan every round.
+        target_scale *= limit / counted * (1 - OVERSHOOT_MARGIN if counted > limit else 1)
     else:  # pragma: no cover - bounded by the number of groups
         raise KpcError("pruning did not converge")
-    if counted > limit * (1 + 1e-9):
+    pruned, solution, counted = _best(candidates, limit, cost.unit)
+    if cost.unit == "GFLOPs" and counted > limit * (1 + 1e-9):
         raise KpcError(f"could not land under the budget: the best plan counts {counted / _unit_scale(cost):.4g} "
                        f"{cost.unit} against {limit / _unit_scale(cost):.4g}")
+    if not _lands(counted, limit, cost.unit):
+        log(f"WARNING: after {len(attempts)} rounds the pruned model measures {counted:.3f} {cost.unit} against a "
+            f"budget of {limit:.3f} (window {LATENCY_WINDOW[0]:+.0%}/{LATENCY_WINDOW[1]:+.0%}); kept the closest")
     plan_round = {
         "budget": {"asked": budget.describe(), **{k: v for k, v in asdict(budget).items() if v is not None}},
         "cost_unit": cost.unit,
@@ -201,7 +213,32 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         "input_size": list(loaded.spec.input_size),
         "groups": [_group_record(g, choices, solution.widths) for g in groups],
     }
+    table = getattr(cost, "table", None)
+    if table is not None:  # a latency budget: say which table and target the milliseconds refer to
+        plan_round["latency_table"] = {k: table.header.get(k) for k in
+                                       ("device", "runtime", "runtime_version", "precision", "batch", "threads",
+                                        "model", "date", "full_model_ms")}
+        plan_round["measured_ms"] = counted
+        plan_round["predicted_ms"] = solution.cost
     return PruneResult(pruned.eval(), plan_round, groups)
+
+
+def _lands(counted: float, limit: float, unit: str) -> bool:
+    if unit == "GFLOPs":
+        return limit * (1 - LANDING_TOLERANCE) <= counted <= limit * (1 + 1e-9)
+    return limit * (1 + LATENCY_WINDOW[0]) <= counted <= limit * (1 + LATENCY_WINDOW[1])
+
+
+def _best(candidates: list[tuple[nn.Module, Any, float]], limit: float, unit: str) -> tuple[nn.Module, Any, float]:
+    """The attempt that lands; else the largest one within the budget; else the smallest."""
+    landed = [c for c in candidates if _lands(c[2], limit, unit)]
+    if landed:
+        return max(landed, key=lambda c: c[1].value)
+    ceiling = limit * (1 + (1e-9 if unit == "GFLOPs" else LATENCY_WINDOW[1]))
+    under = [c for c in candidates if c[2] <= ceiling]
+    if under:
+        return max(under, key=lambda c: c[2])
+    return min(candidates, key=lambda c: c[2])
 
 
 def _unit_scale(cost: CostModel) -> float:
