@@ -27,6 +27,11 @@ def prune_command(
     lut: Annotated[Path | None, typer.Option("--lut", help="Latency table from `kpc profile`.")] = None,
     force_lut: Annotated[bool, typer.Option("--force-lut", help="Use a latency table measured on another target.")]
     = False,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="Target runtime for --budget-ms (default: the "
+                                                "table's).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Target batch for --budget-ms.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Target threads for --budget-ms.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="Target precision for --budget-ms.")] = None,
     data: Annotated[str, typer.Option("--data", help="Calibration data: synthetic, fashion-mnist[:PATH], "
                                       "cifar10:PATH, imagefolder:PATH.")] = "synthetic",
     weights: WeightsOpt = None,
@@ -63,9 +68,11 @@ def prune_command(
     loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size))
     cost_model = None
     if lut is not None or budget.ms is not None:
-        from kpc.latency_cost import latency_cost_factory
+        from kpc.latency import latency_cost_factory
 
-        cost_model = latency_cost_factory(lut, loaded, force=force_lut, log=log)
+        cost_model = latency_cost_factory(lut, loaded, force=force_lut, log=log, round_to=round_to,
+                                          min_channels=min_channels, runtime=runtime, batch=batch, threads=threads,
+                                          precision=precision)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("calibrating importance", total=calib_batches if importance == "taylor" else 0)

@@ -1,0 +1,106 @@
+"""Predicted latency of any width assignment: interpolated layer entries plus the fitted remainder.
+
+Used by the planner as the knapsack's cost when the budget is in milliseconds. A
+layer's entry depends on its own output width and on the width of the group feeding
+it, exactly like FLOPs, so the same fixed-point iteration applies. `measure` times
+a real pruned model on the table's target, which closes the loop in `kpc prune`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from kpc.costs import Side
+from kpc.errors import KpcError
+from kpc.latency.layers import Layer
+from kpc.latency.table import Entry, LatencyTable
+
+
+@dataclass
+class _Term:
+    layer: Layer
+    entry: Entry
+
+
+class LatencyModel:
+    unit = "ms"
+
+    def __init__(self, table: LatencyTable, layers: list[Layer], full_widths: np.ndarray,
+                 min_widths: np.ndarray | None = None) -> None:
+        self.table = table
+        self.full_widths = full_widths.astype(np.float64)
+        missing = [(layer.name, layer.signature) for layer in layers if layer.signature not in table.entries]
+        if missing:
+            name, signature = missing[0]
+            raise KpcError(f"latency table has no entry for layer {name} ({signature}; {len(missing)} missing in "
+                           f"all): measure this model with kpc profile")
+        self.terms = [_Term(layer, table.entries[layer.signature]) for layer in layers]
+        low = self.full_widths if min_widths is None else min_widths.astype(np.float64)
+        for term in self.terms:
+            c_in = term.layer.inp.value(low, self.full_widths)
+            c_out = term.layer.out.value(low, self.full_widths)
+            if not term.entry.covers(c_in, c_out):
+                raise KpcError(f"latency table covers {term.layer.signature} only down to "
+                               f"{int(term.entry.c_in[0])}x{int(term.entry.c_out[0])} channels but the prune may go "
+                               f"to {c_in:.0f}x{c_out:.0f}: profile again with the same --round-to/--min-channels")
+        self.activation_full = sum(t.layer.out.full * t.layer.out_elements for t in self.terms) or 1.0
+        self._by_group: dict[int, list[_Term]] = {}
+        for term in self.terms:
+            for g in {g for g, _ in term.layer.out.terms} | {g for g, _ in term.layer.inp.terms}:
+                self._by_group.setdefault(g, []).append(term)
+        self.measure_model = None  # set by the factory: times a real model on the table's target
+
+    # ------------------------------------------------------------ prediction
+
+    def entries_ms(self, widths: np.ndarray) -> float:
+        return float(sum(t.entry(t.layer.inp.value(widths, self.full_widths), t.layer.out.value(widths, self.full_widths))
+                         for t in self.terms))
+
+    def activation_fraction(self, widths: np.ndarray) -> float:
+        volume = sum(t.layer.out.value(widths, self.full_widths) * t.layer.out_elements for t in self.terms)
+        return float(volume / self.activation_full)
+
+    def total(self, widths: np.ndarray) -> float:
+        r = self.table.remainder
+        return r.entry_scale * self.entries_ms(widths) + r.fixed_ms + r.activation_ms * self.activation_fraction(widths)
+
+    def option_costs(self, widths: np.ndarray, group: int, options: np.ndarray) -> np.ndarray:
+        r = self.table.remainder
+        full = self.full_widths
+        step = (options - widths[group]) / full[group]
+        delta = np.zeros(len(options), dtype=np.float64)
+        for term in self._by_group.get(group, ()):
+            layer = term.layer
+            in_now = layer.inp.value(widths, full)
+            out_now = layer.out.value(widths, full)
+            c_in = in_now + _share(layer.inp, group) * step
+            c_out = out_now + _share(layer.out, group) * step
+            delta += r.entry_scale * (term.entry(c_in, c_out) - term.entry(in_now, out_now))
+            delta += r.activation_ms * _share(layer.out, group) * step * layer.out_elements / self.activation_full
+        return delta
+
+    def measure(self, model: nn.Module) -> float:
+        if self.measure_model is None:
+            raise RuntimeError("this latency model has no runtime attached to measure with")
+        return float(self.measure_model(model))
+
+
+def _share(side: Side, group: int) -> float:
+    return side.share(group)
+
+
+def measure_model_ms(model: nn.Module, input_size: tuple[int, ...], *, runtime: str, batch: int, threads: int,
+                     precision: str, warmup: int = 10, iters: int = 40) -> float:
+    """Median latency of a whole model on the target runtime (nothing else timed in between)."""
+    from exporters import get_runner, measure
+
+    inputs = {"input": np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)}
+    with get_runner(runtime, threads=threads, precision=precision) as runner:
+        runner.prepare(model.eval(), inputs)
+        with torch.no_grad():
+            stats = measure(runner, inputs, warmup=warmup, iters=iters)
+    return float(stats.median_ms)

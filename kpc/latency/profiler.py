@@ -1,0 +1,282 @@
+"""`kpc profile`: measure a model's latency table on the runtime that will serve it.
+
+Each unique layer signature is timed alone over a grid of (input, output) widths,
+one small session per point. The whole model is then timed at a few uniformly
+pruned widths and the remainder (what isolated layers miss: adds, pools,
+activations, layout changes, per-run overhead, in-graph fusions) is fitted so the
+predicted full-model latency matches the measured one. Measured points are saved
+as they come, so an interrupted profile resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kpc import __version__
+from kpc.artifact import LoadedModel
+from kpc.atomic import write_text_atomic
+from kpc.costs import channel_sides
+from kpc.data import DataSpec
+from kpc.errors import KpcError
+from kpc.groups import ChannelGroup, apply_kept
+from kpc.latency.layers import Geometry, Layer, collect_layers, grid_points, layer_input, onnx_layer, torch_layer
+from kpc.latency.model import LatencyModel, measure_model_ms
+from kpc.latency.table import Entry, LatencyTable, Remainder, load_table
+from kpc.planner import width_options
+
+PARTIAL_SCHEMA = "kpc-latency-partial/1"
+CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)
+
+
+@dataclass
+class ProfileSettings:
+    runtime: str = "ort-cpu"
+    batch: int = 1
+    threads: int = 1
+    precision: str = "fp32"
+    round_to: int = 8
+    min_channels: int = 8
+    ignore: tuple[str, ...] = ()
+    warmup: int = 3
+    iters: int = 15
+    model_warmup: int = 10
+    model_iters: int = 40
+    seed: int = 0
+
+    def target(self, device: str) -> dict[str, Any]:
+        return {"device": device, "runtime": self.runtime, "precision": self.precision, "batch": self.batch,
+                "threads": self.threads}
+
+
+def target_device(runtime: str) -> str:
+    """The device a runtime executes on: the GPU's name for CUDA/TensorRT runtimes, else the CPU model."""
+    from exporters.device import cpu_name, gpu_name
+
+    return gpu_name() if runtime in ("torch-cuda", "ort-cuda", "trt") else cpu_name()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def default_table_path(root: Path, device: str, settings: ProfileSettings, model_label: str) -> Path:
+    name = slug(model_label.rsplit(":", 1)[-1].rsplit("/", 1)[-1])
+    folder = f"{settings.runtime}-{settings.precision}-b{settings.batch}-t{settings.threads}"
+    return root / slug(device) / folder / f"{name}.json"
+
+
+@dataclass
+class ModelLayers:
+    """What a table is measured for and applied to: layers, group widths and their lower bounds."""
+
+    groups: list[ChannelGroup]
+    layers: list[Layer]
+    full_widths: np.ndarray
+    min_widths: np.ndarray
+    example: Any
+    graph: Any
+
+
+def model_layers(loaded: LoadedModel, round_to: int, min_channels: int, ignore: tuple[str, ...] = (),
+                 log: Callable[[str], None] = print) -> ModelLayers:
+    from kpc.prune import PruneSettings, analyse
+
+    settings = PruneSettings(data=DataSpec("synthetic"), round_to=round_to, min_channels=min_channels, ignore=ignore)
+    graph, groups, example = analyse(loaded, settings, log=log)
+    return layers_for(loaded.model, example, graph, groups, round_to, min_channels)
+
+
+def layers_for(model, example, graph, groups: list[ChannelGroup], round_to: int, min_channels: int) -> ModelLayers:
+    layers = collect_layers(model, example, channel_sides(model, graph, groups))
+    full = np.array([g.width for g in groups], dtype=np.float64)
+    low = full.copy()
+    for group in groups:
+        if group.prunable:
+            low[group.index] = width_options(group.width, round_to, min_channels)[0]
+    return ModelLayers(groups, layers, full, low, example, graph)
+
+
+def measurement_grid(target: ModelLayers, round_to: int) -> dict[str, tuple[Geometry, list[int], list[int]]]:
+    """Per unique signature: its geometry and the input/output widths to measure."""
+    plan: dict[str, tuple[Geometry, set[int], set[int]]] = {}
+    for layer in target.layers:
+        c_in = grid_points(layer.inp.value(target.min_widths, target.full_widths), layer.inp.full, round_to)
+        c_out = grid_points(layer.out.value(target.min_widths, target.full_widths), layer.out.full, round_to)
+        _, ins, outs = plan.setdefault(layer.signature, (layer.geometry, set(), set()))
+        ins.update(c_in)
+        outs.update(c_out)
+    return {k: (g, sorted(i), sorted(o)) for k, (g, i, o) in plan.items()}
+
+
+def grid_keys(geometry: Geometry, c_in: list[int], c_out: list[int]) -> list[tuple[int, int]]:
+    if geometry.kind == "dwconv":
+        return [(c, c) for c in c_out]
+    return [(i, o) for i in c_in for o in c_out]
+
+
+def time_layer(settings: ProfileSettings, geometry: Geometry, c_in: int, c_out: int, workdir: Path) -> float:
+    """Median ms of one layer at one width pair, alone on the target runtime."""
+    from exporters import get_runner, measure
+
+    inputs = {"input": layer_input(geometry, c_in, settings.batch)}
+    if settings.runtime.startswith("ort") or settings.runtime == "trt":
+        model: Any = onnx_layer(geometry, c_in, c_out, settings.batch, workdir / "layer.onnx")
+    else:
+        model = torch_layer(geometry, c_in, c_out)
+    with get_runner(settings.runtime, threads=settings.threads, precision=settings.precision) as runner:
+        runner.prepare(model, inputs)
+        return float(measure(runner, inputs, warmup=settings.warmup, iters=settings.iters).median_ms)
+
+
+def _read_partial(path: Path, target: dict[str, Any]) -> dict[str, dict[str, float]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KpcError(f"cannot resume from {path} ({exc}): delete it to start over") from exc
+    if data.get("schema") != PARTIAL_SCHEMA or data.get("target") != target:
+        raise KpcError(f"{path} was measured for another target ({data.get('target')}): delete it or drop --resume")
+    return {k: {p: float(v) for p, v in points.items()} for k, points in data.get("points", {}).items()}
+
+
+def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume: bool = False,
+            progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print) -> LatencyTable:
+    """Measure every layer signature of the model plus the remainder; write the table to `out`."""
+    device = target_device(settings.runtime)
+    target = settings.target(device)
+    partial_path = out.with_name(out.name + ".partial")
+    points: dict[str, dict[str, float]] = {}
+    if resume and partial_path.is_file():
+        points = _read_partial(partial_path, target)
+        log(f"resuming: {sum(len(p) for p in points.values())} points already measured")
+    elif partial_path.exists() and not resume:
+        partial_path.unlink()
+    layers = model_layers(loaded, settings.round_to, settings.min_channels, settings.ignore, log=log)
+    grid = measurement_grid(layers, settings.round_to)
+    total = sum(len(grid_keys(g, i, o)) for g, i, o in grid.values())
+    done = sum(1 for k, (g, i, o) in grid.items() for p in grid_keys(g, i, o) if f"{p[0]},{p[1]}" in points.get(k, {}))
+
+    def save_partial() -> None:
+        write_text_atomic(partial_path, json.dumps({"schema": PARTIAL_SCHEMA, "target": target, "points": points}))
+
+    started = _dt.datetime.now(_dt.UTC)
+    with tempfile.TemporaryDirectory(prefix="kpc-profile-") as tmp:
+        try:
+            for signature, (geometry, c_in, c_out) in grid.items():
+                measured = points.setdefault(signature, {})
+                for i, o in grid_keys(geometry, c_in, c_out):
+                    key = f"{i},{o}"
+                    if key in measured:
+                        continue
+                    measured[key] = time_layer(settings, geometry, i, o, Path(tmp))
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                    if done % 16 == 0:
+                        save_partial()
+        except BaseException:
+            save_partial()
+            raise
+        save_partial()
+    entries = {sig: _entry(geometry, c_in, c_out, points[sig]) for sig, (geometry, c_in, c_out) in grid.items()}
+    header = {
+        "device": device, "runtime": settings.runtime, "runtime_version": _runtime_version(settings.runtime),
+        "precision": settings.precision, "batch": settings.batch, "threads": settings.threads,
+        "date": started.isoformat(timespec="seconds"), "kpc_version": __version__, "model": loaded.spec.label(),
+        "input_size": list(loaded.spec.input_size), "full_model_ms": 0.0, "round_to": settings.round_to,
+        "min_channels": settings.min_channels, "warmup": settings.warmup, "iters": settings.iters,
+        "layers": len(layers.layers), "signatures": len(grid), "points": total,
+    }
+    table = LatencyTable(header, entries, Remainder())
+    fit_remainder(table, loaded, layers, settings, log=log)
+    header["profile_seconds"] = round((_dt.datetime.now(_dt.UTC) - started).total_seconds(), 1)
+    table.save(out)
+    partial_path.unlink(missing_ok=True)
+    load_table(out)  # what we wrote must read back under the schema
+    return table
+
+
+def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict[str, float]) -> Entry:
+    if geometry.kind == "dwconv":
+        return Entry("dwconv", np.array(c_out, float), np.array(c_out, float),
+                     np.array([measured[f"{c},{c}"] for c in c_out]))
+    ms = np.array([[measured[f"{i},{o}"] for o in c_out] for i in c_in])
+    return Entry(geometry.kind if geometry.kind == "linear" else "conv", np.array(c_in, float), np.array(c_out, float), ms)
+
+
+def _runtime_version(runtime: str) -> str:
+    if runtime.startswith("ort"):
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    if runtime == "trt":
+        import tensorrt
+
+        return f"tensorrt {tensorrt.__version__}"
+    import torch
+
+    return f"torch {torch.__version__}"
+
+
+def uniform_widths(layers: ModelLayers, fraction: float, round_to: int, min_channels: int) -> np.ndarray:
+    widths = layers.full_widths.copy()
+    for group in layers.groups:
+        if group.prunable:
+            options = width_options(group.width, round_to, min_channels)
+            widths[group.index] = options[np.argmin(np.abs(options - fraction * group.width))]
+    return widths
+
+
+def pruned_copy(loaded: LoadedModel, layers: ModelLayers, widths: np.ndarray):
+    """A copy of the model at the given widths (first channels kept: latency does not care which)."""
+    kept = {g.root: (g.width, list(range(int(widths[g.index])))) for g in layers.groups
+            if g.prunable and int(widths[g.index]) < g.width}
+    return apply_kept(copy.deepcopy(loaded.model), layers.example, kept)
+
+
+def fit_remainder(table: LatencyTable, loaded: LoadedModel, layers: ModelLayers, settings: ProfileSettings,
+                  log: Callable[[str], None] = print) -> None:
+    """Time the whole model at a few uniform widths and fit scale, fixed and activation-volume terms."""
+    model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
+    rows, measured, records = [], [], []
+    for fraction in CALIBRATION_FRACTIONS:
+        widths = uniform_widths(layers, fraction, settings.round_to, settings.min_channels)
+        ms = measure_model_ms(pruned_copy(loaded, layers, widths), loaded.spec.input_size, runtime=settings.runtime,
+                              batch=settings.batch, threads=settings.threads, precision=settings.precision,
+                              warmup=settings.model_warmup, iters=settings.model_iters)
+        rows.append((model.entries_ms(widths), model.activation_fraction(widths)))
+        measured.append(ms)
+        records.append({"variant": f"uniform {fraction:g}", "measured_ms": ms})
+    entries = np.array([r[0] for r in rows])
+    activation = np.array([r[1] for r in rows])
+    target = np.array(measured)
+    scale, fixed, per_activation = _fit(entries, activation, target)
+    table.remainder = Remainder(scale, fixed, per_activation)
+    for record, e, a in zip(records, entries, activation, strict=True):
+        record["predicted_ms"] = scale * e + fixed + per_activation * a
+        record["sum_of_layers_ms"] = float(e)
+    table.remainder.calibration = records
+    table.header["full_model_ms"] = float(target[0])
+    errors = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in records]
+    log(f"remainder fitted on {len(records)} whole-model timings: scale {scale:.3f}, fixed {fixed:.3f} ms, "
+        f"activation {per_activation:.3f} ms; worst calibration error {max(errors):.1%}")
+
+
+def _fit(entries: np.ndarray, activation: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:
+    """Least squares for target = s*entries + c + r*activation, dropping terms that come out negative."""
+    for columns in (("s", "c", "r"), ("s", "c"), ("s", "r"), ("s",)):
+        design = np.stack([{"s": entries, "c": np.ones_like(entries), "r": activation}[k] for k in columns], axis=1)
+        coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+        fitted = dict(zip(columns, coef, strict=True))
+        if fitted["s"] > 0 and fitted.get("r", 0.0) >= 0:
+            return float(fitted["s"]), float(fitted.get("c", 0.0)), float(fitted.get("r", 0.0))
+    return 1.0, float(np.mean(target - entries)), 0.0
