@@ -166,7 +166,8 @@ def onnx_layer(geometry: Geometry, c_in: int, c_out: int, batch: int, path: Path
             inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
             out_shape = [batch, c_out]
         else:
-            nodes = [helper.make_node("MatMul", ["input", "WT"], ["mm"]), helper.make_node("Add", ["mm", "B"], ["output"])]
+            nodes = [helper.make_node("MatMul", ["input", "WT"], ["mm"]),
+                     helper.make_node("Add", ["mm", "B"], ["output"])]
             inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "WT"), numpy_helper.from_array(bias, "B")]
             out_shape = [batch, sample.shape[1], c_out]
     else:

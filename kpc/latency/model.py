@@ -57,8 +57,8 @@ class LatencyModel:
     # ------------------------------------------------------------ prediction
 
     def entries_ms(self, widths: np.ndarray) -> float:
-        return float(sum(t.entry(t.layer.inp.value(widths, self.full_widths), t.layer.out.value(widths, self.full_widths))
-                         for t in self.terms))
+        full = self.full_widths
+        return float(sum(t.entry(t.layer.inp.value(widths, full), t.layer.out.value(widths, full)) for t in self.terms))
 
     def activation_fraction(self, widths: np.ndarray) -> float:
         volume = sum(t.layer.out.value(widths, self.full_widths) * t.layer.out_elements for t in self.terms)

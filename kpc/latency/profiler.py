@@ -210,7 +210,8 @@ def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict
         return Entry("dwconv", np.array(c_out, float), np.array(c_out, float),
                      np.array([measured[f"{c},{c}"] for c in c_out]))
     ms = np.array([[measured[f"{i},{o}"] for o in c_out] for i in c_in])
-    return Entry(geometry.kind if geometry.kind == "linear" else "conv", np.array(c_in, float), np.array(c_out, float), ms)
+    kind = "linear" if geometry.kind == "linear" else "conv"
+    return Entry(kind, np.array(c_in, float), np.array(c_out, float), ms)
 
 
 def _runtime_version(runtime: str) -> str:
