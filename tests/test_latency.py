@@ -1,0 +1,225 @@
+"""Latency tables: measured on ONNX Runtime here, checked on load, and used as the knapsack's cost."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kpc.artifact import open_model
+from kpc.cli import app
+from kpc.data import parse_data_spec
+from kpc.errors import KpcError
+from kpc.latency import latency_cost_factory, load_table
+from kpc.latency.model import LatencyModel
+from kpc.latency.profiler import ProfileSettings, layers_for, model_layers, profile
+from kpc.latency.table import Entry
+from kpc.prune import Budget, PruneSettings, prune
+
+SPEC, SIZE = "torchvision:resnet18", (3, 32, 32)
+SETTINGS = ProfileSettings(runtime="ort-cpu", threads=1, iters=5, warmup=2, model_iters=20, round_to=16,
+                           min_channels=16)
+TARGET = {"runtime": "ort-cpu", "batch": 1, "threads": 1, "precision": "fp32"}  # what a prune asks for
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def table_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lut") / "resnet18.json"
+    profile(open_model(SPEC, num_classes=10, input_size=SIZE), SETTINGS, path, log=lambda _m: None)
+    return path
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def test_table_round_trip_and_provenance(table_path, tmp_path):
+    table = load_table(table_path)
+    assert table.header["runtime"] == "ort-cpu" and table.header["threads"] == 1 and table.header["batch"] == 1
+    assert table.header["full_model_ms"] > 0 and table.header["device"]
+    assert all(e.ms.size > 0 and np.all(e.ms > 0) for e in table.entries.values())
+    again = table.save(tmp_path / "copy.json")
+    reloaded = load_table(again)
+    assert reloaded.header == table.header
+    for key, entry in table.entries.items():
+        assert np.array_equal(reloaded.entries[key].ms, entry.ms)
+        assert np.array_equal(reloaded.entries[key].c_in, entry.c_in)
+    assert reloaded.remainder.to_json() == table.remainder.to_json()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "not-json", "schema", "header", "ascending", "shape", "negative"])
+def test_corrupt_tables_are_refused_with_one_line(table_path, tmp_path, damage):
+    data = json.loads(table_path.read_text())
+    key = next(iter(data["entries"]))
+    text = table_path.read_text()
+    if damage == "truncate":
+        text = text[: len(text) // 2]
+    elif damage == "not-json":
+        text = "garbage"
+    else:
+        if damage == "schema":
+            data["schema"] = "something-else/9"
+        elif damage == "header":
+            del data["header"]["threads"]
+        elif damage == "ascending":
+            data["entries"][key]["c_out"] = data["entries"][key]["c_out"][::-1]
+        elif damage == "shape":
+            data["entries"][key]["ms"] = [1.0]
+        elif damage == "negative":
+            data["entries"][key]["ms"] = np.negative(np.abs(np.asarray(data["entries"][key]["ms"]))).tolist()
+        text = json.dumps(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    with pytest.raises(KpcError) as info:
+        load_table(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_interpolation_is_exact_at_measured_points_and_monotone():
+    rng = np.random.default_rng(0)
+    c_in, c_out = np.array([16.0, 32, 48, 64]), np.array([8.0, 24, 56, 64])
+    ms = np.cumsum(np.cumsum(rng.uniform(0.01, 0.2, (4, 4)), axis=0), axis=1)  # monotone in both widths
+    entry = Entry("conv", c_in, c_out, ms)
+    for i, x in enumerate(c_in):
+        for j, y in enumerate(c_out):
+            assert entry(x, y) == pytest.approx(ms[i, j], rel=1e-12)
+    xs = np.linspace(16, 64, 97)
+    for y in (8.0, 20.0, 61.0):
+        assert np.all(np.diff(entry(xs, np.full_like(xs, y))) >= -1e-12)
+        assert np.all(np.diff(entry(np.full_like(xs, y * 0 + 40), np.linspace(8, 64, 97))) >= -1e-12)
+    noisy = ms.copy()
+    noisy[2, 1] = noisy[1, 1] * 0.5  # a measurement that dips: the envelope keeps the prediction monotone
+    dipping = Entry("conv", c_in, c_out, noisy)
+    assert np.all(np.diff(dipping(xs, np.full_like(xs, 24.0))) >= -1e-12)
+    depthwise = Entry("dwconv", c_out, c_out, np.array([0.1, 0.2, 0.4, 0.45]))
+    assert depthwise(0, 24.0) == pytest.approx(0.2) and depthwise(0, 40.0) == pytest.approx(0.3)
+
+
+def test_latency_model_is_the_sum_it_claims(table_path):
+    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
+    table = load_table(table_path)
+    layers = model_layers(loaded, SETTINGS.round_to, SETTINGS.min_channels, log=_quiet)
+    model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        widths = layers.full_widths.copy()
+        for group in layers.groups:
+            if group.prunable:
+                widths[group.index] = rng.integers(SETTINGS.min_channels, group.width + 1)
+        by_hand = 0.0
+        volume = full_volume = 0.0
+        for layer in layers.layers:
+            c_in = layer.inp.value(widths, layers.full_widths)
+            c_out = layer.out.value(widths, layers.full_widths)
+            by_hand += float(table.entries[layer.signature](c_in, c_out))
+            volume += c_out * layer.out_elements
+            full_volume += layer.out.full * layer.out_elements
+        r = table.remainder
+        expected = r.entry_scale * by_hand + r.fixed_ms + r.activation_ms * volume / full_volume
+        assert model.total(widths) == pytest.approx(expected, rel=1e-9)
+        group = next(g for g in layers.groups if g.prunable)
+        options = np.array([SETTINGS.min_channels, group.width], dtype=float)
+        deltas = model.option_costs(widths, group.index, options)
+        for option, delta in zip(options, deltas, strict=True):
+            moved = widths.copy()
+            moved[group.index] = option
+            assert model.total(widths) + delta == pytest.approx(model.total(moved), rel=1e-9, abs=1e-9)
+
+
+def test_prediction_matches_measurement_at_full_width(table_path):
+    table = load_table(table_path)
+    first = table.remainder.calibration[0]
+    assert first["variant"] == "uniform 1"
+    assert abs(first["predicted_ms"] / first["measured_ms"] - 1) < 0.15
+
+
+def test_budget_ms_prune_lands_near_the_budget(table_path, tmp_path):
+    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
+    table = load_table(table_path)
+    budget = 0.6 * table.header["full_model_ms"]
+    factory = latency_cost_factory(table_path, loaded, force=False, log=_quiet, round_to=16, min_channels=16)
+    settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2, round_to=16,
+                             min_channels=16)
+    result = prune(loaded, Budget(ms=budget), settings, cost_model=factory, log=_quiet)
+    measured = result.round["measured_ms"]
+    assert abs(measured / budget - 1) < 0.25, f"measured {measured:.3f} ms for a {budget:.3f} ms budget"
+    assert result.round["attempts"] and all("counted" in a for a in result.round["attempts"])
+    assert result.round["latency_table"]["runtime"] == "ort-cpu"
+
+
+def test_mismatched_tables_are_refused_unless_forced(table_path, tmp_path):
+    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
+    with pytest.raises(KpcError, match="threads: table has 1, wanted 2"):
+        latency_cost_factory(table_path, loaded, force=False, log=_quiet, round_to=16, min_channels=16, threads=2)
+    for field, value in [("device", "Some Other CPU"), ("runtime", "torch-cpu"), ("batch", 8), ("precision", "fp16")]:
+        data = json.loads(table_path.read_text())
+        data["header"][field] = value
+        other = tmp_path / f"{field}.json"
+        other.write_text(json.dumps(data))
+        with pytest.raises(KpcError, match=f"{field}: table has"):
+            latency_cost_factory(other, loaded, force=False, log=_quiet, round_to=16, min_channels=16, **TARGET)
+    warnings: list[str] = []
+    latency_cost_factory(other, loaded, force=True, log=warnings.append, round_to=16, min_channels=16, **TARGET)
+    assert any("--force-lut" in w and "precision" in w for w in warnings)
+
+
+def test_missing_signature_is_an_error_not_a_zero(table_path, tmp_path):
+    data = json.loads(table_path.read_text())
+    dropped = next(k for k in data["entries"] if k.startswith("conv"))
+    del data["entries"][dropped]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(data))
+    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
+    layers = model_layers(loaded, 16, 16, log=_quiet)
+    with pytest.raises(KpcError, match="no entry for layer"):
+        LatencyModel(load_table(partial), layers.layers, layers.full_widths, layers.min_widths)
+    # a table profiled with a coarser floor cannot price the narrower widths a prune may choose
+    narrow = layers_for(loaded.model, layers.example, layers.graph, layers.groups, 8, 8)
+    with pytest.raises(KpcError, match="only down to"):
+        LatencyModel(load_table(table_path), narrow.layers, narrow.full_widths, narrow.min_widths)
+
+
+def test_cli_budget_errors(table_path, tmp_path):
+    out = tmp_path / "out"
+    base = ["prune", SPEC, "--num-classes", "10", "--input-size", "3x32x32", "--round-to", "16", "--min-channels",
+            "16", "--calib-batches", "1", "--out", str(out)]
+    result = runner.invoke(app, [*base, "--lut", str(table_path), "--budget-ms", "0.0001"])
+    assert result.exit_code == 2 and "below the smallest achievable cost" in result.output and " ms " in result.output
+    result = runner.invoke(app, [*base, "--budget-ms", "1.0"])
+    assert result.exit_code == 2 and "needs a latency table" in result.output
+    result = runner.invoke(app, [*base, "--lut", str(table_path), "--budget-ms", "1.0", "--threads", "4"])
+    assert result.exit_code == 2 and "threads: table has 1, wanted 4" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("runtime", ["ort-cuda", "torch-cuda", "trt", "onnx-magic"])
+def test_profile_refuses_runtimes_that_are_not_here(runtime, tmp_path):
+    result = runner.invoke(app, ["profile", SPEC, "--runtime", runtime, "--out", str(tmp_path / "t.json")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_interrupted_profile_resumes_without_remeasuring(tmp_path):
+    loaded = open_model("torchvision:mobilenet_v3_small", num_classes=10, input_size=(3, 32, 32))
+    settings = ProfileSettings(runtime="ort-cpu", threads=1, iters=3, warmup=1, model_iters=5, round_to=32,
+                               min_channels=32)
+    out = tmp_path / "mnv3.json"
+    seen: list[int] = []
+
+    def stop_after_ten(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile(loaded, settings, out, progress=stop_after_ten, log=_quiet)
+    assert not out.exists() and out.with_name(out.name + ".partial").is_file()
+    resumed: list[int] = []
+    table = profile(loaded, settings, out, resume=True, progress=lambda d, t: resumed.append(d), log=_quiet)
+    assert resumed[0] == 11, "the ten measured points were kept"
+    assert resumed[-1] == table.header["points"] and out.is_file()
+    assert not out.with_name(out.name + ".partial").exists()
