@@ -138,6 +138,25 @@ def time_layer(settings: ProfileSettings, geometry: Geometry, c_in: int, c_out: 
         return float(measure(runner, inputs, warmup=settings.warmup, iters=settings.iters).median_ms)
 
 
+def call_overhead_ms(settings: ProfileSettings, workdir: Path) -> float:
+    """Median ms of a run that does almost nothing: what every isolated layer timing pays once.
+
+    Inside a whole graph a layer does not pay the runtime's per-call cost, so it is
+    subtracted from every layer entry and recorded in the header.
+    """
+    from exporters import get_runner, measure
+
+    geometry = Geometry("conv", in_hw=(1, 1), out_hw=(1, 1))
+    inputs = {"input": layer_input(geometry, 1, 1)}
+    if settings.runtime.startswith("ort") or settings.runtime == "trt":
+        model: Any = onnx_layer(geometry, 1, 1, 1, workdir / "tiny.onnx")
+    else:
+        model = torch_layer(geometry, 1, 1)
+    with get_runner(settings.runtime, threads=settings.threads, precision=settings.precision) as runner:
+        runner.prepare(model, inputs)
+        return float(measure(runner, inputs, warmup=20, iters=200).median_ms)
+
+
 def _read_partial(path: Path, target: dict[str, Any]) -> dict[str, dict[str, float]]:
     try:
         data = json.loads(path.read_text())
@@ -170,6 +189,7 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
 
     started = _dt.datetime.now(_dt.UTC)
     with tempfile.TemporaryDirectory(prefix="kpc-profile-") as tmp:
+        overhead = call_overhead_ms(settings, Path(tmp))
         try:
             for signature, (geometry, c_in, c_out) in grid.items():
                 measured = points.setdefault(signature, {})
@@ -187,14 +207,15 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
             save_partial()
             raise
         save_partial()
-    entries = {sig: _entry(geometry, c_in, c_out, points[sig]) for sig, (geometry, c_in, c_out) in grid.items()}
+    entries = {sig: _entry(geometry, c_in, c_out, points[sig], overhead)
+               for sig, (geometry, c_in, c_out) in grid.items()}
     header = {
         "device": device, "runtime": settings.runtime, "runtime_version": _runtime_version(settings.runtime),
         "precision": settings.precision, "batch": settings.batch, "threads": settings.threads,
         "date": started.isoformat(timespec="seconds"), "kpc_version": __version__, "model": loaded.spec.label(),
         "input_size": list(loaded.spec.input_size), "full_model_ms": 0.0, "round_to": settings.round_to,
         "min_channels": settings.min_channels, "warmup": settings.warmup, "iters": settings.iters,
-        "layers": len(layers.layers), "signatures": len(grid), "points": total,
+        "layers": len(layers.layers), "signatures": len(grid), "points": total, "call_overhead_ms": overhead,
     }
     table = LatencyTable(header, entries, Remainder())
     fit_remainder(table, loaded, layers, settings, log=log)
@@ -205,11 +226,17 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
     return table
 
 
-def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict[str, float]) -> Entry:
+def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict[str, float],
+           overhead: float) -> Entry:
+    """Grid of layer latencies with the per-call overhead taken out (never below a microsecond)."""
+
+    def net(key: str) -> float:
+        return max(measured[key] - overhead, 1e-3)
+
     if geometry.kind == "dwconv":
-        return Entry("dwconv", np.array(c_out, float), np.array(c_out, float),
-                     np.array([measured[f"{c},{c}"] for c in c_out]))
-    ms = np.array([[measured[f"{i},{o}"] for o in c_out] for i in c_in])
+        widths = np.array(c_out, float)
+        return Entry("dwconv", widths, widths, np.array([net(f"{c},{c}") for c in c_out]))
+    ms = np.array([[net(f"{i},{o}") for o in c_out] for i in c_in])
     kind = "linear" if geometry.kind == "linear" else "conv"
     return Entry(kind, np.array(c_in, float), np.array(c_out, float), ms)
 

@@ -1,0 +1,109 @@
+"""Latency tables on the serving runtime: profiling time, and predicted vs measured full-model latency.
+
+For each model: `kpc profile` on the runtime (the table is written under profiles/, the
+shipped tables), then random width assignments are applied to real pruned copies and
+each copy is timed; the error is predicted/measured - 1. Targets (issue 4, ort-cpu):
+median |error| within 3%, worst within 8%; profiling resnet50 at batch 1, 2 threads
+under 3 minutes.
+
+    python benchmarks/latency_model.py [--runtime ort-cpu] [--threads 2] [--samples 8] [--models resnet18 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+from _record import append_results, markdown_table
+
+from kpc.artifact import open_model
+from kpc.latency.model import LatencyModel, measure_model_ms
+from kpc.latency.profiler import (
+    ProfileSettings,
+    default_table_path,
+    model_layers,
+    profile,
+    pruned_copy,
+    target_device,
+)
+from kpc.planner import width_options
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_widths(layers, rng: np.random.Generator, round_to: int, min_channels: int) -> np.ndarray:
+    """Each prunable group at a random width; half the draws bias towards one shared fraction."""
+    widths = layers.full_widths.copy()
+    shared = rng.uniform(0.25, 1.0)
+    for group in layers.groups:
+        if group.prunable:
+            options = width_options(group.width, round_to, min_channels)
+            fraction = shared if rng.random() < 0.5 else rng.uniform(0.2, 1.0)
+            widths[group.index] = options[np.argmin(np.abs(options - fraction * group.width))]
+    return widths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", default="ort-cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--reuse", action="store_true", help="Reuse existing tables instead of profiling again.")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    settings = ProfileSettings(runtime=args.runtime, batch=args.batch, threads=args.threads)
+    device = target_device(args.runtime)
+    rows, all_errors = [], []
+    for name in args.models:
+        spec = f"torchvision:{name}"
+        loaded = open_model(spec, num_classes=1000, input_size=(3, args.size, args.size))
+        path = default_table_path(ROOT / "profiles", device, settings, spec)
+        started = time.perf_counter()
+        if args.reuse and path.is_file():
+            from kpc.latency import load_table
+
+            table, seconds = load_table(path), float("nan")
+        else:
+            table = profile(loaded, settings, path, log=lambda m: print(f"  {m}"))
+            seconds = time.perf_counter() - started
+        layers = model_layers(loaded, settings.round_to, settings.min_channels, log=lambda _m: None)
+        model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
+        rng = np.random.default_rng(0)
+        errors = []
+        for _ in range(args.samples):
+            widths = random_widths(layers, rng, settings.round_to, settings.min_channels)
+            measured = measure_model_ms(pruned_copy(loaded, layers, widths), loaded.spec.input_size,
+                                        runtime=args.runtime, batch=args.batch, threads=args.threads,
+                                        precision="fp32", warmup=10, iters=40)
+            errors.append(model.total(widths) / measured - 1)
+        all_errors += errors
+        absolute = [abs(e) for e in errors]
+        rows.append([name, f"{seconds:.0f}", table.header["points"], f"{table.header['full_model_ms']:.2f}",
+                     f"{statistics.median(absolute):.1%}", f"{max(absolute):.1%}",
+                     " ".join(f"{e:+.1%}" for e in errors)])
+        print(markdown_table(["model", "profile s", "points", "full ms", "median |err|", "worst |err|", "errors"],
+                             rows[-1:]))
+    absolute = [abs(e) for e in all_errors]
+    rows.append(["all", "", "", "", f"{statistics.median(absolute):.1%}", f"{max(absolute):.1%}", ""])
+    headers = ["model", "profile s", "points", "full model ms", "median |error|", "worst |error|",
+               "errors (predicted/measured - 1)"]
+    print(markdown_table(headers, rows))
+    if not args.no_record:
+        append_results(f"Latency model: predicted vs measured ({args.runtime}, batch {args.batch}, "
+                       f"{args.size}x{args.size}) (issue 4)", headers, rows, threads=args.threads,
+                       notes=[f"device: {device}; {args.samples} random width assignments per model, each timed "
+                              "alone (10 warm-up + 40 timed runs, median); tables written to profiles/"])
+
+
+if __name__ == "__main__":
+    main()
