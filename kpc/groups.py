@@ -134,7 +134,15 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> set[str]:
 
 def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = GRAPH_TIME_LIMIT_S
                 ) -> tp.DependencyGraph:
-    """Trace the dependency graph; if tracing runs over the limit, retry with attention blocks left out."""
+    """Trace the dependency graph; if tracing runs over the limit, retry with attention blocks left out.
+
+    Tracing follows autograd, so it runs with gradients on even when the caller is under no_grad.
+    """
+    with torch.enable_grad():
+        return _build_graph(model, example, time_limit_s)
+
+
+def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
     try:
         with time_limit(time_limit_s, "building the dependency graph"):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
