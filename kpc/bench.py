@@ -1,0 +1,224 @@
+"""Measure the speedup of a candidate over a baseline on one runtime, with an interval, not a hope.
+
+Both models are prepared on the same runtime in one process and timed interleaved
+(A B B A ...), so drift in clock speed or background load hits both alike; the speedup is
+the ratio of medians with a paired bootstrap confidence interval. A gate (`min_speedup`)
+passes only when the interval's lower bound clears the threshold, so a noisy run that
+merely *might* be fast enough fails instead of passing by luck.
+
+The report is a plain dict with a stable schema (`BENCH_SCHEMA`, documented in
+`report_schema_doc`) so CI can diff and plot it; the markdown view is derived from it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kpc import __version__
+from kpc.artifact import LoadedModel, is_artifact, open_model
+from kpc.errors import KpcError, VerificationFailed
+
+BENCH_SCHEMA = "kpc-bench/1"
+INPUT_NAME = "input"
+DEFAULT_WARMUP = 10
+DEFAULT_ITERS = 100  # two small CNNs on 2 CPU cores: a few seconds
+
+Log = Callable[[str], None]
+
+# The JSON report, key by key; kept next to the code that writes it and checked by the tests.
+REPORT_SCHEMA: dict[str, str] = {
+    "schema": "str, always 'kpc-bench/1'; bumped on any incompatible change",
+    "created": "str, ISO-8601 UTC time the measurement finished",
+    "kpc_version": "str",
+    "runtime": "str, one of exporters.RUNTIMES",
+    "precision": "str, fp32 | fp16 | bf16 | int8 (what the runtime was asked for)",
+    "batch": "int",
+    "threads": "int, intra-op threads both runners were pinned to",
+    "channels_last": "bool",
+    "input_shape": "list[int], [batch, C, H, W] fed to both models",
+    "warmup": "int, untimed runs per model",
+    "iters": "int, timed runs per model (paired rounds)",
+    "device": "str, CPU model or GPU name as the runner describes it",
+    "versions": "dict[str, str], python, torch and the runtime's packages",
+    "baseline": "side: {source: str, label: str, artifact: bool, params: int, gmacs: float, "
+                "latency: {median_ms, p90_ms, p99_ms, mean_ms: float, n: int}}",
+    "candidate": "side, as baseline",
+    "speedup": "{ratio: float (median baseline / median candidate), ci_low: float, ci_high: float, "
+               "confidence: float, resamples: int, method: str}",
+    "gate": "{min_speedup: float | null, passed: bool | null (null when no gate was asked)}",
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How to time: the runtime and its knobs, and how many rounds."""
+
+    runtime: str = "ort-cpu"
+    batch: int = 1
+    threads: int | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    warmup: int = DEFAULT_WARMUP
+    iters: int = DEFAULT_ITERS
+    confidence: float = 0.95
+    resamples: int = 2000
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.batch < 1:
+            raise KpcError(f"--batch must be at least 1, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            raise KpcError(f"--threads must be at least 1, got {self.threads}")
+        if self.warmup < 0 or self.iters < 2:
+            raise KpcError(f"need --warmup >= 0 and --iters >= 2 (the interval needs pairs), got "
+                           f"{self.warmup} and {self.iters}")
+
+
+def check_runtime(settings: BenchSettings) -> None:
+    """Fail in a second on an unknown, missing or GPU-less runtime, or a precision it lacks, before loading models."""
+    import exporters
+
+    settings.check()
+    _runner(exporters, settings).close()
+
+
+def open_side(text: str, *, num_classes: int | None = None,
+              input_size: tuple[int, int, int] | None = None) -> LoadedModel:
+    """Open one side; --num-classes/--input-size shape a spec but are ignored for an artifact, which records its own."""
+    if is_artifact(text):
+        return open_model(text)
+    return open_model(text, num_classes=num_classes, input_size=input_size)
+
+
+def check_same_input(baseline: LoadedModel, candidate: LoadedModel) -> tuple[int, int, int]:
+    """Both models must eat the same tensor, or the comparison times two different tasks."""
+    a, b = tuple(baseline.spec.input_size), tuple(candidate.spec.input_size)
+    if a != b:
+        raise KpcError(f"the models take different inputs: baseline {_shape(a)}, candidate {_shape(b)}; "
+                       f"pass --input-size {_shape(b)} for the spec side, or compare models built for one size")
+    return a
+
+
+def _shape(size: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in size)
+
+
+def run_bench(baseline: LoadedModel, candidate: LoadedModel, settings: BenchSettings, *,
+              min_speedup: float | None = None, log: Log = lambda _m: None) -> dict[str, Any]:
+    """Prepare both models on the runtime, time them interleaved, return the report (never raises on the gate).
+
+    Call `check_gate` afterwards: the report must be written before a failed gate exits.
+    """
+    import exporters
+
+    settings.check()
+    size = check_same_input(baseline, candidate)
+    inputs = {INPUT_NAME: np.random.default_rng(settings.seed).standard_normal((settings.batch, *size),
+                                                                                dtype=np.float32)}
+    with tempfile.TemporaryDirectory(prefix="kpc-bench-") as workdir, \
+            _runner(exporters, settings) as runner_a, _runner(exporters, settings) as runner_b:
+        log(f"preparing {baseline.source} and {candidate.source} on {settings.runtime} "
+            f"({settings.precision}, batch {settings.batch})")
+        _prepare(runner_a, baseline, inputs, settings, Path(workdir) / "baseline.onnx")
+        _prepare(runner_b, candidate, inputs, settings, Path(workdir) / "candidate.onnx")
+        log(f"timing interleaved: {settings.warmup} warm-up + {settings.iters} timed runs each")
+        stats_a, stats_b = exporters.interleaved(runner_a, inputs, runner_b, inputs,
+                                                 warmup=settings.warmup, iters=settings.iters)
+        described = runner_a.describe()
+    ratio, low, high = exporters.bootstrap_ratio_ci(stats_a.samples_ms, stats_b.samples_ms,
+                                                    confidence=settings.confidence, resamples=settings.resamples,
+                                                    seed=settings.seed)
+    return {
+        "schema": BENCH_SCHEMA,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "kpc_version": __version__,
+        "runtime": settings.runtime,
+        "precision": settings.precision,
+        "batch": settings.batch,
+        "threads": int(described.get("threads", settings.threads or 0)),
+        "channels_last": settings.channels_last,
+        "input_shape": [settings.batch, *size],
+        "warmup": settings.warmup,
+        "iters": settings.iters,
+        "device": str(described.get("device", "unknown")),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     **{k: str(v) for k, v in described.get("versions", {}).items()}},
+        "baseline": _side(baseline, stats_a),
+        "candidate": _side(candidate, stats_b),
+        "speedup": {"ratio": ratio, "ci_low": low, "ci_high": high, "confidence": settings.confidence,
+                    "resamples": settings.resamples, "method": "median ratio, paired percentile bootstrap"},
+        "gate": {"min_speedup": min_speedup,
+                 "passed": None if min_speedup is None else bool(low >= min_speedup)},
+    }
+
+
+def _runner(exporters: Any, settings: BenchSettings) -> Any:
+    return exporters.get_runner(settings.runtime, threads=settings.threads, precision=settings.precision,
+                                channels_last=settings.channels_last)
+
+
+def _prepare(runner: Any, loaded: LoadedModel, inputs: dict[str, np.ndarray], settings: BenchSettings,
+             onnx_path: Path) -> None:
+    """Hand the runner the module; ONNX Runtime at fp16 needs an fp16 graph, exported here."""
+    model = loaded.model.eval()
+    if settings.runtime.startswith("ort-") and settings.precision == "fp16":
+        import exporters
+
+        example = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        runner.prepare(exporters.export_onnx(model, example, onnx_path, fp16=True), inputs)
+    else:
+        runner.prepare(model, inputs)
+
+
+def _side(loaded: LoadedModel, stats: Any) -> dict[str, Any]:
+    from kpc.costs import count_macs
+
+    macs, params = count_macs(loaded.model, loaded.example_input())
+    return {"source": loaded.source, "label": loaded.spec.label(), "artifact": loaded.path is not None,
+            "params": int(params), "gmacs": macs / 1e9, "latency": stats.to_dict()}
+
+
+def check_gate(report: dict[str, Any]) -> None:
+    """Raise VerificationFailed (exit 1) when a gate was asked and the interval's lower bound misses it."""
+    gate, speedup = report["gate"], report["speedup"]
+    if gate["min_speedup"] is None or gate["passed"]:
+        return
+    raise VerificationFailed(
+        f"speedup {speedup['ratio']:.3g}x ({speedup['confidence']:.0%} CI {speedup['ci_low']:.3g}-"
+        f"{speedup['ci_high']:.3g}) on {report['runtime']} does not clear --min-speedup {gate['min_speedup']:g}: "
+        "the interval's lower bound is below it")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short summary for a PR comment or a results file: conditions, a table, the verdict."""
+    s, gate = report["speedup"], report["gate"]
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    rows = [f"| {role} | `{report[role]['source']}` | {report[role]['gmacs']:.3g} | {report[role]['params'] / 1e6:.3g} "
+            f"| {report[role]['latency']['median_ms']:.3f} | {report[role]['latency']['p90_ms']:.3f} "
+            f"| {report[role]['latency']['p99_ms']:.3f} |" for role in ("baseline", "candidate")]
+    verdict = f"**Speedup {s['ratio']:.2f}x** ({s['confidence']:.0%} CI {s['ci_low']:.2f}-{s['ci_high']:.2f})"
+    if gate["min_speedup"] is not None:
+        verdict += f"; gate >= {gate['min_speedup']:g}: **{'passed' if gate['passed'] else 'FAILED'}**"
+    return "\n".join([
+        f"### kpc bench: {report['runtime']}, batch {report['batch']}, {report['precision']}, "
+        f"{report['threads']} threads",
+        "",
+        f"{report['device']}; input {_shape(tuple(report['input_shape']))}; {report['warmup']} warm-up + "
+        f"{report['iters']} interleaved runs each; {report['created']}; kpc {report['kpc_version']}; {versions}",
+        "",
+        "| side | model | GMACs | Mparams | median ms | p90 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        verdict,
+        "",
+    ])

@@ -1,0 +1,294 @@
+"""Export a model or artifact to ONNX (and a TensorRT engine), then prove the export computes the same thing.
+
+Export and validation are separate steps on purpose: the exporter may succeed and still
+produce a graph that disagrees with PyTorch (an unsupported op lowered wrongly, fp16
+overflow, a pruned layer exported with stale shapes). So every export is followed by a
+parity check on a few image-like inputs, PyTorch eager (CPU, fp32) against the runtime
+that will serve the file, with every output reported and every failure collected.
+
+The output directory is written atomically: if the export or the parity check fails,
+nothing is left behind, so a directory with `export.json` is always a verified export.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kpc import __version__
+from kpc.artifact import LoadedModel, sha256_file
+from kpc.atomic import atomic_dir
+from kpc.errors import KpcError
+
+EXPORT_SCHEMA = "kpc-export/1"
+EXPORT_FILE = "export.json"
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "input"
+# The TorchScript exporter (exporters.onnx_export.EXPORTER) implements opsets up to 20;
+# below 11 the CNN ops kpc produces (e.g. Resize, adaptive pooling) are not expressible.
+MIN_OPSET, MAX_OPSET = 11, 20
+
+# (atol, rtol) for the parity check. fp32 graphs differ from eager only by summation
+# order; fp16 graphs lose ~3 decimal digits per layer, so their outputs drift by 1e-2.
+FP32_TOLERANCES = (1e-4, 1e-3)
+FP16_TOLERANCES = (5e-2, 5e-2)
+
+Log = Callable[[str], None]
+
+
+def default_tolerances(fp16: bool) -> tuple[float, float]:
+    """The (atol, rtol) a parity check uses when the user gives none."""
+    return FP16_TOLERANCES if fp16 else FP32_TOLERANCES
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What to export and how strictly to check it; `None` tolerances mean the precision's default."""
+
+    onnx: bool = True
+    trt: bool = False
+    fp16: bool = False
+    int8: bool = False
+    dynamic_batch: bool = False
+    opset: int = 17
+    batch: int = 1
+    atol: float | None = None
+    rtol: float | None = None
+    samples: int = 3
+    seed: int = 0
+    min_batch: int = 1
+    max_batch: int | None = None
+    workspace_mb: int = 4096
+    timing_cache: Path | None = None
+
+    @property
+    def trt_precision(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+    def tolerances(self, precision: str) -> tuple[float, float]:
+        """The user's tolerances, else the default of the precision the checked file runs at.
+
+        With --trt --fp16 the ONNX file stays fp32 and keeps fp32 tolerances; only the
+        engine gets fp16's. int8 engines are built with fp16 enabled too
+        (exporters.build_engine), so fp16's tolerance is the floor; real int8 needs Q/DQ
+        nodes and the user's own tolerance.
+        """
+        atol, rtol = default_tolerances(precision != "fp32")
+        return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
+
+    def check(self) -> None:
+        """Reject contradictory settings before loading or exporting anything."""
+        if not (self.onnx or self.trt):
+            raise KpcError("nothing to export: pass --onnx, --trt or both")
+        if self.int8 and not self.trt:
+            raise KpcError("--int8 applies to TensorRT engines only: add --trt (the ONNX file stays fp32)")
+        if self.int8 and self.fp16:
+            raise KpcError("--int8 and --fp16 are exclusive: int8 engines already allow fp16 layers")
+        if self.batch < 1 or self.samples < 1:
+            raise KpcError(f"--batch and --samples must be at least 1, got {self.batch} and {self.samples}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise KpcError(f"--opset {self.opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} (17 is the default)")
+        for name, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if value is not None and value < 0:
+                raise KpcError(f"{name} must be >= 0, got {value}")
+
+
+def parity_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` image-like inputs: smooth random images in [0, 1], normalised like the model's data.
+
+    Pure Gaussian noise keeps activations in a narrow regime that hides range problems
+    (fp16 overflow, saturated activations); smooth images with edges, normalised the way
+    the model was trained, push the network through the ranges it sees in service.
+    """
+    channels, height, width = loaded.spec.input_size
+    mean, std = _normalization(loaded, channels)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        coarse = torch.rand((batch, channels, max(1, height // 8), max(1, width // 8)), generator=generator)
+        image = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        image = (image + 0.05 * torch.randn(image.shape, generator=generator)).clamp(0.0, 1.0)
+        image = (image - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        samples.append({INPUT_NAME: image.numpy().astype(np.float32)})
+    return samples
+
+
+def _normalization(loaded: LoadedModel, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from kpc.data import IMAGENET_MEAN, IMAGENET_STD
+
+    recorded = (loaded.plan or {}).get("normalization") or {}
+    mean = list(recorded.get("mean") or (IMAGENET_MEAN if channels == 3 else (0.5,)))
+    std = list(recorded.get("std") or (IMAGENET_STD if channels == 3 else (0.5,)))
+    if len(mean) != channels:
+        mean, std = mean[:1] * channels, std[:1] * channels
+    return torch.tensor(mean[:channels]), torch.tensor(std[:channels])
+
+
+def check_parity(
+    reference: nn.Module,
+    exported: str | Path,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    *,
+    atol: float,
+    rtol: float,
+    runtime: str = "ort-cpu",
+    precision: str = "fp32",
+) -> list[Any]:
+    """Compare `reference` (eager CPU fp32) with the exported file on every sample; one check per output.
+
+    The runners are prepared once and fed every sample; per output the worst check over
+    the samples is kept, so the result reads like a single comparison but no sample can
+    hide a failure. Returns the checks (exporters.OutputCheck) without raising; pass them
+    to `exporters.raise_on_failures` to make a mismatch fatal.
+    """
+    from exporters import compare_outputs, get_runner
+
+    if not samples:
+        raise KpcError("parity check needs at least one input sample")
+    worst: dict[str, Any] = {}
+    with get_runner("torch-cpu") as ref_runner, get_runner(runtime, precision=precision) as got_runner:
+        ref_runner.prepare(reference, samples[0])
+        got_runner.prepare(exported, samples[0])
+        for sample in samples:
+            for check in compare_outputs(ref_runner.infer(sample), got_runner.infer(sample), atol=atol, rtol=rtol):
+                if check.name not in worst or check.severity > worst[check.name].severity:
+                    worst[check.name] = check
+    return list(worst.values())
+
+
+def check_to_json(check: Any) -> dict[str, Any]:
+    return {"name": check.name, "ok": bool(check.ok),
+            "shape": list(check.shape_got) if check.shape_got is not None else None,
+            "max_abs": _finite(check.max_abs), "max_rel": _finite(check.max_rel), "severity": _finite(check.severity)}
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no inf/NaN; null marks a comparison that had no number (shape mismatch)."""
+    return float(value) if np.isfinite(value) else None
+
+
+def _verify(reference: nn.Module, exported: Path, samples: list[dict[str, np.ndarray]], settings: ExportSettings,
+            runtime: str, precision: str, log: Log) -> dict[str, Any]:
+    from exporters import raise_on_failures
+
+    atol, rtol = settings.tolerances(precision)
+    checks = check_parity(reference, exported, samples, atol=atol, rtol=rtol, runtime=runtime, precision=precision)
+    for check in checks:
+        log(f"  {check.line()}")
+    raise_on_failures(checks)  # ParityError, exit 1: the worst output first, all failures counted
+    return {"runtime": runtime, "precision": precision, "reference": "torch-cpu fp32", "samples": len(samples),
+            "batch": settings.batch, "atol": atol, "rtol": rtol, "ok": True,
+            "outputs": [check_to_json(c) for c in checks]}
+
+
+def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *, overwrite: bool = False,
+                 log: Log = lambda _m: None) -> dict[str, Any]:
+    """Export `loaded` into `out` (ONNX, optionally a TensorRT engine), verify it, write `export.json`.
+
+    Returns the record written to `export.json`. Raises ParityError (exit 1) when the
+    export disagrees with PyTorch and the exporters' typed errors (exit 2) when a runtime
+    is missing; in both cases `out` is left untouched.
+    """
+    import exporters
+
+    settings.check()
+    if settings.trt:
+        # Fail in a second (no GPU, no tensorrt) before minutes of export and build.
+        exporters.get_runner("trt", precision=settings.trt_precision).close()
+    model = loaded.model.eval()
+    samples = parity_inputs(loaded, settings.batch, settings.samples, settings.seed)
+    example = {INPUT_NAME: torch.from_numpy(samples[0][INPUT_NAME])}
+    # A TensorRT batch profile needs a dynamic batch dimension in the graph.
+    dynamic = settings.dynamic_batch or (settings.trt and (settings.max_batch or settings.batch) != settings.min_batch)
+    record: dict[str, Any] = {
+        "schema": EXPORT_SCHEMA,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "kpc_version": __version__,
+        "versions": _versions(),
+        "model": {"source": loaded.source, "label": loaded.spec.label(), "input_size": list(loaded.spec.input_size),
+                  "artifact": str(loaded.path) if loaded.path is not None else None,
+                  "weights_sha256": ((loaded.plan or {}).get("weights") or {}).get("sha256")},
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        onnx_fp16 = settings.fp16 and not settings.trt  # TensorRT lowers precision itself from an fp32 graph
+        log(f"exporting {loaded.spec.label()} to ONNX (opset {settings.opset}, batch {settings.batch}, "
+            f"{'dynamic' if dynamic else 'static'} batch, {'fp16' if onnx_fp16 else 'fp32'})")
+        onnx_path = _export_onnx(model, example, tmp / ONNX_FILE, settings.opset, dynamic, onnx_fp16)
+        checked = exporters.check_onnx(onnx_path)
+        record["onnx"] = {"file": ONNX_FILE, "sha256": sha256_file(onnx_path), "opset": settings.opset,
+                          "batch": settings.batch, "dynamic_batch": dynamic, "fp16": onnx_fp16,
+                          "inputs": [i.name for i in checked.graph.input],
+                          "outputs": [o.name for o in checked.graph.output]}
+        log(f"checking ONNX Runtime against PyTorch on {len(samples)} inputs of shape "
+            f"{tuple(samples[0][INPUT_NAME].shape)}")
+        record["parity"] = _verify(model, onnx_path, samples, settings, "ort-cpu", "fp16" if onnx_fp16 else "fp32",
+                                   log)
+        if settings.trt:
+            record["trt"] = _build_trt(model, onnx_path, tmp, samples, settings, log)
+        (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, opset: int, dynamic: bool,
+                 fp16: bool) -> Path:
+    """exporters.export_onnx, with the exporter's own failures (an op it cannot lower) as one user-facing line."""
+    import exporters
+    from exporters.errors import ExporterError
+
+    try:
+        return exporters.export_onnx(model, example, path, opset=opset, dynamic_batch=dynamic, fp16=fp16)
+    except (ExporterError, KpcError):
+        raise
+    except Exception as exc:  # torch.onnx and the onnx checker raise many unrelated types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise KpcError(f"ONNX export failed at opset {opset} ({type(exc).__name__}: {first}); "
+                       "try another --opset, or KPC_DEBUG=1 for the traceback") from exc
+
+
+def _build_trt(model: nn.Module, onnx_path: Path, tmp: Path, samples: list[dict[str, np.ndarray]],
+               settings: ExportSettings, log: Log) -> dict[str, Any]:
+    """Build an engine for the batch profile and check it against PyTorch within fp16 tolerances."""
+    import tensorrt
+
+    import exporters
+    from exporters.device import gpu_name
+
+    max_batch = settings.max_batch or settings.batch
+    name = exporters.engine_filename(onnx_path, precision=settings.trt_precision, min_batch=settings.min_batch,
+                                     max_batch=max_batch, device_name=gpu_name(0),
+                                     trt_version=tensorrt.__version__)
+    log(f"building TensorRT engine {name} (batch {settings.min_batch}..{max_batch}, opt {settings.batch}, "
+        f"workspace {settings.workspace_mb} MiB)")
+    engine = exporters.build_engine(onnx_path, tmp / name,
+                                    input_shapes={k: v.shape for k, v in samples[0].items()},
+                                    precision=settings.trt_precision, min_batch=settings.min_batch,
+                                    opt_batch=settings.batch, max_batch=max_batch,
+                                    workspace_mb=settings.workspace_mb, timing_cache=settings.timing_cache)
+    log("checking TensorRT against PyTorch")
+    parity = _verify(model, engine, samples, settings, "trt", settings.trt_precision, log)
+    return {"file": name, "sha256": sha256_file(engine), "precision": settings.trt_precision,
+            "min_batch": settings.min_batch, "opt_batch": settings.batch, "max_batch": max_batch,
+            "workspace_mb": settings.workspace_mb, "device": gpu_name(0), "tensorrt": tensorrt.__version__,
+            "timing_cache": str(settings.timing_cache) if settings.timing_cache else None, "parity": parity}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - a kpc dependency
+        pass
+    return versions
