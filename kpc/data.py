@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from kpc.errors import KpcError
 
@@ -170,7 +170,8 @@ def _random_flip_and_crop(image: torch.Tensor, pad: int = 2) -> torch.Tensor:
     if torch.rand(()) < 0.5:
         image = image.flip(-1)
     height, width = image.shape[-2:]
-    padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")[0]
+    # numpy's reflect pad: torch's costs milliseconds per small image on CPU (thread-pool overhead)
+    padded = torch.from_numpy(np.pad(image.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="reflect"))
     top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
     return padded[:, top : top + height, left : left + width]
 
@@ -245,3 +246,116 @@ def calibration_batches(spec: DataSpec, input_size: tuple[int, int, int], *, bat
             yield batch[0], batch[1]
         else:
             yield batch[0], None
+
+
+# ---------------------------------------------------------------- training data
+
+NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def native_input_size(spec: DataSpec) -> tuple[int, int, int] | None:
+    """The size a dataset's images come in, so a model built for it needs no resizing (None: no single size)."""
+    return NATIVE_INPUT_SIZES.get(spec.kind)
+
+
+def dataset_num_classes(spec: DataSpec) -> int | None:
+    """How many classes a labelled data spec has, without decoding any image (None for synthetic)."""
+    if spec.kind in ("fashion-mnist", "cifar10"):
+        return 10
+    if spec.kind == "imagefolder":
+        assert spec.path is not None
+        train = _imagefolder_split_dir(spec.path, "train")
+        return sum(1 for entry in train.iterdir() if entry.is_dir())
+    return None
+
+
+def _imagefolder_split_dir(path: Path, split: str) -> Path:
+    """Training needs a held-out split: an imagefolder must have both train/ and val/ class folders."""
+    sub = path / ("train" if split == "train" else "val")
+    if not sub.is_dir():
+        raise KpcError(f"imagefolder {path} has no {sub.name}/ subfolder: training needs {path}/train/CLASS/*.jpg "
+                       f"and {path}/val/CLASS/*.jpg")
+    return sub
+
+
+class EpochSeeded(Dataset):
+    """Makes a dataset's random augmentation a function of (seed, epoch, index) only.
+
+    Why: a run resumed after a crash, a run split across DDP ranks and a single-process
+    run must see the very same augmented images, whichever process or worker draws them.
+    The CPU RNG is saved and restored around each item, so nothing else's randomness changes.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        mixed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)) % (2**63 - 1)
+        generator = torch.default_generator  # CPU only: seeding CUDA per item would cost more than the item
+        saved = generator.get_state()
+        generator.manual_seed(mixed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(saved)
+
+
+@dataclass
+class TrainingData:
+    """The two splits a training run needs, with what the artifact must record about them."""
+
+    train: EpochSeeded
+    val: Dataset
+    num_classes: int
+    normalization: Normalization
+    label: str
+
+
+def training_data(spec: DataSpec, input_size: tuple[int, int, int], *, subset: int | None = None,
+                  seed: int = 0) -> TrainingData:
+    """Train split (augmented) and val split (eval transforms) of a labelled data spec.
+
+    `subset` keeps the first N training images and the first N/5 validation images, so
+    tests and benchmarks can run in seconds on real data.
+    """
+    if spec.kind == "synthetic":
+        raise KpcError("training needs labelled data: use fashion-mnist[:PATH], cifar10:PATH or imagefolder:PATH")
+    if spec.kind == "imagefolder":
+        assert spec.path is not None
+        for split in ("train", "val"):
+            _imagefolder_split_dir(spec.path, split)
+    if subset is not None and subset < 1:
+        raise KpcError(f"--subset must be at least 1 (got {subset})")
+    train = load_dataset(spec, "train", input_size, augment=True, seed=seed)
+    val = load_dataset(spec, "val", input_size, augment=False, seed=seed)
+    num_classes = train.num_classes or dataset_num_classes(spec) or 0
+    if spec.kind == "imagefolder" and len(val.dataset.classes) != num_classes:  # type: ignore[attr-defined]
+        raise KpcError(f"imagefolder {spec.path}: train/ has {num_classes} classes but val/ has "
+                       f"{len(val.dataset.classes)}")  # type: ignore[attr-defined]
+    _check_labels(train.dataset, num_classes, spec)
+    train_set, val_set = train.dataset, val.dataset
+    if subset is not None:
+        train_set = Subset(train_set, range(min(subset, len(train_set))))  # type: ignore[arg-type]
+        val_set = Subset(val_set, range(min(max(1, subset // 5), len(val_set))))  # type: ignore[arg-type]
+    if len(train_set) == 0 or len(val_set) == 0:  # type: ignore[arg-type]
+        raise KpcError(f"data spec {spec.label()} has an empty train or val split")
+    return TrainingData(EpochSeeded(train_set, seed), val_set, num_classes, train.normalization, spec.label())
+
+
+def _check_labels(dataset: Dataset, num_classes: int, spec: DataSpec) -> None:
+    """In-memory datasets are checked up front: a label outside the classes would fail mid-epoch."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise KpcError(f"{spec.label()} has labels {low}..{high}, outside its {num_classes} classes: "
+                       "the dataset is corrupt")

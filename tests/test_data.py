@@ -43,3 +43,27 @@ def test_bad_data_specs(tmp_path):
         handle.write(b"\x00\x00\x08\x03\x00\x00\x00\x05")
     with pytest.raises(KpcError, match="not a readable IDX file"):
         read_idx(broken)
+
+
+@needs_fashion_mnist
+def test_training_data_subset_and_repeatable_augmentation():
+    from kpc.data import native_input_size, training_data
+
+    spec = parse_data_spec("fashion-mnist")
+    assert native_input_size(spec) == (1, 28, 28)
+    data = training_data(spec, (1, 28, 28), subset=500, seed=3)
+    assert len(data.train) == 500 and len(data.val) == 100 and data.num_classes == 10
+    first = data.train[7][0]
+    torch.rand(10)  # unrelated randomness must not change the augmented image
+    assert torch.equal(first, data.train[7][0])
+    data.train.set_epoch(1)
+    assert not torch.equal(first, data.train[7][0]) or not torch.equal(first, data.train[8][0])
+
+
+def test_global_batches_split_one_permutation_over_ranks():
+    from kpc.train.distributed import Context, GlobalBatches
+
+    whole = list(GlobalBatches(50, 8, Context(0, 1), shuffle=True, seed=1))
+    ranks = [list(GlobalBatches(50, 8, Context(r, 2), shuffle=True, seed=1)) for r in range(2)]
+    assert len(whole) == 6 and all(len(b) == 4 for b in ranks[0] + ranks[1])
+    assert [a + b for a, b in zip(ranks[0], ranks[1], strict=True)] == whole
