@@ -1,0 +1,126 @@
+"""Inner knowledge distillation: the parent teaches the pruned child stage by stage.
+
+Loss parts (combined in the loop): the inner loss is the mean over stages of the MSE
+between the child's stage output (through a learned 1x1 projection where the child is
+narrower) and the frozen parent's; the logit loss is KL(parent || child) at temperature T,
+scaled by T^2 so its gradient does not shrink as T grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kpc.artifact import LoadedModel
+from kpc.errors import KpcError
+from kpc.train.stages import find_stages, stage_channels
+
+
+def check_teacher(child: LoadedModel, teacher: LoadedModel) -> None:
+    """Refuse a teacher that is not the child's parent: same base architecture, and a prefix of its rounds.
+
+    Inner distillation compares features stage by stage, which only means something when
+    the teacher is the network the child was cut from (or an earlier round of it).
+    """
+    child_spec, teacher_spec = child.spec.to_json(), teacher.spec.to_json()
+    if child_spec != teacher_spec:
+        diffs = [f"{key} {teacher_spec.get(key)!r} vs {child_spec.get(key)!r}"
+                 for key in sorted(set(child_spec) | set(teacher_spec)) if child_spec.get(key) != teacher_spec.get(key)]
+        raise KpcError(f"teacher {teacher.source} is not the parent of {child.source}: their base models differ "
+                       f"({'; '.join(diffs)})")
+    rounds = len(teacher.rounds)
+    if [r.get("groups") for r in child.rounds[:rounds]] != [r.get("groups") for r in teacher.rounds]:
+        raise KpcError(f"teacher {teacher.source} is not the parent of {child.source}: its pruning rounds are not "
+                       "the ones the child was cut from")
+
+
+class Student(nn.Module):
+    """The child plus the child->parent projections, trained (and wrapped by DDP) as one module.
+
+    The projections live only here: the saved artifact is `student.model`, the plain child.
+    """
+
+    def __init__(self, model: nn.Module, projections: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.projections = nn.ModuleDict({_key(k): v for k, v in (projections or {}).items()})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def project(self, stage: str, features: torch.Tensor) -> torch.Tensor:
+        key = _key(stage)
+        return self.projections[key](features) if key in self.projections else features
+
+
+def _key(stage: str) -> str:
+    return stage.replace(".", "__")  # ModuleDict keys cannot contain dots
+
+
+def build_projections(child: nn.Module, parent: nn.Module,
+                      example: torch.Tensor) -> tuple[list[str], dict[str, nn.Module]]:
+    """The parent's stages and a 1x1 conv for every stage where the child's width differs."""
+    stages = find_stages(parent, example)
+    if not stages:
+        raise KpcError("inner distillation found no stages (no 4-D feature maps) in this model: "
+                       "use --ikd-weight 0 (logit distillation still works)")
+    missing = [s for s in stages if s not in dict(child.named_modules())]
+    if missing:
+        raise KpcError(f"the child has no module {missing[0]!r} that the teacher has: it is not the teacher's child")
+    parent_width = stage_channels(parent, example, stages)
+    child_width = stage_channels(child, example, stages)
+    projections: dict[str, nn.Module] = {}
+    for stage in stages:
+        if child_width[stage] != parent_width[stage]:
+            projections[stage] = nn.Conv2d(child_width[stage], parent_width[stage], 1, bias=False)
+    return stages, projections
+
+
+class FeatureTap:
+    """Forward hooks that keep the latest output of each named stage."""
+
+    def __init__(self, model: nn.Module, stages: list[str]) -> None:
+        modules = dict(model.named_modules())
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = [modules[name].register_forward_hook(self._keeper(name)) for name in stages]
+
+    def _keeper(self, name: str):
+        def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            self.features[name] = output
+        return keep
+
+    def take(self) -> dict[str, torch.Tensor]:
+        features, self.features = self.features, {}
+        return features
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def tapped(model: nn.Module, stages: list[str]) -> Iterator[FeatureTap]:
+    tap = FeatureTap(model, stages)
+    try:
+        yield tap
+    finally:
+        tap.close()
+
+
+def inner_loss(student: Student, child_features: dict[str, torch.Tensor],
+               parent_features: dict[str, torch.Tensor], stages: list[str]) -> torch.Tensor:
+    """Mean over stages of the MSE between the (projected) child features and the parent's."""
+    losses = [F.mse_loss(student.project(s, child_features[s]).float(), parent_features[s].float()) for s in stages]
+    return torch.stack(losses).mean()
+
+
+def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss: KL(teacher || student) at temperature T, times T^2."""
+    t = float(temperature)
+    log_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)

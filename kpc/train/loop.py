@@ -1,0 +1,412 @@
+"""The trainer behind `kpc train` and `kpc distill`: one loop, with or without a teacher.
+
+A run is a pure function of its settings: the data order and augmentation depend only on
+(seed, epoch, index), the learning rate only on the global step, and BatchNorm sees the
+global batch. That is what lets a resumed run, a DDP run and a single-process run agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kpc.artifact import LoadedModel, base_plan, save_artifact
+from kpc.data import DataSpec, TrainingData, training_data
+from kpc.errors import KpcError
+from kpc.train import checkpoint as ckpt
+from kpc.train.distill import Student, build_projections, check_teacher, inner_loss, logit_kd, tapped
+from kpc.train.distributed import (
+    Context,
+    GlobalBatches,
+    all_sum,
+    barrier,
+    broadcast_flag,
+    globalize_batchnorm,
+    localize_batchnorm,
+    setup,
+    teardown,
+)
+from kpc.train.optim import OPTIMIZERS, build_optimizer, lr_at, set_lr
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a run (the resume check compares these, minus `RUNTIME_ONLY`)."""
+
+    data: DataSpec
+    epochs: int = 10
+    batch_size: int = 128  # global: split over DDP processes
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    subset: int | None = None  # first N train images, first N/5 val images
+    ikd_weight: float = 0.0
+    kd_weight: float = 0.0
+    temperature: float = 4.0
+    keep: str = "last"  # which weights the artifact gets: "last" or "best" (on the val split)
+    amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU
+    device: str = "auto"
+    workers: int | None = None  # None: 2 for imagefolder, 0 for in-memory arrays
+
+    RUNTIME_ONLY = ("workers", "device")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["data"] = self.data.label()
+        return data
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_json().items() if k not in self.RUNTIME_ONLY}
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise KpcError(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            raise KpcError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.lr <= 0:
+            raise KpcError(f"--lr must be positive (got {self.lr})")
+        if self.optimizer not in OPTIMIZERS:
+            raise KpcError(f"unknown optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
+        if self.amp not in AMP_MODES:
+            raise KpcError(f"unknown --amp {self.amp!r}: use {', '.join(AMP_MODES)}")
+        if self.keep not in ("last", "best"):
+            raise KpcError(f"unknown --keep {self.keep!r}: use last or best")
+        if self.temperature <= 0:
+            raise KpcError(f"--temperature must be positive (got {self.temperature})")
+        if min(self.ikd_weight, self.kd_weight, self.warmup_epochs, self.label_smoothing) < 0:
+            raise KpcError("--ikd-weight, --kd-weight, --warmup-epochs and --label-smoothing cannot be negative")
+
+
+class Reporter(Protocol):
+    """What the loop tells a progress display (called on rank 0 only)."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float, accuracy: float, images_per_s: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    plan: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out: Path | None = None
+
+
+def model_outputs(model: nn.Module, example: torch.Tensor) -> int:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model(example).shape[-1])
+    finally:
+        model.train(was_training)
+
+
+def _autocast(settings: TrainSettings, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether fp16 gradient scaling is needed)."""
+    mode = settings.amp
+    if device.type != "cuda":
+        if mode == "fp16":
+            raise KpcError("--amp fp16 needs CUDA; on CPU only --amp bf16 is available")
+        return (torch.bfloat16, False) if mode == "bf16" else (None, False)
+    if mode == "off":
+        return None, False
+    if mode == "fp16" or (mode == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+class _Run:
+    """State of one fit() call; methods are the loop's steps."""
+
+    def __init__(self, loaded: LoadedModel, settings: TrainSettings, out: Path, teacher: LoadedModel | None,
+                 context: Context, reporter: Reporter | None, log: Callable[[str], None]) -> None:
+        self.loaded, self.settings, self.out, self.teacher = loaded, settings, Path(out), teacher
+        self.context, self.reporter, self.log = context, reporter, log
+        self.work = ckpt.work_dir_for(self.out)
+        self.device = context.device
+        self.dtype, scaled = _autocast(settings, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if scaled else None
+        self.data = self._open_data()
+        self.stages: list[str] = []
+        self.student = self._build_student()
+        self.optimizer = build_optimizer(self.student, settings.optimizer, settings.lr, settings.weight_decay)
+        self.wrapped: nn.Module = self.student
+        if context.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.start_epoch = 0
+
+    # ------------------------------------------------------------ set-up
+    def _open_data(self) -> TrainingData:
+        s = self.settings
+        data = training_data(s.data, self.loaded.spec.input_size, subset=s.subset, seed=s.seed)
+        outputs = model_outputs(self.loaded.model, self.loaded.example_input())
+        if outputs != data.num_classes:
+            raise KpcError(f"the model has {outputs} outputs but {data.label} has {data.num_classes} classes: "
+                           f"build it with --num-classes {data.num_classes}")
+        if len(data.train) < s.batch_size:
+            raise KpcError(f"the training split has {len(data.train)} images, fewer than --batch-size "
+                           f"{s.batch_size}: lower --batch-size or raise --subset")
+        return data
+
+    def _build_student(self) -> Student:
+        s = self.settings
+        model = self.loaded.model
+        projections: dict[str, nn.Module] = {}
+        if self.teacher is not None:
+            check_teacher(self.loaded, self.teacher)
+            if s.ikd_weight > 0:
+                torch.manual_seed(s.seed)  # projection init: the same on every rank and every resume
+                self.stages, projections = build_projections(model, self.teacher.model, self.loaded.example_input())
+            self.teacher.model.to(self.device).eval().requires_grad_(False)
+        elif s.ikd_weight > 0 or s.kd_weight > 0:
+            raise KpcError("--ikd-weight and --kd-weight need a --teacher")
+        student = Student(model.requires_grad_(True), projections).to(self.device)  # it may have been a teacher
+        globalize_batchnorm(student, self.context)
+        if self.device.type == "cuda":
+            student = student.to(memory_format=torch.channels_last)
+        return student.train()
+
+    def _loader(self, dataset: Any, *, train: bool) -> tuple[DataLoader, GlobalBatches]:
+        s = self.settings
+        workers = s.workers if s.workers is not None else (2 if s.data.kind == "imagefolder" else 0)
+        sampler = GlobalBatches(len(dataset), s.batch_size, self.context, shuffle=train, seed=s.seed,
+                                drop_last=train)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                            pin_memory=self.device.type == "cuda")
+        return loader, sampler
+
+    def prepare_work_dir(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0 checks the working directory; every rank then loads the same checkpoint."""
+        exists = broadcast_flag(self.context, self.context.is_main and ckpt.has_checkpoint(self.work))
+        if exists and not resume:
+            if not overwrite:
+                raise KpcError(f"{self.work} holds an unfinished run: pass --resume to continue it or --overwrite "
+                               "to start over")
+            barrier(self.context)
+            if self.context.is_main:
+                shutil.rmtree(self.work, ignore_errors=True)
+            exists = False
+        if exists:
+            record = ckpt.load_checkpoint(self.work, self.student, self.optimizer)
+            if record.get("settings") != self.settings.fingerprint():
+                changed = sorted(k for k, v in self.settings.fingerprint().items()
+                                 if record.get("settings", {}).get(k) != v)
+                raise KpcError(f"the checkpoint in {self.work} was written with other settings "
+                               f"({', '.join(changed)}): rerun with the same options or --overwrite")
+            self.start_epoch = int(record["epoch"])
+            self.history = list(record.get("history", []))
+            self.best = dict(record.get("best", {}))
+            if self.scaler is not None and record.get("scaler"):
+                self.scaler.load_state_dict(record["scaler"])
+            if self.context.is_main:
+                ckpt.rewrite_metrics(self.work, self.history)
+                self.log(f"resuming {self.out} from {self.work} after epoch {self.start_epoch}")
+        elif self.context.is_main:
+            self.work.mkdir(parents=True, exist_ok=True)
+            (self.work / "metrics.jsonl").unlink(missing_ok=True)
+        barrier(self.context)
+
+    # ------------------------------------------------------------ steps
+    def _cast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def _losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                            torch.Tensor]:
+        s = self.settings
+        parts: dict[str, torch.Tensor] = {}
+        teacher_logits = None
+        teacher_features: dict[str, torch.Tensor] = {}
+        if self.teacher is not None:
+            with torch.no_grad(), self._cast(), tapped(self.teacher.model, self.stages) as tap:
+                teacher_logits = self.teacher.model(images)
+                teacher_features = tap.take()
+        with self._cast(), tapped(self.student.model, self.stages) as tap:
+            logits = self.wrapped(images)
+            child_features = tap.take()
+        parts["ce"] = F.cross_entropy(logits.float(), labels, label_smoothing=s.label_smoothing)
+        total = parts["ce"]
+        if self.stages:
+            parts["ikd"] = inner_loss(self.student, child_features, teacher_features, self.stages)
+            total = total + s.ikd_weight * parts["ikd"]
+        if teacher_logits is not None and s.kd_weight > 0:
+            parts["kd"] = logit_kd(logits, teacher_logits, s.temperature)
+            total = total + s.kd_weight * parts["kd"]
+        return total, parts, logits
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        s = self.settings
+        self.data.train.set_epoch(epoch)
+        loader, sampler = self._loader(self.data.train, train=True)
+        sampler.set_epoch(epoch)
+        steps = len(sampler)
+        total_steps = steps * s.epochs
+        warmup = round(s.warmup_epochs * steps)
+        self.student.train()
+        if self.reporter is not None and self.context.is_main:
+            self.reporter.epoch_start(epoch, s.epochs, steps)
+        sums = {"loss": 0.0, "ce": 0.0, "ikd": 0.0, "kd": 0.0}
+        correct = seen = 0
+        lr = s.lr
+        started = time.perf_counter()
+        for index, (images, labels) in enumerate(loader):
+            lr = lr_at(epoch * steps + index, base=s.lr, total=total_steps, warmup=warmup)
+            set_lr(self.optimizer, lr)
+            images, labels = self._to_device(images, labels)
+            total, parts, logits = self._losses(images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(total).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                total.backward()
+                self.optimizer.step()
+            if not torch.isfinite(total):
+                raise KpcError(f"the loss became {float(total)} in epoch {epoch + 1}: lower --lr")
+            loss_value = float(total.detach())
+            sums["loss"] += loss_value * len(labels)
+            for key, value in parts.items():
+                sums[key] += float(value.detach()) * len(labels)
+            batch_correct = int((logits.argmax(1) == labels).sum())
+            correct += batch_correct
+            seen += len(labels)
+            if self.reporter is not None and self.context.is_main:
+                rate = seen * self.context.world / max(1e-9, time.perf_counter() - started)
+                self.reporter.step(loss_value, batch_correct / len(labels), rate)
+        elapsed = time.perf_counter() - started
+        keys = list(sums)
+        reduced = all_sum(self.context, [sums[k] for k in keys] + [correct, seen])
+        count = max(1.0, reduced[-1])
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+        shown = {"loss", "ce"} | ({"ikd"} if self.stages else set())
+        shown |= {"kd"} if self.teacher is not None and s.kd_weight > 0 else set()
+        row.update({f"train_{k}": reduced[i] / count for i, k in enumerate(keys) if k in shown})
+        row["train_acc"] = reduced[-2] / count
+        row["images_per_s"] = reduced[-1] / max(1e-9, elapsed)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Val loss and top-1 accuracy (and, when distilling, the inner loss with both nets in eval mode)."""
+        loader, _ = self._loader(self.data.val, train=False)
+        self.student.eval()
+        loss = correct = seen = inner = 0.0
+        for images, labels in loader:
+            images, labels = self._to_device(images, labels)
+            with self._cast(), tapped(self.student.model, self.stages) as tap:
+                logits = self.student(images)
+                child_features = tap.take()
+            if self.stages:
+                assert self.teacher is not None
+                with self._cast(), tapped(self.teacher.model, self.stages) as tap:
+                    self.teacher.model(images)
+                    inner += float(inner_loss(self.student, child_features, tap.take(), self.stages)) * len(labels)
+            loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        self.student.train()
+        loss, correct, seen, inner = all_sum(self.context, [loss, correct, seen, inner])
+        result = {"val_loss": loss / max(1.0, seen), "val_acc": correct / max(1.0, seen)}
+        if self.stages:
+            result["val_ikd"] = inner / max(1.0, seen)
+        return result
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        row.update(self.evaluate())
+        self.history.append(row)
+        improved = not self.best or row["val_acc"] > self.best["val_acc"]
+        if improved:
+            self.best = {"epoch": row["epoch"], "val_acc": row["val_acc"]}
+        if self.context.is_main:
+            if improved:
+                ckpt.save_best(self.work, self.student.model)
+            ckpt.append_metrics(self.work, row)
+            state = {"settings": self.settings.fingerprint(), "history": self.history, "best": self.best,
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+            ckpt.save_checkpoint(self.work, epoch + 1, self.student, self.optimizer, state)
+            if self.reporter is not None:
+                self.reporter.epoch_end(row)
+        barrier(self.context)
+
+    # ------------------------------------------------------------ result
+    def result(self, kind: str, overwrite: bool) -> FitResult:
+        s = self.settings
+        model = localize_batchnorm(self.student.model).to("cpu").eval()
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.contiguous_format)
+        if s.keep == "best" and (self.work / "best.safetensors").is_file():
+            from safetensors.torch import load_model
+
+            model = copy.deepcopy(model)
+            load_model(model, str(self.work / "best.safetensors"), strict=True)
+        plan = base_plan(self.loaded, kind)
+        plan["normalization"] = self.data.normalization.to_json()
+        plan["data"] = self.data.label
+        last = self.history[-1] if self.history else {}
+        plan["metrics"] = {"epochs": len(self.history), "best_val_acc": self.best.get("val_acc"),
+                           "best_epoch": self.best.get("epoch"), "last_val_acc": last.get("val_acc"),
+                           "last_val_loss": last.get("val_loss"), "kept": s.keep}
+        plan["training"] = {**s.to_json(), "world_size": self.context.world, "device": self.device.type,
+                            "autocast": str(self.dtype).replace("torch.", "") if self.dtype else None}
+        if self.teacher is not None:
+            plan["teacher"] = {"source": self.teacher.source, "stages": self.stages,
+                               "weights_sha256": (self.teacher.plan or {}).get("weights", {}).get("sha256")}
+        plan["history"] = self.history
+        if self.context.is_main:
+            save_artifact(self.out, model, plan, overwrite=overwrite)
+            ckpt.finish(self.work)
+        barrier(self.context)
+        return FitResult(model, plan, self.history, self.out)
+
+
+def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teacher: LoadedModel | None = None,
+        resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train `loaded` (under `teacher` when given) and write the artifact to `out`.
+
+    Runs in one process, or under torchrun (WORLD_SIZE > 1) with DDP; only rank 0 writes.
+    """
+    settings.check()
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise KpcError(f"output directory {out} already exists and is not empty: remove it or pass --overwrite")
+    context = setup(settings.device)
+    try:
+        run = _Run(loaded, settings, out, teacher, context, reporter, log)
+        run.prepare_work_dir(resume, overwrite)
+        for epoch in range(run.start_epoch, settings.epochs):
+            run.end_epoch(epoch, run.train_epoch(epoch))
+        return run.result("distilled" if teacher is not None else "trained", overwrite)
+    finally:
+        teardown(context)

@@ -1,0 +1,129 @@
+"""Inner distillation: stage discovery, the inner loss, teacher checks, and DDP == one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import kpc
+from kpc.artifact import base_plan, open_model, save_artifact
+from kpc.cli import app
+from kpc.data import parse_data_spec
+from kpc.prune import Budget, PruneSettings, prune
+from kpc.train import TrainSettings, fit
+from kpc.train.distill import Student, build_projections, inner_loss, tapped
+from kpc.train.stages import find_stages
+
+from .conftest import needs_fashion_mnist
+from .test_train import _one_line_exit_2, write_tiny
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("spec", "size", "expected"),
+    [
+        ("torchvision:resnet18", (1, 28, 28), ["layer1", "layer2", "layer3", "layer4"]),
+        ("timm:resnet18", (3, 64, 64), ["layer1", "layer2", "layer3", "layer4"]),
+        ("torchvision:mobilenet_v3_large", (3, 64, 64),
+         ["features.1", "features.3", "features.6", "features.12", "features.16"]),
+        ("timm:efficientnet_b0", (3, 64, 64), [f"blocks.{i}" for i in range(7)]),
+    ],
+)
+def test_stage_rule(spec, size, expected):
+    model = open_model(spec, input_size=size).model
+    assert find_stages(model, torch.randn(1, *size)) == expected
+
+
+def test_inner_loss_is_exactly_zero_for_the_unpruned_parent():
+    parent = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28)).model.eval()
+    child = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28)).model.eval()
+    child.load_state_dict(parent.state_dict())
+    images = torch.randn(4, 1, 28, 28)
+    stages, projections = build_projections(child, parent, images[:1])
+    assert stages == ["layer1", "layer2", "layer3", "layer4"] and projections == {}
+    student = Student(child, projections)
+    with torch.no_grad(), tapped(parent, stages) as tp, tapped(child, stages) as tc:
+        parent(images)
+        child(images)
+        loss = inner_loss(student, tc.take(), tp.take(), stages)
+    assert float(loss) == 0.0
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A teacher trained by kpc on a Fashion-MNIST subset and its child pruned to half the FLOPs."""
+    root = tmp_path_factory.mktemp("family")
+    torch.manual_seed(0)
+    teacher = open_model(write_tiny(root), num_classes=10, input_size=(1, 28, 28))
+    settings = TrainSettings(parse_data_spec("fashion-mnist"), epochs=1, batch_size=64, lr=0.1, warmup_epochs=0,
+                             subset=2048)
+    fit(teacher, settings, root / "teacher", log=lambda _: None)
+    parent = open_model(str(root / "teacher"))
+    result = prune(parent, Budget(ratio=0.5), PruneSettings(parse_data_spec("fashion-mnist"), calib_batches=2),
+                   log=lambda _: None)
+    plan = base_plan(parent, "pruned")
+    plan["rounds"] = [*plan["rounds"], result.round]
+    save_artifact(root / "child", result.model, plan)
+    return {"root": root, "teacher": root / "teacher", "child": root / "child"}
+
+
+
+@needs_fashion_mnist
+def test_distill_lowers_inner_loss_and_saves_the_plain_child(family, tmp_path):
+    out = tmp_path / "ikd"
+    result = runner.invoke(app, ["distill", str(family["child"]), "--teacher", str(family["teacher"]),
+                                 "--data", "fashion-mnist", "--subset", "1024", "--epochs", "3", "--batch-size", "64",
+                                 "--lr", "0.02", "--ikd-weight", "1", "--kd-weight", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "distilled" and plan["teacher"]["stages"] == ["layer1", "layer2", "layer3"]
+    history = plan["history"]
+    assert {"train_ce", "train_ikd", "train_kd", "val_ikd"} <= set(history[0])
+    assert history[-1]["val_ikd"] < history[0]["val_ikd"], [h["val_ikd"] for h in history]
+    assert history[-1]["train_ikd"] < history[0]["train_ikd"]
+    child = kpc.load(family["child"])
+    distilled = kpc.load(out)  # the plain pruned child: no projection weights, the child's own shapes
+    shapes = {k: v.shape for k, v in child.state_dict().items()}
+    assert {k: v.shape for k, v in distilled.state_dict().items()} == shapes
+    assert plan["rounds"] == json.loads((family["child"] / "plan.json").read_text())["rounds"]
+
+
+@needs_fashion_mnist
+def test_a_teacher_that_is_not_the_parent_is_refused(family, tmp_path):
+    other = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28))
+    save_artifact(tmp_path / "stranger", other.model, base_plan(other, "trained"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["distill", str(family["child"]), "--teacher", str(tmp_path / "stranger"),
+                                 "--subset", "128", "--batch-size", "32", "--out", str(out)])
+    _one_line_exit_2(result, out, "is not the parent of")
+
+
+@needs_fashion_mnist
+def test_torchrun_two_processes_match_one_process(family, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        torchrun = Path(shutil.which("torchrun") or "torchrun")
+    common = ["distill", str(family["child"]), "--teacher", str(family["teacher"]), "--data", "fashion-mnist",
+              "--subset", "512", "--epochs", "2", "--batch-size", "32", "--lr", "0.02", "--kd-weight", "1"]
+    single = runner.invoke(app, [*common, "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "kpc", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = kpc.load(tmp_path / "one").state_dict(), kpc.load(tmp_path / "two").state_dict()
+    worst = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
+    assert worst < 1e-4, worst
+    plan_one = json.loads((tmp_path / "one" / "plan.json").read_text())
+    plan_two = json.loads((tmp_path / "two" / "plan.json").read_text())
+    assert plan_two["training"]["world_size"] == 2
+    assert abs(plan_one["metrics"]["last_val_loss"] - plan_two["metrics"]["last_val_loss"]) < 1e-4
