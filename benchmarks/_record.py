@@ -24,20 +24,10 @@ HEADER = ("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newe
           "Each section says how it was measured.\n")
 
 
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def machine() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    from exporters.device import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

@@ -23,6 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc.groups import ChannelGroup
+from kpc.tracing import forward_with_hooks
 
 
 class CostModel(Protocol):
@@ -155,14 +156,7 @@ class FlopsModel:
             alive.extend((first, output))
             trace.append((module, first.data_ptr(), output.data_ptr(), int(output.shape[1])))
 
-        leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.no_grad():
-                model(example)
-        finally:
-            for handle in handles:
-                handle.remove()
+        forward_with_hooks(model, example, [m for m in model.modules() if not any(True for _ in m.children())], hook)
         alive.clear()
         side_of: dict[int, Side] = {}
         added = 0.0

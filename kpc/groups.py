@@ -21,6 +21,7 @@ from torch import nn
 from torch_pruning.dependency import index_mapping as _index_mapping
 
 from kpc.errors import KpcError
+from kpc.tracing import forward_with_hooks
 
 GRAPH_TIME_LIMIT_S = 60
 UNMAPPABLE = "kpc_unmappable"  # graph attribute: nodes whose channel index mapping failed
@@ -113,13 +114,8 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> set[str]:
         if isinstance(output, torch.Tensor) and isinstance(module, (nn.Conv2d, nn.Linear)):
             order.append((names[module], output))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            output = model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    output = forward_with_hooks(model, example, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
+                                hook)
     found = {name for name, tensor in order if tensor is output or (tensor.shape == output.shape and
              tensor.data_ptr() == output.data_ptr())}
     if not found and order:

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from kpc.costs import Side, is_depthwise
+from kpc.tracing import forward_with_hooks
 
 OPSET = 17
 
@@ -74,14 +75,7 @@ def collect_layers(model: nn.Module, example: torch.Tensor, sides: dict[nn.Modul
         if module not in seen and isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
             seen[module] = (tuple(inputs[0].shape), tuple(output.shape))
 
-    modules = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, example, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))], hook)
     names = {m: n for n, m in model.named_modules()}
     layers = []
     for module, (in_shape, out_shape) in seen.items():
