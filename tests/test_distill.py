@@ -22,8 +22,8 @@ from kpc.train import TrainSettings, fit
 from kpc.train.distill import Student, build_projections, inner_loss, tapped
 from kpc.train.stages import find_stages
 
-from .conftest import needs_fashion_mnist
-from .test_train import _one_line_exit_2, write_tiny
+from .conftest import needs_fashion_mnist, write_tiny
+from .test_train import _one_line_exit_2
 
 runner = CliRunner()
 

@@ -1,0 +1,118 @@
+"""`kpc run RECIPE`, `kpc demo` and `kpc report DIR`: the whole path from model to verified deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kpc.cli._common import handle_errors, log, out_console
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_command)
+    app.command("demo")(demo_command)
+    app.command("report")(report_command)
+
+
+def _execute(recipe_path: Path, out: Path, start_from: str | None, dry_run: bool) -> None:
+    from kpc.errors import VerificationFailed
+    from kpc.pipeline import Pipeline
+    from kpc.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    pipeline = Pipeline(recipe, out, log=log)
+    statuses = pipeline.status(start_from)
+    if dry_run:
+        table = Table(title=f"kpc run {recipe_path} -> {out}")
+        for column in ("stage", "action", "why"):
+            table.add_column(column)
+        for status in statuses:
+            table.add_row(status.name, status.action, status.reason)
+        out_console.print(table)
+        return
+    try:
+        report = pipeline.run(start_from)
+    except VerificationFailed:
+        _summary(out)
+        raise
+    _summary(out)
+    del report
+
+
+def _summary(out: Path) -> None:
+    import json
+
+    path = out / "report.json"
+    if not path.is_file():
+        return
+    report = json.loads(path.read_text())
+    lat, acc, speedup, gate = report["latency"], report["accuracy"], report.get("speedup"), report["gate"]
+    table = Table(title=f"kpc: {report['model']} on {report['target']['runtime']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("budget", str(report["budget"]["resolved"]))
+    table.add_row("predicted / measured at prune", f"{lat['predicted']:.3f} / {lat['measured_at_prune']:.3f} "
+                  f"{lat['unit']}")
+    if speedup:
+        table.add_row("measured speedup (95% CI)", f"{speedup['ratio']:.2f}x ({speedup['ci_low']:.2f}-"
+                      f"{speedup['ci_high']:.2f})")
+    for name in ("teacher", "pruned", "final"):
+        if acc.get(name) is not None:
+            table.add_row(f"top-1 {name}", f"{acc[name]:.2f}%")
+    verdict = {True: "PASSED", False: "FAILED", None: "no gate"}[gate["passed"]]
+    table.add_row("verification", verdict)
+    out_console.print(table)
+    out_console.print(f"report: {out / 'report.md'}")
+
+
+@handle_errors
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see README: recipe format).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: the recipe's name).")]
+    = None,
+    start_from: Annotated[str | None, typer.Option("--from", help="Redo this stage and every stage after it: "
+                                                   "train, profile, prune, distill, export, verify.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and stop.")] = False,
+) -> None:
+    """Run a recipe: train? -> profile -> prune -> distill -> export -> verify, skipping stages that are done."""
+    _execute(recipe, out or Path(recipe.stem), start_from, dry_run)
+
+
+@handle_errors
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("kpc-demo"),
+    data: Annotated[str | None, typer.Option("--data", help="Fashion-MNIST directory (default: the Debian "
+                                             "package's).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+) -> None:
+    """The embedded default: train, profile, prune to half the latency, distill, export and verify on Fashion-MNIST."""
+    import yaml
+
+    from kpc.data import parse_data_spec
+    from kpc.recipe import demo_recipe_path
+
+    spec = f"fashion-mnist:{data}" if data else "fashion-mnist"
+    parse_data_spec(spec)  # a missing dataset fails here, with the install command
+    recipe_path = demo_recipe_path()
+    if data:
+        values = yaml.safe_load(recipe_path.read_text())
+        values["data"] = spec
+        out.mkdir(parents=True, exist_ok=True)
+        recipe_path = out / "demo.yaml"
+        recipe_path.write_text(yaml.safe_dump(values, sort_keys=False))
+    log(f"kpc demo: recipe {recipe_path}, writing {out}/")
+    _execute(recipe_path, out, None, dry_run)
+
+
+@handle_errors
+def report_command(
+    run: Annotated[Path, typer.Argument(help="A run directory written by kpc run or kpc demo.")],
+) -> None:
+    """Render report.md and its plots again from the run's report.json."""
+    from kpc.report import rerender
+
+    log(f"wrote {rerender(run)}")
+    _summary(run)

@@ -1,0 +1,296 @@
+"""`kpc run`: profile -> prune -> distill -> export -> verify, as stages that skip when nothing changed.
+
+Each stage writes into its own directory under the run directory; its outputs are
+written atomically by their writers and `stage.json` (the record of the stage's
+inputs and outputs) is written last. A stage counts as done only when that record
+exists and its inputs fingerprint (the recipe section plus the digests of the
+upstream outputs) matches: an interrupted stage is redone, never half-used, and a
+stage whose inputs did not change is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kpc.artifact import LoadedModel, open_model, read_plan, sha256_file
+from kpc.atomic import write_text_atomic
+from kpc.data import parse_data_spec
+from kpc.errors import KpcError, VerificationFailed
+from kpc.recipe import Recipe
+
+STAGES = ("train", "profile", "prune", "distill", "export", "verify")
+RECORD = "stage.json"
+PENDING = "pending.json"
+Log = Callable[[str], None]
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _artifact_digest(path: Path) -> str:
+    return str(read_plan(path)["weights"]["sha256"])
+
+
+@dataclass
+class StageStatus:
+    name: str
+    action: str  # "run", "skip" (up to date), "absent" (not in the recipe)
+    reason: str
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, out: Path, *, log: Log = print) -> None:
+        self.recipe = recipe
+        self.out = Path(out)
+        self.log = log
+        self.data = parse_data_spec(recipe["data"])
+
+    # ------------------------------------------------------------ layout
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def active(self, stage: str) -> bool:
+        if stage == "train":
+            return self.recipe.section("train") is not None
+        if stage == "profile":
+            return self.recipe.needs_profile
+        if stage == "distill":
+            return self.recipe.section("distill") is not None
+        return True
+
+    def teacher_path(self) -> str:
+        return str(self.stage_dir("train") / "artifact") if self.active("train") else self.recipe["model"]
+
+    def lut_path(self) -> Path | None:
+        if self.active("profile"):
+            return self.stage_dir("profile") / "lut.json"
+        return Path(self.recipe["lut"]) if self.recipe["lut"] else None
+
+    def child_path(self) -> Path:
+        return self.stage_dir("prune") / "artifact"
+
+    def final_path(self) -> Path:
+        return self.stage_dir("distill") / "artifact" if self.active("distill") else self.child_path()
+
+    def open_teacher(self) -> LoadedModel:
+        text = self.teacher_path()
+        if self.active("train"):
+            return open_model(text)
+        from kpc.specs import parse_input_size
+
+        return open_model(text, weights=self.recipe["weights"], num_classes=self.recipe["num_classes"],
+                          input_size=parse_input_size(self.recipe["input_size"]))
+
+    # ------------------------------------------------------------ fingerprints
+
+    def inputs(self, stage: str) -> dict[str, Any]:
+        r = self.recipe
+        upstream: dict[str, str] = {}
+        if stage != "train":
+            upstream["teacher"] = (_artifact_digest(Path(self.teacher_path())) if self.active("train")
+                                   else _digest([r["model"], r["weights"], r["num_classes"], r["input_size"]]))
+        lut = self.lut_path()
+        if stage in ("prune", "distill", "export", "verify") and lut is not None and r.budget_kind in ("ms",
+                                                                                                     "latency_ratio"):
+            upstream["lut"] = sha256_file(lut)
+        if stage in ("distill", "export", "verify"):
+            upstream["child"] = _artifact_digest(self.child_path())
+        if stage in ("export", "verify"):
+            upstream["final"] = _artifact_digest(self.final_path())
+        config: dict[str, Any] = {"data": r["data"], "seed": r["seed"]}
+        config.update({
+            "train": {"model": [r["model"], r["weights"], r["num_classes"], r["input_size"]], **(r["train"] or {})},
+            "profile": {**r["profile"], "target": r["target"], "prune": r["prune"]},
+            "prune": {**r["prune"], "budget": r["budget"], "target": r["target"]},
+            "distill": r["distill"] or {},
+            "export": {**r["export"], "batch": r["target"]["batch"]},
+            "verify": {**r["verify"], "target": r["target"]},
+        }[stage])
+        return {"stage": stage, "config": config, "upstream": upstream}
+
+    def record(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / RECORD
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def status(self, start_from: str | None = None) -> list[StageStatus]:
+        """What a run would do, stage by stage (upstream stages that would run make the rest run too)."""
+        if start_from is not None and start_from not in STAGES:
+            raise KpcError(f"unknown stage {start_from!r}: use one of {', '.join(STAGES)}")
+        forced = False
+        statuses = []
+        for stage in STAGES:
+            forced = forced or stage == start_from
+            if not self.active(stage):
+                statuses.append(StageStatus(stage, "absent", "not in the recipe"))
+                continue
+            if forced:
+                statuses.append(StageStatus(stage, "run", f"--from {start_from}"))
+                continue
+            if any(s.action == "run" for s in statuses):
+                statuses.append(StageStatus(stage, "run", "an upstream stage runs"))
+                continue
+            record = self.record(stage)
+            if record is None:
+                statuses.append(StageStatus(stage, "run", "no finished output"))
+            elif record.get("inputs_hash") != _digest(self.inputs(stage)):
+                statuses.append(StageStatus(stage, "run", "its inputs changed"))
+            else:
+                statuses.append(StageStatus(stage, "skip", "up to date"))
+        return statuses
+
+    # ------------------------------------------------------------ running
+
+    def run(self, start_from: str | None = None) -> dict[str, Any]:
+        """Run every stage that is not up to date, then write the report; raise on a failed gate."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        statuses = self.status(start_from)
+        for status in statuses:
+            if status.action == "absent":
+                continue
+            if status.action == "skip":
+                self.log(f"[{status.name}] up to date, skipped")
+                continue
+            self.log(f"[{status.name}] running ({status.reason})")
+            directory = self.stage_dir(status.name)
+            self._prepare(directory, _digest(self.inputs(status.name)))
+            started = _dt.datetime.now(_dt.UTC)
+            outputs = getattr(self, f"_run_{status.name}")(directory)
+            record = {"stage": status.name, "inputs": self.inputs(status.name),
+                      "inputs_hash": _digest(self.inputs(status.name)), "outputs": outputs,
+                      "started": started.isoformat(timespec="seconds"),
+                      "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+            write_text_atomic(directory / RECORD, json.dumps(record, indent=1, default=str) + "\n")
+            (directory / PENDING).unlink(missing_ok=True)
+        from kpc.report import build_report, write_report
+
+        report = build_report(self, {s.name: s.action for s in statuses})
+        write_report(self.out, report)
+        gate = report["gate"]
+        if gate["passed"] is False:
+            raise VerificationFailed(f"verification failed: {'; '.join(gate['failures'])} (report: "
+                                     f"{self.out / 'report.md'})")
+        return report
+
+    def _prepare(self, directory: Path, inputs_hash: str) -> None:
+        """Empty the stage directory; keep training checkpoints only if they were made for the same inputs.
+
+        `pending.json` marks a stage that started; an interrupted training stage with unchanged
+        inputs resumes from its last checkpoint, anything else starts over.
+        """
+        pending = directory / PENDING
+        resumable = pending.is_file() and pending.read_text().strip() == inputs_hash
+        if directory.exists():
+            for child in directory.iterdir():
+                if resumable and child.is_dir() and child.name.endswith(".work"):
+                    continue
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(pending, inputs_hash + "\n")
+
+    def _fit(self, directory: Path, loaded: LoadedModel, section: dict[str, Any], teacher: LoadedModel | None) -> dict:
+        from kpc.train.loop import TrainSettings, fit
+
+        settings = TrainSettings(data=self.data, seed=self.recipe["seed"],
+                                 **{k: v for k, v in section.items() if v is not None})
+        result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True,
+                     log=self.log)
+        metrics = result.plan.get("metrics", {})
+        return {"artifact": str(directory / "artifact"), "metrics": metrics}
+
+    def _run_train(self, directory: Path) -> dict[str, Any]:
+        from kpc.data import dataset_num_classes, native_input_size
+        from kpc.specs import parse_input_size
+
+        r = self.recipe
+        size = parse_input_size(r["input_size"]) or native_input_size(self.data)
+        classes = r["num_classes"] if r["num_classes"] is not None else dataset_num_classes(self.data)
+        loaded = open_model(r["model"], weights=r["weights"], num_classes=classes, input_size=size)
+        return self._fit(directory, loaded, r["train"], None)
+
+    def _run_profile(self, directory: Path) -> dict[str, Any]:
+        from kpc.latency.profiler import ProfileSettings, profile
+
+        r = self.recipe
+        t, p = r["target"], r["prune"]
+        settings = ProfileSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
+                                   precision=t["precision"], round_to=p["round_to"], min_channels=p["min_channels"],
+                                   ignore=tuple(p["ignore"]), iters=r["profile"]["iters"])
+        table = profile(self.open_teacher(), settings, directory / "lut.json", log=self.log)
+        return {"lut": str(directory / "lut.json"), "full_model_ms": table.header["full_model_ms"]}
+
+    def _run_prune(self, directory: Path) -> dict[str, Any]:
+        from kpc.artifact import base_plan, save_artifact
+        from kpc.latency import latency_cost_factory, load_table
+        from kpc.prune import Budget, PruneSettings, prune
+
+        r = self.recipe
+        p, t, b = r["prune"], r["target"], r["budget"]
+        teacher = self.open_teacher()
+        settings = PruneSettings(data=self.data, calib_batches=p["calib_batches"],
+                                 calib_batch_size=p["calib_batch_size"], importance=p["importance"],
+                                 solver=p["solver"], round_to=p["round_to"], min_channels=p["min_channels"],
+                                 ignore=tuple(p["ignore"]), seed=r["seed"])
+        cost_model = None
+        kind = r.budget_kind
+        if kind in ("ms", "latency_ratio"):
+            lut = self.lut_path()
+            cost_model = latency_cost_factory(lut, teacher, force=False, log=self.log, round_to=p["round_to"],
+                                              min_channels=p["min_channels"], runtime=t["runtime"], batch=t["batch"],
+                                              threads=t["threads"], precision=t["precision"])
+            ms = b["ms"] if kind == "ms" else b["latency_ratio"] * load_table(lut).header["full_model_ms"]
+            budget = Budget(ms=ms)
+        else:
+            budget = Budget(gflops=b["gflops"]) if kind == "gflops" else Budget(ratio=b["ratio"])
+        result = prune(teacher, budget, settings, cost_model=cost_model, log=self.log)
+        plan = base_plan(teacher, "pruned")
+        plan["rounds"] = [*plan["rounds"], result.round]
+        save_artifact(directory / "artifact", result.model, plan, overwrite=True)
+        return {"artifact": str(directory / "artifact"), "budget": budget.describe()}
+
+    def _run_distill(self, directory: Path) -> dict[str, Any]:
+        return self._fit(directory, open_model(str(self.child_path())), self.recipe["distill"], self.open_teacher())
+
+    def _run_export(self, directory: Path) -> dict[str, Any]:
+        from kpc.export import ExportSettings, export_model
+
+        e = self.recipe["export"]
+        settings = ExportSettings(onnx=e["onnx"], trt=e["trt"], fp16=e["fp16"], opset=e["opset"],
+                                  dynamic_batch=e["dynamic_batch"], batch=self.recipe["target"]["batch"])
+        export_model(open_model(str(self.final_path())), directory / "export", settings, overwrite=True,
+                     log=self.log)
+        return {"export": str(directory / "export")}
+
+    def _run_verify(self, directory: Path) -> dict[str, Any]:
+        from kpc.bench import BenchSettings, render_markdown, run_bench
+        from kpc.evaluate import evaluate_accuracy
+
+        r = self.recipe
+        t, v = r["target"], r["verify"]
+        teacher, child, final = self.open_teacher(), open_model(str(self.child_path())), open_model(
+            str(self.final_path()))
+        settings = BenchSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
+                                 precision=t["precision"], warmup=v["warmup"], iters=v["iters"])
+        bench = run_bench(teacher, final, settings, min_speedup=v["min_speedup"], log=self.log)
+        accuracy = {}
+        if self.data.kind != "synthetic":
+            for name, loaded in (("teacher", teacher), ("pruned", child), ("final", final)):
+                accuracy[name] = evaluate_accuracy(loaded.model, self.data, loaded.spec.input_size,
+                                                   subset=v["eval_subset"])
+        write_text_atomic(directory / "bench.json", json.dumps(bench, indent=1) + "\n")
+        write_text_atomic(directory / "bench.md", render_markdown(bench))
+        write_text_atomic(directory / "accuracy.json", json.dumps(accuracy, indent=1) + "\n")
+        return {"speedup": bench["speedup"], "accuracy": {k: v["top1"] for k, v in accuracy.items()}}

@@ -1,0 +1,122 @@
+"""`kpc run`: a recipe on a tiny model and a Fashion-MNIST subset, through every stage and back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kpc.cli import app
+from kpc.pipeline import RECORD, STAGES, Pipeline
+from kpc.recipe import load_recipe
+
+from .conftest import needs_fashion_mnist, write_tiny
+
+runner = CliRunner()
+pytestmark = needs_fashion_mnist
+
+RECIPE = """model: {model}
+data: fashion-mnist
+seed: 0
+train: {{epochs: 1, subset: 512, batch_size: 64, lr: 0.1}}
+target: {{runtime: ort-cpu, batch: 1, precision: fp32, threads: 1}}
+budget: {{latency_ratio: 0.7}}
+profile: {{iters: 4}}
+prune: {{calib_batches: 1, calib_batch_size: 16, round_to: 8, min_channels: 8}}
+distill: {{epochs: 1, subset: 512, batch_size: 64, lr: 0.02, ikd_weight: 1.0, kd_weight: 1.0}}
+export: {{onnx: true}}
+verify: {{iters: 30, warmup: 5, eval_subset: 200{gate}}}
+"""
+
+
+def _finished(run: Path) -> dict[str, tuple[str, str]]:
+    """Each finished stage's (finish time, inputs hash): changes exactly when the stage ran again."""
+    records = {s: json.loads((run / s / RECORD).read_text()) for s in STAGES if (run / s / RECORD).is_file()}
+    return {s: (r["finished"], r["inputs_hash"]) for s, r in records.items()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(RECIPE.format(model=write_tiny(root), gate=""))
+    run = root / "tiny"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    return recipe, run
+
+
+def test_every_stage_runs_and_the_report_carries_measured_figures(finished_run):
+    _, run = finished_run
+    assert set(_finished(run)) == set(STAGES)
+    report = json.loads((run / "report.json").read_text())
+    assert report["schema"] == "kpc-report/1"
+    assert report["latency"]["unit"] == "ms" and report["latency"]["measured_at_prune"] > 0
+    assert report["latency"]["rounds"] and all("counted" in r for r in report["latency"]["rounds"])
+    assert report["speedup"]["ratio"] > 0 and report["speedup"]["ci_low"] <= report["speedup"]["ratio"]
+    assert 0 < report["accuracy"]["teacher"] <= 100 and 0 < report["accuracy"]["final"] <= 100
+    assert any(g["kept_width"] < g["width"] for g in report["groups"])
+    for plot in ("widths.png", "latency.png", "pareto.png"):
+        assert (run / plot).stat().st_size > 1000
+    assert "measured speedup" in (run / "report.md").read_text()
+    assert (run / "export" / "export" / "model.onnx").is_file()
+
+
+def test_a_second_run_skips_every_stage(finished_run):
+    recipe, run = finished_run
+    before = _finished(run)
+    statuses = Pipeline(load_recipe(recipe), run, log=lambda _m: None).status()
+    assert [s.action for s in statuses] == ["skip"] * len(STAGES)
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert _finished(run) == before
+
+
+def test_from_redoes_exactly_the_stages_after_it(finished_run):
+    recipe, run = finished_run
+    before = _finished(run)
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(run), "--from", "export"])
+    assert result.exit_code == 0, result.output
+    after = _finished(run)
+    assert [s for s in STAGES if after[s] != before[s]] == ["export", "verify"]
+
+
+def test_an_interrupted_stage_is_redone_not_used(finished_run):
+    recipe, run = finished_run
+    record = run / "export" / RECORD
+    record.unlink()  # as if the process died before the stage finished
+    (run / "export" / "half-written.onnx").write_bytes(b"\x00" * 10)
+    statuses = {s.name: s for s in Pipeline(load_recipe(recipe), run, log=lambda _m: None).status()}
+    assert statuses["export"].action == "run" and statuses["export"].reason == "no finished output"
+    assert statuses["prune"].action == "skip" and statuses["verify"].action == "run"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert record.is_file() and not (run / "export" / "half-written.onnx").exists()
+
+
+def test_a_failing_gate_exits_1_and_still_writes_the_report(finished_run, tmp_path):
+    recipe, run = finished_run
+    strict = recipe.with_name("strict.yaml")
+    strict.write_text(recipe.read_text().replace("eval_subset: 200", "eval_subset: 200, min_speedup: 50.0"))
+    result = runner.invoke(app, ["run", str(strict), "--out", str(run)])
+    assert result.exit_code == 1, result.output
+    assert "below the required 50.00x" in result.output
+    report = json.loads((run / "report.json").read_text())
+    assert report["gate"]["passed"] is False and report["gate"]["failures"]
+    shown = runner.invoke(app, ["report", str(run)])
+    assert shown.exit_code == 0 and "FAILED" in shown.output
+
+
+def test_dry_run_and_bad_recipes(finished_run, tmp_path):
+    recipe, run = finished_run
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(run), "--dry-run", "--from", "prune"])
+    assert result.exit_code == 0 and "--from prune" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\ndata: fashion-mnist\nbudget: {ms: 1, gflops: 2}\n")
+    result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and "budget gives a budget in 2 units" in result.output
+    assert not (tmp_path / "never").exists()
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(run), "--from", "quantize"])
+    assert result.exit_code == 2 and "unknown stage 'quantize'" in result.output
