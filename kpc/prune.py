@@ -179,9 +179,7 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         candidates.append((pruned, solution, counted))
         if _lands(counted, limit, cost.unit) or len(attempts) >= MAX_VERIFY_ROUNDS:
             break
-        # Correct by the observed ratio; when over, step strictly below it, or a cost model that is off
-        # by a hair would re-solve to the same plan every round.
-        target_scale *= limit / counted * (1 - OVERSHOOT_MARGIN if counted > limit else 1)
+        target_scale = _next_target(attempts, limit) / limit
     else:  # pragma: no cover - bounded by the number of groups
         raise KpcError("pruning did not converge")
     pruned, solution, counted = _best(candidates, limit, cost.unit)
@@ -221,6 +219,26 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         plan_round["measured_ms"] = counted
         plan_round["predicted_ms"] = solution.cost
     return PruneResult(pruned.eval(), plan_round, groups)
+
+
+def _next_target(attempts: list[dict[str, Any]], limit: float) -> float:
+    """The internal target for the next solve, from what earlier targets measured.
+
+    With one attempt: correct by the observed ratio. With more: a secant step through
+    the two attempts closest to the budget, which also fixes a cost model whose slope
+    is off (a ratio alone then oscillates). When over, step strictly below, or a model
+    off by a hair would re-solve to the same plan every round.
+    """
+    done = [a for a in attempts if "counted" in a and a["counted"] > 0]
+    last = done[-1]
+    guess = last["target"] * limit / last["counted"]
+    near = sorted(done, key=lambda a: abs(a["counted"] - limit))[:2]
+    if len(near) == 2 and abs(near[0]["counted"] - near[1]["counted"]) > 1e-12 * limit:
+        (t0, m0), (t1, m1) = ((a["target"], a["counted"]) for a in near)
+        secant = t0 + (limit - m0) * (t1 - t0) / (m1 - m0)
+        if secant > 0 and (t1 - t0) * (m1 - m0) > 0:  # only where more target measured more
+            guess = secant
+    return guess * (1 - OVERSHOOT_MARGIN if last["counted"] > limit else 1)
 
 
 def _lands(counted: float, limit: float, unit: str) -> bool:

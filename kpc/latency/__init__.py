@@ -19,7 +19,7 @@ def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, 
     Target fields not given on the command line default to the table's; the device is
     always this machine's, because the closed loop times the pruned model here.
     """
-    from kpc.latency.model import LatencyModel, measure_model_ms
+    from kpc.latency.model import LatencyModel, RelativeTimer
     from kpc.latency.profiler import layers_for, target_device
 
     if lut is None:
@@ -40,10 +40,19 @@ def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, 
     measure_target = {k: wanted[k] if wanted[k] is not None else header[k]
                       for k in ("runtime", "batch", "threads", "precision")}
 
+    timers: list[RelativeTimer] = []
+
+    def measure(pruned) -> float:
+        """The pruned model timed interleaved with the unpruned one, in the table's milliseconds."""
+        if not timers:
+            timers.append(RelativeTimer(loaded.model, loaded.spec.input_size, **measure_target,
+                                        reference_ms=float(header["full_model_ms"])))
+        return timers[0](pruned)
+
     def make(model, example, graph, groups) -> LatencyModel:
         layers = layers_for(model, example, graph, groups, round_to, min_channels)
         cost = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
-        cost.measure_model = lambda pruned: measure_model_ms(pruned, loaded.spec.input_size, **measure_target)
+        cost.measure_model = measure
         return cost
 
     return make

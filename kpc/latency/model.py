@@ -93,14 +93,45 @@ def _share(side: Side, group: int) -> float:
     return side.share(group)
 
 
-def measure_model_ms(model: nn.Module, input_size: tuple[int, ...], *, runtime: str, batch: int, threads: int,
-                     precision: str, warmup: int = 10, iters: int = 40) -> float:
-    """Median latency of a whole model on the target runtime (nothing else timed in between)."""
-    from exporters import get_runner, measure
+class RelativeTimer:
+    """Time models against the unpruned baseline, interleaved, and report ratio x reference ms.
 
-    inputs = {"input": np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)}
-    with get_runner(runtime, threads=threads, precision=precision) as runner:
-        runner.prepare(model.eval(), inputs)
+    Absolute timings taken minutes apart drift by several percent on a shared machine;
+    the ratio of two models timed A B A B in one run does not. Scaling it by the
+    baseline's reference latency (the table's full_model_ms) gives milliseconds that
+    are comparable across the whole profile and prune.
+    """
+
+    def __init__(self, baseline: nn.Module, input_size: tuple[int, ...], *, runtime: str, batch: int, threads: int,
+                 precision: str, reference_ms: float | None = None, warmup: int = 10, iters: int = 60) -> None:
+        from exporters import get_runner
+
+        self.settings = {"runtime": runtime, "threads": threads, "precision": precision}
+        self.inputs = {"input": np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)}
+        self.warmup, self.iters = warmup, iters
+        self.baseline = get_runner(runtime, threads=threads, precision=precision)
+        self.baseline.prepare(baseline.eval(), self.inputs)
+        self.reference_ms = reference_ms if reference_ms is not None else self.absolute_ms()
+
+    def absolute_ms(self) -> float:
+        from exporters import measure
+
         with torch.no_grad():
-            stats = measure(runner, inputs, warmup=warmup, iters=iters)
-    return float(stats.median_ms)
+            return float(measure(self.baseline, self.inputs, warmup=self.warmup, iters=3 * self.iters).median_ms)
+
+    def ratio(self, model: nn.Module) -> float:
+        """median(model) / median(baseline), timed interleaved."""
+        from exporters import get_runner, interleaved
+
+        with get_runner(**self.settings) as runner:
+            runner.prepare(model.eval(), self.inputs)
+            with torch.no_grad():
+                base, candidate = interleaved(self.baseline, self.inputs, runner, self.inputs, warmup=self.warmup,
+                                              iters=self.iters)
+        return candidate.median_ms / base.median_ms
+
+    def __call__(self, model: nn.Module) -> float:
+        return self.ratio(model) * self.reference_ms
+
+    def close(self) -> None:
+        self.baseline.close()

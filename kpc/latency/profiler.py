@@ -30,12 +30,14 @@ from kpc.data import DataSpec
 from kpc.errors import KpcError
 from kpc.groups import ChannelGroup, apply_kept
 from kpc.latency.layers import Geometry, Layer, collect_layers, grid_points, layer_input, onnx_layer, torch_layer
-from kpc.latency.model import LatencyModel, measure_model_ms
+from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import Entry, LatencyTable, Remainder, load_table
 from kpc.planner import width_options
 
 PARTIAL_SCHEMA = "kpc-latency-partial/1"
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)
+RANDOM_CALIBRATIONS = 6
+RANDOM_CALIBRATION_SEED = 1_000_003
 
 
 @dataclass
@@ -271,40 +273,70 @@ def pruned_copy(loaded: LoadedModel, layers: ModelLayers, widths: np.ndarray):
     return apply_kept(copy.deepcopy(loaded.model), layers.example, kept)
 
 
+def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, min_channels: int) -> np.ndarray:
+    """Every prunable group at a random width; about half the groups share one fraction, as a prune's do."""
+    widths = layers.full_widths.copy()
+    shared = rng.uniform(0.25, 1.0)
+    for group in layers.groups:
+        if group.prunable:
+            options = width_options(group.width, round_to, min_channels)
+            fraction = shared if rng.random() < 0.5 else rng.uniform(0.2, 1.0)
+            widths[group.index] = options[np.argmin(np.abs(options - fraction * group.width))]
+    return widths
+
+
 def fit_remainder(table: LatencyTable, loaded: LoadedModel, layers: ModelLayers, settings: ProfileSettings,
                   log: Callable[[str], None] = print) -> None:
-    """Time the whole model at a few uniform widths and fit scale, fixed and activation-volume terms."""
+    """Time the whole model at uniform and random widths; fit scale, fixed and volume terms.
+
+    Uniform widths alone make the entry sum and the tensor volumes nearly collinear, so
+    random assignments (seeded, distinct from any benchmark's) are timed too.
+    """
     model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
-    rows, measured, records = [], [], []
-    for fraction in CALIBRATION_FRACTIONS:
-        widths = uniform_widths(layers, fraction, settings.round_to, settings.min_channels)
-        ms = measure_model_ms(pruned_copy(loaded, layers, widths), loaded.spec.input_size, runtime=settings.runtime,
-                              batch=settings.batch, threads=settings.threads, precision=settings.precision,
-                              warmup=settings.model_warmup, iters=settings.model_iters)
-        rows.append((model.entries_ms(widths), model.activation_fraction(widths)))
-        measured.append(ms)
-        records.append({"variant": f"uniform {fraction:g}", "measured_ms": ms})
-    entries = np.array([r[0] for r in rows])
-    activation = np.array([r[1] for r in rows])
+    rng = np.random.default_rng(RANDOM_CALIBRATION_SEED)
+    variants = [(f"uniform {f:g}", uniform_widths(layers, f, settings.round_to, settings.min_channels))
+                for f in CALIBRATION_FRACTIONS]
+    variants += [(f"random {i + 1}", random_widths(layers, rng, settings.round_to, settings.min_channels))
+                 for i in range(RANDOM_CALIBRATIONS)]
+    features, measured, records = [], [], []
+    timer = RelativeTimer(loaded.model, loaded.spec.input_size, runtime=settings.runtime, batch=settings.batch,
+                          threads=settings.threads, precision=settings.precision, warmup=settings.model_warmup,
+                          iters=settings.model_iters)
+    try:
+        for name, widths in variants:
+            ratio = timer.ratio(pruned_copy(loaded, layers, widths))
+            features.append((model.entries_ms(widths), model.activation_fraction(widths)))
+            measured.append(ratio * timer.reference_ms)
+            records.append({"variant": name, "measured_ms": measured[-1], "ratio_to_unpruned": ratio})
+    finally:
+        timer.close()
+    columns = np.array(features)
     target = np.array(measured)
-    scale, fixed, per_activation = _fit(entries, activation, target)
-    table.remainder = Remainder(scale, fixed, per_activation)
-    for record, e, a in zip(records, entries, activation, strict=True):
-        record["predicted_ms"] = scale * e + fixed + per_activation * a
+    scale, fixed, per_output = _fit(columns[:, 0], columns[:, 1], target)
+    table.remainder = Remainder(scale, fixed, per_output)
+    for record, (e, a_out) in zip(records, features, strict=True):
+        record["predicted_ms"] = scale * e + fixed + per_output * a_out
         record["sum_of_layers_ms"] = float(e)
     table.remainder.calibration = records
-    table.header["full_model_ms"] = float(target[0])
+    table.header["full_model_ms"] = timer.reference_ms
     errors = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in records]
-    log(f"remainder fitted on {len(records)} whole-model timings: scale {scale:.3f}, fixed {fixed:.3f} ms, "
-        f"activation {per_activation:.3f} ms; worst calibration error {max(errors):.1%}")
+    log(f"remainder fitted on {len(records)} whole-model timings (each interleaved with the unpruned model): "
+        f"scale {scale:.3f}, fixed {fixed:.3f} ms, output volume {per_output:+.3f} ms; worst calibration error "
+        f"{max(errors):.1%}")
 
 
-def _fit(entries: np.ndarray, activation: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:
-    """Least squares for target = s*entries + c + r*activation, dropping terms that come out negative."""
-    for columns in (("s", "c", "r"), ("s", "c"), ("s", "r"), ("s",)):
-        design = np.stack([{"s": entries, "c": np.ones_like(entries), "r": activation}[k] for k in columns], axis=1)
+def _fit(entries: np.ndarray, outputs: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:
+    """Least squares for target = s*entries + c + r*outputs (r signed), keeping s > 0.
+
+    Terms are dropped (the volume term first) until the entry scale comes out positive: a
+    prediction must grow with the layers' own latency. (A separate input-volume term was
+    tried and dropped: it is nearly collinear with the output volume and overfits.)
+    """
+    candidates = {"e": entries, "c": np.ones_like(entries), "o": outputs}
+    for columns in (("e", "c", "o"), ("e", "c"), ("e",)):
+        design = np.stack([candidates[k] for k in columns], axis=1)
         coef, *_ = np.linalg.lstsq(design, target, rcond=None)
         fitted = dict(zip(columns, coef, strict=True))
-        if fitted["s"] > 0 and fitted.get("r", 0.0) >= 0:
-            return float(fitted["s"]), float(fitted.get("c", 0.0)), float(fitted.get("r", 0.0))
+        if fitted["e"] > 0:
+            return float(fitted["e"]), float(fitted.get("c", 0.0)), float(fitted.get("o", 0.0))
     return 1.0, float(np.mean(target - entries)), 0.0

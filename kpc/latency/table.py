@@ -87,10 +87,12 @@ def _cell(grid: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 class Remainder:
     """Everything the layer entries miss, fitted on whole-model measurements.
 
-    total(w) = entry_scale * sum(entries(w)) + fixed_ms + activation_ms * activation_fraction(w):
-    `fixed_ms` covers per-run overhead and unpruned work, `activation_ms` the adds,
-    pools, activations and layout changes that scale with the tensors' volume, and
-    `entry_scale` how much cheaper a layer is inside the graph than alone (fusions).
+    total(w) = entry_scale * sum(entries(w)) + fixed_ms + activation_ms * output_fraction(w)
+    `fixed_ms` covers per-run overhead and unpruned work; the volume term (signed) what
+    scales with the tensors the layers write: adds, pools and activations in the graph
+    (positive), and the layout reorders an isolated layer pays but a layer inside the
+    graph does not (negative); `entry_scale` how much cheaper a layer is inside the graph
+    than alone (fusions).
     """
 
     entry_scale: float = 1.0
