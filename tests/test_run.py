@@ -22,7 +22,7 @@ data: fashion-mnist
 seed: 0
 train: {{epochs: 1, subset: 512, batch_size: 64, lr: 0.1}}
 target: {{runtime: ort-cpu, batch: 1, precision: fp32, threads: 1}}
-budget: {{latency_ratio: 0.7}}
+budget: {{latency_ratio: 0.9}}
 profile: {{iters: 4}}
 prune: {{calib_batches: 1, calib_batch_size: 16, round_to: 8, min_channels: 8}}
 distill: {{epochs: 1, subset: 512, batch_size: 64, lr: 0.02, ikd_weight: 1.0, kd_weight: 1.0}}
