@@ -108,7 +108,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# kpc run: {report['model']} on {report['target']['runtime']}", "",
              f"Verification: **{verdict}**" + ("".join(f"\n- {f}" for f in gate["failures"])), "",
              "| figure | value |", "|---|---|",
-             f"| budget asked | {report['budget']['asked']} ({report['budget']['resolved']}) |",
+             f"| budget asked | {', '.join(f'{k} {v:g}' for k, v in report['budget']['asked'].items())} "
+             f"({report['budget']['resolved']}) |",
              f"| unpruned cost | {_fmt(lat['unpruned_cost'])} {lat['unit']} |",
              f"| predicted cost | {_fmt(lat['predicted'])} {lat['unit']} |",
              f"| measured at prune | {_fmt(lat['measured_at_prune'])} {lat['unit']} |"]
