@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(),
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)",
 )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine, 2 OpenMP threads make a forward ~100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

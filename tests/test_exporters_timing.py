@@ -13,13 +13,7 @@ import torchvision
 from exporters import ExporterError, TimingStats, bootstrap_ratio_ci, get_runner, interleaved, measure
 from exporters.runners import Runner
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image() -> dict[str, np.ndarray]:
