@@ -31,7 +31,7 @@ from kpc.groups import (
     find_unsafe_groups,
 )
 from kpc.importance import accumulate_gradients, score_groups
-from kpc.planner import LANDING_TOLERANCE, GroupChoices, make_choices, minimum_cost, solve_widths
+from kpc.planner import LANDING_TOLERANCE, GroupChoices, make_choices, minimum_cost, scale, solve_widths
 
 MAX_VERIFY_ROUNDS = 4
 LATENCY_WINDOW = (-0.05, 0.02)
@@ -143,10 +143,10 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         limit = _budget_in_cost_units(budget, full_cost, cost)
         if limit >= full_cost:
             raise KpcError(f"budget {budget.describe()} is at or above the model's current cost "
-                           f"({full_cost / _unit_scale(cost):.4g} {cost.unit}): nothing to prune; ask for less")
+                           f"({full_cost / scale(cost):.4g} {cost.unit}): nothing to prune; ask for less")
         if limit < floor:
             raise KpcError(f"budget {budget.describe()} is below the smallest achievable cost "
-                           f"{floor / _unit_scale(cost):.4g} {cost.unit} (every group at --min-channels "
+                           f"{floor / scale(cost):.4g} {cost.unit} (every group at --min-channels "
                            f"{settings.min_channels}); ask for at least that")
         target = min(max(limit * target_scale, floor), full_cost)
         solution = solve_widths(cost, full_widths, choices, target, solver=settings.solver, bins=settings.bins)
@@ -184,22 +184,22 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         raise KpcError("pruning did not converge")
     pruned, solution, counted = _best(candidates, limit, cost.unit)
     if cost.unit == "GFLOPs" and counted > limit * (1 + 1e-9):
-        raise KpcError(f"could not land under the budget: the best plan counts {counted / _unit_scale(cost):.4g} "
-                       f"{cost.unit} against {limit / _unit_scale(cost):.4g}")
+        raise KpcError(f"could not land under the budget: the best plan counts {counted / scale(cost):.4g} "
+                       f"{cost.unit} against {limit / scale(cost):.4g}")
     if not _lands(counted, limit, cost.unit):
         log(f"WARNING: after {len(attempts)} rounds the pruned model measures {counted:.3f} {cost.unit} against a "
             f"budget of {limit:.3f} (window {LATENCY_WINDOW[0]:+.0%}/{LATENCY_WINDOW[1]:+.0%}); kept the closest")
     plan_round = {
         "budget": {"asked": budget.describe(), **{k: v for k, v in asdict(budget).items() if v is not None}},
         "cost_unit": cost.unit,
-        "full_cost": full_cost / _unit_scale(cost),
-        "min_cost": floor / _unit_scale(cost),
-        "limit": limit / _unit_scale(cost),
-        "predicted_cost": solution.cost / _unit_scale(cost),
-        "counted_cost": counted / _unit_scale(cost),
+        "full_cost": full_cost / scale(cost),
+        "min_cost": floor / scale(cost),
+        "limit": limit / scale(cost),
+        "predicted_cost": solution.cost / scale(cost),
+        "counted_cost": counted / scale(cost),
         "kept_importance": solution.value,
         "total_importance": float(sum(s.sum() for s in scores.values())),
-        "attempts": [{k: (v / _unit_scale(cost) if isinstance(v, float) else v) for k, v in a.items()}
+        "attempts": [{k: (v / scale(cost) if isinstance(v, float) else v) for k, v in a.items()}
                      for a in attempts],
         "importance": {"method": settings.importance, "data": settings.data.label(),
                        "batches": settings.calib_batches, "batch_size": settings.calib_batch_size,
@@ -257,10 +257,6 @@ def _best(candidates: list[tuple[nn.Module, Any, float]], limit: float, unit: st
     if under:
         return max(under, key=lambda c: c[2])
     return min(candidates, key=lambda c: c[2])
-
-
-def _unit_scale(cost: CostModel) -> float:
-    return 1e9 if cost.unit == "GFLOPs" else 1.0
 
 
 def _budget_in_cost_units(budget: Budget, full_cost: float, cost: CostModel) -> float:
