@@ -53,12 +53,12 @@ class LoadedModel:
     path: Path | None = None
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn((batch, *self.spec.input_size), generator=generator)
+        return example_for(self.spec, batch, seed)
 
 
-def example_for(spec: ModelSpec) -> torch.Tensor:
-    return torch.randn((1, *spec.input_size), generator=torch.Generator().manual_seed(0))
+def example_for(spec: ModelSpec, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """The fixed random input graph tracing and checks use (seeded, so every replay traces alike)."""
+    return torch.randn((batch, *spec.input_size), generator=torch.Generator().manual_seed(seed))
 
 
 def replay_rounds(model: nn.Module, spec: ModelSpec, rounds: list[dict[str, Any]]) -> nn.Module:

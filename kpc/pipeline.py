@@ -166,11 +166,11 @@ class Pipeline:
                 continue
             self.log(f"[{status.name}] running ({status.reason})")
             directory = self.stage_dir(status.name)
-            self._prepare(directory, _digest(self.inputs(status.name)))
+            inputs = self.inputs(status.name)  # upstream outputs are final by now: fingerprint once
+            self._prepare(directory, _digest(inputs))
             started = _dt.datetime.now(_dt.UTC)
             outputs = getattr(self, f"_run_{status.name}")(directory)
-            record = {"stage": status.name, "inputs": self.inputs(status.name),
-                      "inputs_hash": _digest(self.inputs(status.name)), "outputs": outputs,
+            record = {"stage": status.name, "inputs": inputs, "inputs_hash": _digest(inputs), "outputs": outputs,
                       "started": started.isoformat(timespec="seconds"),
                       "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
             write_text_atomic(directory / RECORD, json.dumps(record, indent=1, default=str) + "\n")

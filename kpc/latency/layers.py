@@ -97,14 +97,10 @@ def collect_layers(model: nn.Module, example: torch.Tensor, sides: dict[nn.Modul
             geometry = Geometry("linear", in_hw=(tokens, 1), out_hw=(tokens, 1))
             full_out, full_in = float(module.out_features), float(module.in_features)
         out, inp = sides.get(module, (Side(full_out, full_out), Side(full_in, full_in)))
-        if kind_is_dw(geometry):
+        if geometry.kind == "dwconv":  # input and output channels are the same channels
             inp = out
         layers.append(Layer(names[module], geometry, out, inp))
     return layers
-
-
-def kind_is_dw(geometry: Geometry) -> bool:
-    return geometry.kind == "dwconv"
 
 
 def grid_points(low: float, high: float, round_to: int) -> list[int]:

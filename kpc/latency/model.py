@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from kpc.costs import Side
 from kpc.errors import KpcError
 from kpc.latency.layers import Layer
 from kpc.latency.table import Entry, LatencyTable
@@ -77,20 +76,16 @@ class LatencyModel:
             layer = term.layer
             in_now = layer.inp.value(widths, full)
             out_now = layer.out.value(widths, full)
-            c_in = in_now + _share(layer.inp, group) * step
-            c_out = out_now + _share(layer.out, group) * step
+            c_in = in_now + layer.inp.share(group) * step
+            c_out = out_now + layer.out.share(group) * step
             delta += r.entry_scale * (term.entry(c_in, c_out) - term.entry(in_now, out_now))
-            delta += r.activation_ms * _share(layer.out, group) * step * layer.out_elements / self.activation_full
+            delta += r.activation_ms * layer.out.share(group) * step * layer.out_elements / self.activation_full
         return delta
 
     def measure(self, model: nn.Module) -> float:
         if self.measure_model is None:
             raise RuntimeError("this latency model has no runtime attached to measure with")
         return float(self.measure_model(model))
-
-
-def _share(side: Side, group: int) -> float:
-    return side.share(group)
 
 
 class RelativeTimer:
