@@ -19,7 +19,7 @@ from kpc.cli import app
 from kpc.data import parse_data_spec
 from kpc.prune import Budget, PruneSettings, prune
 from kpc.train import TrainSettings, fit
-from kpc.train.distill import Student, build_projections, inner_loss, tapped
+from kpc.train.distill import Student, build_projections, fit_projections, inner_loss, tapped
 from kpc.train.stages import find_stages
 
 from .conftest import needs_fashion_mnist, write_tiny
@@ -56,6 +56,43 @@ def test_inner_loss_is_exactly_zero_for_the_unpruned_parent():
         child(images)
         loss = inner_loss(student, tc.take(), tp.take(), stages)
     assert float(loss) == 0.0
+
+
+def _stage_net(width: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Sequential(torch.nn.Conv2d(8, width, 1)))
+
+
+def test_projections_start_at_the_least_squares_map_from_child_to_parent():
+    """A child that kept 4 of the parent's 8 stage channels: the fit maps them back to where they came from."""
+    torch.manual_seed(0)
+    parent = _stage_net(8).eval()
+    child = _stage_net(4).eval()
+    with torch.no_grad():
+        child[0].load_state_dict(parent[0].state_dict())
+        child[2][0].weight.copy_(parent[2][0].weight[:4])
+        child[2][0].bias.copy_(parent[2][0].bias[:4])
+    student = Student(child, {"2": torch.nn.Conv2d(4, 8, 1, bias=False)})
+    images = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+
+    def loss() -> float:
+        with torch.no_grad(), tapped(parent, ["2"]) as tp, tapped(child, ["2"]) as tc:
+            parent(images[0])
+            child(images[0])
+            return float(inner_loss(student, tc.take(), tp.take(), ["2"]))
+
+    before = loss()
+    residuals = fit_projections(student, parent, ["2"], images)
+    weight = student.projections["2"].weight[:, :, 0, 0]
+    assert torch.allclose(weight[:4], torch.eye(4), atol=1e-3), weight[:4]  # kept channels map to themselves
+    assert loss() < 0.75 * before
+    with torch.no_grad():
+        features = torch.cat([parent[:2](x) for x in images])
+        kept = parent[2][0](features)
+    energy = (kept**2).sum(dim=(0, 2, 3))
+    # the dropped channels are not all predictable from the kept ones: some energy stays unexplained
+    assert 0.0 < residuals["2"] < float(energy[4:].sum() / energy.sum()) + 1e-6
+    assert child.training is False and fit_projections(student, parent, [], images) == {}
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,16 @@ Loss parts (combined in the loop): the inner loss is the mean over stages of the
 between the child's stage output (through a learned 1x1 projection where the child is
 narrower) and the frozen parent's; the logit loss is KL(parent || child) at temperature T,
 scaled by T^2 so its gradient does not shrink as T grows.
+
+The projections start at the least-squares map from the child's features to the parent's
+(`fit_projections`), not at a random init: a random 1x1 conv makes the first inner loss
+large and its gradient drags the child's features toward an arbitrary mixing of channels,
+which undoes what pruning kept before the projection has learned anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -109,6 +114,59 @@ def tapped(model: nn.Module, stages: list[str]) -> Iterator[FeatureTap]:
         yield tap
     finally:
         tap.close()
+
+
+def _stage_features(model: nn.Module, stages: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    with tapped(model, stages) as tap:
+        model(images)
+        return tap.take()
+
+
+def _as_rows(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) feature maps as (N*H*W, C) rows, in float64 for the normal equations."""
+    return features.detach().double().movedim(1, -1).reshape(-1, features.shape[1])
+
+
+@torch.no_grad()
+def fit_projections(student: Student, parent: nn.Module, stages: list[str], batches: Iterable[torch.Tensor],
+                    ridge: float = 1e-4) -> dict[str, float]:
+    """Set every projection to the ridge least-squares map child -> parent over `batches`; both nets in eval mode.
+
+    Returns the relative residual (unexplained fraction of the parent's feature energy) per
+    projected stage, so a caller can log how far the child's features start from the parent's.
+    The normal equations are accumulated batch by batch, so memory stays at C x C per stage.
+    """
+    projected = [s for s in stages if _key(s) in student.projections]
+    if not projected:
+        return {}
+    child_was_training = student.model.training
+    student.model.eval()
+    gram: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    energy: dict[str, float] = {}
+    try:
+        for images in batches:
+            child = _stage_features(student.model, projected, images)
+            target = _stage_features(parent, projected, images)
+            for stage in projected:
+                x, y = _as_rows(child[stage]), _as_rows(target[stage])
+                gram[stage] = gram.get(stage, 0) + x.T @ x
+                cross[stage] = cross.get(stage, 0) + x.T @ y
+                energy[stage] = energy.get(stage, 0.0) + float((y * y).sum())
+    finally:
+        student.model.train(child_was_training)
+    residuals: dict[str, float] = {}
+    for stage in projected:
+        a, b = gram[stage], cross[stage]
+        damping = ridge * float(torch.trace(a)) / a.shape[0] + 1e-12
+        solution = torch.linalg.solve(a + damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device), b)
+        projection = student.projections[_key(stage)]
+        weight = projection.weight  # (parent channels, child channels, 1, 1)
+        weight.copy_(solution.T.reshape(weight.shape).to(weight.dtype))
+        # ||y - xW||^2 = ||y||^2 - 2 tr(W'X'Y) + tr(W'X'XW), from the accumulated sums
+        explained = float(2 * (solution * b).sum() - (solution * (a @ solution)).sum())
+        residuals[stage] = max(0.0, 1.0 - explained / max(energy[stage], 1e-30))
+    return residuals
 
 
 def inner_loss(student: Student, child_features: dict[str, torch.Tensor],

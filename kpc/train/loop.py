@@ -11,7 +11,7 @@ import contextlib
 import copy
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +25,15 @@ from kpc.artifact import LoadedModel, base_plan, save_artifact
 from kpc.data import DataSpec, TrainingData, training_data
 from kpc.errors import KpcError
 from kpc.train import checkpoint as ckpt
-from kpc.train.distill import Student, build_projections, check_teacher, inner_loss, logit_kd, tapped
+from kpc.train.distill import (
+    Student,
+    build_projections,
+    check_teacher,
+    fit_projections,
+    inner_loss,
+    logit_kd,
+    tapped,
+)
 from kpc.train.distributed import (
     Context,
     GlobalBatches,
@@ -40,6 +48,7 @@ from kpc.train.distributed import (
 from kpc.train.optim import OPTIMIZERS, build_optimizer, lr_at, set_lr
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+PROJECTION_IMAGES = 256  # images whose features fit the child->parent projections before training
 
 
 @dataclass
@@ -184,10 +193,25 @@ class _Run:
         elif s.ikd_weight > 0 or s.kd_weight > 0:
             raise KpcError("--ikd-weight and --kd-weight need a --teacher")
         student = Student(model.requires_grad_(True), projections).to(self.device)  # it may have been a teacher
+        if projections:
+            assert self.teacher is not None
+            residuals = fit_projections(student, self.teacher.model, self.stages, self._projection_batches())
+            if self.context.is_main:
+                shown = ", ".join(f"{stage} {100 * r:.1f}%" for stage, r in residuals.items())
+                self.log(f"projections start at the least-squares fit; parent feature energy left unexplained: {shown}")
         globalize_batchnorm(student, self.context)
         if self.device.type == "cuda":
             student = student.to(memory_format=torch.channels_last)
         return student.train()
+
+    def _projection_batches(self, images: int = PROJECTION_IMAGES, batch: int = 64) -> Iterator[torch.Tensor]:
+        """The first training images (epoch 0's augmentation), the same on every rank and every resume."""
+        train = self.data.train
+        train.set_epoch(0)
+        count = min(images, len(train))
+        for start in range(0, count, batch):
+            stacked = torch.stack([train[i][0] for i in range(start, min(count, start + batch))])
+            yield stacked.to(self.device)
 
     def _loader(self, dataset: Any, *, train: bool) -> tuple[DataLoader, GlobalBatches]:
         s = self.settings
