@@ -12,6 +12,7 @@ from exporters.errors import (
     RuntimeNotInstalled,
     UnknownRuntime,
 )
+from exporters.kernel_timing import ort_cpu_kernel_ms
 from exporters.onnx_export import check_onnx, export_onnx
 from exporters.parity import OutputCheck, compare_outputs, raise_on_failures, validate_onnx
 from exporters.runners import RUNTIMES, Runner, get_runner
@@ -38,6 +39,7 @@ __all__ = [
     "get_runner",
     "interleaved",
     "measure",
+    "ort_cpu_kernel_ms",
     "profile_shapes",
     "raise_on_failures",
     "validate_onnx",

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-from exporters import ExporterError, TimingStats, bootstrap_ratio_ci, get_runner, interleaved, measure
+from exporters import (
+    ExporterError,
+    TimingStats,
+    bootstrap_ratio_ci,
+    get_runner,
+    interleaved,
+    measure,
+    ort_cpu_kernel_ms,
+)
+from exporters.kernel_timing import LAYOUT_OPS, kernel_ms_per_run
 from exporters.runners import Runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,3 +127,40 @@ def test_timing_stats_from_seconds_converts_to_ms() -> None:
     stats = TimingStats.from_seconds([0.001, 0.002, 0.003])
     assert stats.median_ms == pytest.approx(2.0)
     assert stats.n == 3 and math.isclose(stats.mean_ms, 2.0)
+
+
+def _conv_onnx(path: Path) -> Path:
+    model = torch.nn.Conv2d(64, 32, 1).eval()
+    torch.onnx.export(model, torch.randn(1, 64, 28, 28), str(path), input_names=["input"], dynamo=False)
+    return path
+
+
+def test_kernel_time_sums_compute_nodes_inside_each_run(tmp_path: Path) -> None:
+    """Per run, the compute kernels are a part of the run: never more than the run, never more than all nodes."""
+    import onnxruntime as ort
+
+    path = _conv_onnx(tmp_path / "conv.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"input": np.random.default_rng(0).standard_normal((1, 64, 28, 28), dtype=np.float32)}
+    for _ in range(4):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e["dur"] / 1000.0 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    compute = kernel_ms_per_run(events, LAYOUT_OPS)
+    everything = kernel_ms_per_run(events, ())
+    assert len(compute) == len(everything) == len(runs) == 4
+    for part, whole, run in zip(compute, everything, runs, strict=True):
+        assert 0.0 < part <= whole <= run
+
+
+def test_kernel_time_of_a_layer_is_positive_and_checks_counts(tmp_path: Path) -> None:
+    path = _conv_onnx(tmp_path / "conv.onnx")
+    inputs = {"input": np.random.default_rng(0).standard_normal((1, 64, 28, 28), dtype=np.float32)}
+    ms = ort_cpu_kernel_ms(path, inputs, threads=1, warmup=1, iters=5)
+    assert math.isfinite(ms) and ms > 0
+    with pytest.raises(ExporterError, match="iters >= 1"):
+        ort_cpu_kernel_ms(path, inputs, threads=1, warmup=1, iters=0)
