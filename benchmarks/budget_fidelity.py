@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main() -> None:
         factory = latency_cost_factory(table, loaded, force=False, log=quiet, round_to=settings.round_to,
                                        min_channels=settings.min_channels, **measure)
         base = float(load_table(table).header["full_model_ms"])  # the reference every timing is scaled to
-        timer = RelativeTimer(loaded.model, loaded.spec.input_size, **measure, reference_ms=base)
+        timer = RelativeTimer(loaded.model, loaded.spec.input_size, **measure, reference_ms=base, iters=100)
         for fraction in args.fractions:
             budget = fraction * base
             try:
@@ -89,7 +90,7 @@ def main() -> None:
                "measured/budget - 1", "in [-5%, +2%]", "rounds: predicted/measured ms"]
     print(markdown_table(headers, rows))
     notes = [f"device: {device}; importance: Taylor over 2x8 Fashion-MNIST images at {args.size}x{args.size}; "
-             "every result re-timed after pruning, interleaved with the unpruned model (10 warm-up + 60 rounds), "
+             "every result re-timed after pruning, interleaved with the unpruned model (10 warm-up + 100 rounds), "
              "as ratio x the table's full-model ms (absolute timings drift ~5% between runs on this machine)"]
     if not args.no_record:
         append_results(f"Budget fidelity of --budget-ms ({args.runtime}, batch 1) (issue 4)", headers, rows,
@@ -101,10 +102,13 @@ def main() -> None:
     r50_table = default_table_path(ROOT / "profiles", device, target, "torchvision:resnet50")
     timer = RelativeTimer(loaded.model, loaded.spec.input_size, **measure,
                           reference_ms=float(load_table(r50_table).header["full_model_ms"]))
+    # the FLOPs plan keeps widths in the same steps as the latency plan (the runtime's channel block), so the
+    # comparison is about where the channels go, not about widths that fall off the fast kernels
+    flops_settings = dataclasses.replace(settings, round_to=int(latency_result.round["round_to"]))
     low, high, flops_result, flops_ms = 0.2, 0.95, None, None
     for _ in range(6):  # bisect the FLOPs ratio until the measured latency matches the latency-aware plan
         ratio = (low + high) / 2
-        candidate = prune(loaded, Budget(ratio=ratio), settings, log=quiet)
+        candidate = prune(loaded, Budget(ratio=ratio), flops_settings, log=quiet)
         ms = timer(candidate.model)
         if flops_ms is None or abs(ms - latency_ms) < abs(flops_ms - latency_ms):
             flops_result, flops_ms = candidate, ms

@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=100, help="interleaved timing rounds per sample")
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--reuse", action="store_true", help="Reuse existing tables instead of profiling again.")
     parser.add_argument("--no-record", action="store_true")
@@ -64,14 +65,16 @@ def main() -> None:
         else:
             table = profile(loaded, settings, path, log=lambda m: print(f"  {m}"))
             seconds = time.perf_counter() - started
-        layers = model_layers(loaded, settings.round_to, settings.min_channels, log=lambda _m: None)
+        round_to, min_channels = int(table.header["round_to"]), int(table.header["min_channels"])  # block-aligned
+        layers = model_layers(loaded, round_to, min_channels, log=lambda _m: None)
         model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
         rng = np.random.default_rng(0)  # the table's own calibration draws use another seed
         errors = []
         timer = RelativeTimer(loaded.model, loaded.spec.input_size, runtime=args.runtime, batch=args.batch,
-                              threads=args.threads, precision="fp32", reference_ms=table.header["full_model_ms"])
+                              threads=args.threads, precision="fp32", reference_ms=table.header["full_model_ms"],
+                              iters=args.rounds)
         for _ in range(args.samples):
-            widths = random_widths(layers, rng, settings.round_to, settings.min_channels)
+            widths = random_widths(layers, rng, round_to, min_channels)
             measured = timer(pruned_copy(loaded, layers, widths))
             errors.append(model.total(widths) / measured - 1)
         timer.close()
@@ -92,8 +95,9 @@ def main() -> None:
                        f"{args.size}x{args.size}) (issue 4)", headers, rows, threads=args.threads,
                        notes=[f"device: {device}; {args.samples} random width assignments per model (seed 0; the "
                               "tables calibrate on other draws), each timed interleaved with the unpruned model "
-                              "(10 warm-up + 60 rounds) and expressed as ratio x the table's full-model ms; "
-                              "tables written to profiles/"])
+                              f"(10 warm-up + {args.rounds} rounds), as ratio x the table's full-model ms; "
+                              "tables written to profiles/; layer entries are ONNX Runtime kernel times (ort-cpu), "
+                              "widths rounded up to the channel block"])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ is left whole and the solve repeats. The plan records each attempt.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,8 +35,14 @@ from kpc.importance import accumulate_gradients, score_groups
 from kpc.planner import LANDING_TOLERANCE, GroupChoices, make_choices, minimum_cost, scale, solve_widths
 
 MAX_VERIFY_ROUNDS = 4
-LATENCY_WINDOW = (-0.05, 0.02)
-OVERSHOOT_MARGIN = 0.002  # a latency plan lands when measured/budget - 1 is inside this window
+MAX_LATENCY_ROUNDS = 6
+LATENCY_WINDOW = (-0.05, 0.02)  # a latency plan lands when measured/budget - 1 is inside this window
+# The closed loop aims at the window's middle and stops early only inside a narrower window
+# around it: a timing on a shared machine moves by a few percent when repeated, so a plan
+# accepted at the window's edge would often fall outside it when timed again.
+LATENCY_AIM = -0.015
+LATENCY_AIM_WINDOW = (-0.03, 0.0)
+OVERSHOOT_MARGIN = 0.002  # after an overshoot, aim this much lower so the solver cannot repeat the plan
 
 
 @dataclass
@@ -136,7 +143,8 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
     for _attempt in range(MAX_VERIFY_ROUNDS + len(groups)):
         cost = make_cost(loaded.model, example, graph, groups)
         full_widths = np.array([g.width for g in groups], dtype=np.float64)
-        choices = [make_choices(g.index, scores[g.index], settings.round_to, settings.min_channels)
+        round_to = math.lcm(settings.round_to, int(getattr(cost, "width_step", 1)))
+        choices = [make_choices(g.index, scores[g.index], round_to, settings.min_channels)
                    for g in groups if g.prunable]
         full_cost = cost.total(full_widths)
         floor = minimum_cost(cost, full_widths, choices)
@@ -177,9 +185,10 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
             log(f"round {len(attempts)}: predicted {solution.cost:.3f} ms, measured {counted:.3f} ms "
                 f"(budget {limit:.3f} ms)")
         candidates.append((pruned, solution, counted))
-        if _lands(counted, limit, cost.unit) or len(attempts) >= MAX_VERIFY_ROUNDS:
+        rounds = MAX_VERIFY_ROUNDS if cost.unit == "GFLOPs" else MAX_LATENCY_ROUNDS
+        if _lands(counted, limit, cost.unit, aim=True) or len(attempts) >= rounds:
             break
-        target_scale = _next_target(attempts, limit) / limit
+        target_scale = _next_target(attempts, _aim(limit, cost.unit)) / limit
     else:  # pragma: no cover - bounded by the number of groups
         raise KpcError("pruning did not converge")
     pruned, solution, counted = _best(candidates, limit, cost.unit)
@@ -205,7 +214,7 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
                        "batches": settings.calib_batches, "batch_size": settings.calib_batch_size,
                        "seed": settings.seed},
         "solver": settings.solver,
-        "round_to": settings.round_to,
+        "round_to": round_to,
         "min_channels": settings.min_channels,
         "ignore": list(settings.ignore),
         "input_size": list(loaded.spec.input_size),
@@ -241,17 +250,27 @@ def _next_target(attempts: list[dict[str, Any]], limit: float) -> float:
     return guess * (1 - OVERSHOOT_MARGIN if last["counted"] > limit else 1)
 
 
-def _lands(counted: float, limit: float, unit: str) -> bool:
+def _aim(limit: float, unit: str) -> float:
+    """What the closed loop steers the measured cost to: the budget (FLOPs) or the window's middle (latency)."""
+    return limit if unit == "GFLOPs" else limit * (1 + LATENCY_AIM)
+
+
+def _lands(counted: float, limit: float, unit: str, *, aim: bool = False) -> bool:
     if unit == "GFLOPs":
         return limit * (1 - LANDING_TOLERANCE) <= counted <= limit * (1 + 1e-9)
-    return limit * (1 + LATENCY_WINDOW[0]) <= counted <= limit * (1 + LATENCY_WINDOW[1])
+    low, high = LATENCY_AIM_WINDOW if aim else LATENCY_WINDOW
+    return limit * (1 + low) <= counted <= limit * (1 + high)
 
 
 def _best(candidates: list[tuple[nn.Module, Any, float]], limit: float, unit: str) -> tuple[nn.Module, Any, float]:
-    """The attempt that lands; else the largest one within the budget; else the smallest."""
+    """The best attempt near the aim; else the one in the window closest to the aim; else the largest within
+    the budget; else the smallest."""
+    centred = [c for c in candidates if _lands(c[2], limit, unit, aim=True)]
+    if centred:
+        return max(centred, key=lambda c: c[1].value)
     landed = [c for c in candidates if _lands(c[2], limit, unit)]
     if landed:
-        return max(landed, key=lambda c: c[1].value)
+        return min(landed, key=lambda c: abs(c[2] - _aim(limit, unit)))
     ceiling = limit * (1 + (1e-9 if unit == "GFLOPs" else LATENCY_WINDOW[1]))
     under = [c for c in candidates if c[2] <= ceiling]
     if under:

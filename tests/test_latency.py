@@ -14,7 +14,14 @@ from kpc.data import parse_data_spec
 from kpc.errors import KpcError
 from kpc.latency import latency_cost_factory, load_table
 from kpc.latency.model import LatencyModel
-from kpc.latency.profiler import ProfileSettings, layers_for, model_layers, profile
+from kpc.latency.profiler import (
+    ProfileSettings,
+    aligned_to_block,
+    channel_block,
+    layers_for,
+    model_layers,
+    profile,
+)
 from kpc.latency.table import Entry
 from kpc.prune import Budget, PruneSettings, prune
 
@@ -98,6 +105,14 @@ def test_interpolation_is_exact_at_measured_points_and_monotone():
     assert depthwise(0, 24.0) == pytest.approx(0.2) and depthwise(0, 40.0) == pytest.approx(0.3)
 
 
+def test_profiling_steps_are_multiples_of_the_channel_block():
+    block = channel_block("ort-cpu")
+    aligned = aligned_to_block(ProfileSettings(runtime="ort-cpu", round_to=8), log=_quiet)
+    assert aligned.round_to % block == 0 and aligned.round_to % 8 == 0
+    assert channel_block("torch-cuda") == 1
+    assert aligned_to_block(ProfileSettings(runtime="torch-cuda", round_to=8), log=_quiet).round_to == 8
+
+
 def test_latency_model_is_the_sum_it_claims(table_path):
     loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
     table = load_table(table_path)
@@ -140,12 +155,17 @@ def test_budget_ms_prune_lands_near_the_budget(table_path, tmp_path):
     loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
     table = load_table(table_path)
     budget = 0.6 * table.header["full_model_ms"]
-    factory = latency_cost_factory(table_path, loaded, force=False, log=_quiet, round_to=16, min_channels=16)
-    settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2, round_to=16,
-                             min_channels=16)
+    messages: list[str] = []
+    # asked for steps of 8 and a minimum of 8: the table was measured in steps of 16, so the prune takes those
+    factory = latency_cost_factory(table_path, loaded, force=False, log=messages.append, round_to=8, min_channels=8)
+    settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2, round_to=8,
+                             min_channels=8)
     result = prune(loaded, Budget(ms=budget), settings, cost_model=factory, log=_quiet)
     measured = result.round["measured_ms"]
     assert abs(measured / budget - 1) < 0.25, f"measured {measured:.3f} ms for a {budget:.3f} ms budget"
+    assert any("in steps of 16" in m for m in messages), messages
+    assert result.round["round_to"] == 16
+    assert all(g["kept_width"] % 16 == 0 or g["kept_width"] == g["width"] for g in result.round["groups"])
     assert result.round["attempts"] and all("counted" in a for a in result.round["attempts"])
     assert result.round["latency_table"]["runtime"] == "ort-cpu"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from kpc.artifact import LoadedModel
 from kpc.errors import KpcError
 from kpc.latency.table import LatencyTable, load_table
+
+CLOSED_LOOP_ITERS = 100  # interleaved rounds per closed-loop timing: the budget window is only a few percent wide
 
 
 def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, log: Callable[[str], None],
@@ -37,6 +40,12 @@ def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, 
                        "this target with kpc profile, or pass --force-lut to use it anyway")
     for problem in problems:
         log(f"WARNING: --force-lut: using a table measured for another target: {problem}")
+    table_step = int(header.get("round_to", 1))
+    if round_to % table_step:
+        aligned = math.lcm(round_to, table_step)
+        log(f"latency table {lut} was measured at widths in steps of {table_step} (the runtime's channel block): "
+            f"pruning in steps of {aligned} instead of {round_to}")
+        round_to = aligned
     measure_target = {k: wanted[k] if wanted[k] is not None else header[k]
                       for k in ("runtime", "batch", "threads", "precision")}
 
@@ -45,7 +54,7 @@ def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, 
     def measure(pruned) -> float:
         """The pruned model timed interleaved with the unpruned one, in the table's milliseconds."""
         if not timers:
-            timers.append(RelativeTimer(loaded.model, loaded.spec.input_size, **measure_target,
+            timers.append(RelativeTimer(loaded.model, loaded.spec.input_size, **measure_target, iters=CLOSED_LOOP_ITERS,
                                         reference_ms=float(header["full_model_ms"])))
         return timers[0](pruned)
 
@@ -53,6 +62,7 @@ def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, 
         layers = layers_for(model, example, graph, groups, round_to, min_channels)
         cost = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
         cost.measure_model = measure
+        cost.width_step = round_to
         return cost
 
     return make

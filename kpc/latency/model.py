@@ -52,6 +52,7 @@ class LatencyModel:
             for g in {g for g, _ in term.layer.out.terms} | {g for g, _ in term.layer.inp.terms}:
                 self._by_group.setdefault(g, []).append(term)
         self.measure_model = None  # set by the factory: times a real model on the table's target
+        self.width_step = 1  # set by the factory: kept widths must be multiples of this (the table's round_to)
 
     # ------------------------------------------------------------ prediction
 
