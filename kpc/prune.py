@@ -154,8 +154,8 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
                            f"({full_cost / scale(cost):.4g} {cost.unit}): nothing to prune; ask for less")
         if limit < floor:
             raise KpcError(f"budget {budget.describe()} is below the smallest achievable cost "
-                           f"{floor / scale(cost):.4g} {cost.unit} (every group at --min-channels "
-                           f"{settings.min_channels}); ask for at least that")
+                           f"{floor / scale(cost):.4g} {cost.unit} (every group at its smallest width, "
+                           f"{_smallest_width(settings.min_channels, round_to)}); ask for at least that")
         target = min(max(limit * target_scale, floor), full_cost)
         solution = solve_widths(cost, full_widths, choices, target, solver=settings.solver, bins=settings.bins)
         kept = _kept_by_root(groups, choices, solution.widths)
@@ -248,6 +248,14 @@ def _next_target(attempts: list[dict[str, Any]], limit: float) -> float:
         if secant > 0 and (t1 - t0) * (m1 - m0) > 0:  # only where more target measured more
             guess = secant
     return guess * (1 - OVERSHOOT_MARGIN if last["counted"] > limit else 1)
+
+
+def _smallest_width(min_channels: int, round_to: int) -> str:
+    """--min-channels as the prune applies it: rounded up to a multiple of the width step."""
+    smallest = -(-max(1, min_channels) // round_to) * round_to
+    if smallest == min_channels:
+        return f"--min-channels {min_channels}"
+    return f"{smallest} channels: --min-channels {min_channels} in steps of {round_to}"
 
 
 def _aim(limit: float, unit: str) -> float:
