@@ -93,7 +93,7 @@ def distill_command(
     data: DataOpt = "fashion-mnist",
     epochs: EpochsOpt = 5,
     ikd_weight: Annotated[float, typer.Option("--ikd-weight", help="Weight of the inner (per-stage feature MSE) "
-                                              "loss.")] = 1.0,
+                                              "loss (5 beat 1 in the Fashion-MNIST sweep).")] = 5.0,
     kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of logit KD (KL at --temperature, "
                                              "x T^2).")] = 0.0,
     temperature: Annotated[float, typer.Option("--temperature")] = 4.0,
