@@ -97,7 +97,7 @@ def main() -> None:
                               "tables calibrate on other draws), each timed interleaved with the unpruned model "
                               f"(10 warm-up + {args.rounds} rounds), as ratio x the table's full-model ms; "
                               "tables written to profiles/; layer entries are ONNX Runtime kernel times (ort-cpu), "
-                              "widths rounded up to the channel block"])
+                              "widths in steps of the table's round_to (the channel block)"])
 
 
 if __name__ == "__main__":

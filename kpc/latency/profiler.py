@@ -113,14 +113,14 @@ def layers_for(model, example, graph, groups: list[ChannelGroup], round_to: int,
 def channel_block(runtime: str) -> int:
     """Channels the runtime's fast conv kernels process as one block, or 1 where none is known.
 
-    On x86 CPUs ONNX Runtime's NCHWc kernels (and oneDNN's) block channels by the vector
-    width: 16 floats with AVX-512, 8 with AVX2. ONNX Runtime only moves a conv onto them
-    when its channels are a multiple of the block; any other width runs the generic path
-    and adds layout reorders around it (measured on ResNet-18 here: a random assignment
-    ran 8% faster once its odd widths were rounded *up* to 16). So widths are kept to
-    multiples of the block on these runtimes.
+    On x86 CPUs ONNX Runtime's NCHWc kernels block channels by the vector width: 16
+    floats with AVX-512, 8 with AVX2. ONNX Runtime only moves a conv onto them when its
+    channels are a multiple of the block; any other width runs the generic path and adds
+    layout reorders around it (measured on ResNet-18 here: a random assignment ran 8%
+    faster once its odd widths were rounded *up* to 16). So widths are kept to multiples
+    of the block there. Other runtimes have not been measured for this and get 1.
     """
-    if runtime not in ("ort-cpu", "torch-cpu"):
+    if runtime != "ort-cpu":
         return 1
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
