@@ -8,7 +8,11 @@ a real pruned model on the table's target, which closes the loop in `kpc prune`.
 
 from __future__ import annotations
 
+import statistics
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,38 +100,70 @@ class RelativeTimer:
     the ratio of two models timed A B A B in one run does not. Scaling it by the
     baseline's reference latency (the table's full_model_ms) gives milliseconds that
     are comparable across the whole profile and prune.
+
+    The ratio is averaged over several baseline sessions (`sessions`), each paired with its
+    own session of the candidate: one ONNX Runtime session of the same model can run a few
+    percent faster or slower than another for its whole life (measured on a pruned
+    EfficientNet-B0 at 2.5 ms: 2.39 to 2.65 ms across sessions, within 1% inside one), and
+    a single baseline session shifted every ratio taken against it by that much.
     """
 
     def __init__(self, baseline: nn.Module, input_size: tuple[int, ...], *, runtime: str, batch: int, threads: int,
-                 precision: str, reference_ms: float | None = None, warmup: int = 10, iters: int = 60) -> None:
+                 precision: str, reference_ms: float | None = None, warmup: int = 10, iters: int = 60,
+                 sessions: int = 3) -> None:
         from exporters import get_runner
 
         self.settings = {"runtime": runtime, "threads": threads, "precision": precision}
         self.inputs = {"input": np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)}
         self.warmup, self.iters = warmup, iters
-        self.baseline = get_runner(runtime, threads=threads, precision=precision)
-        self.baseline.prepare(baseline.eval(), self.inputs)
+        self._workdir = tempfile.TemporaryDirectory(prefix="kpc-timer-")
+        source = self._source(baseline, "baseline")
+        self.baselines = []
+        for _ in range(max(1, sessions)):
+            runner = get_runner(runtime, threads=threads, precision=precision)
+            runner.prepare(source, self.inputs)
+            self.baselines.append(runner)
         self.reference_ms = reference_ms if reference_ms is not None else self.absolute_ms()
+
+    def _source(self, model: nn.Module, name: str) -> Any:
+        """What a runner prepares: an ONNX file exported once for file-based runtimes, else the module."""
+        model = model.eval()
+        if not self.settings["runtime"].startswith("ort"):
+            return model
+        from exporters import export_onnx
+
+        tensors = {k: torch.from_numpy(v) for k, v in self.inputs.items()}
+        with torch.no_grad():
+            return export_onnx(model, tensors, Path(self._workdir.name) / f"{name}.onnx",
+                               fp16=self.settings["precision"] == "fp16")
 
     def absolute_ms(self) -> float:
         from exporters import measure
 
         with torch.no_grad():
-            return float(measure(self.baseline, self.inputs, warmup=self.warmup, iters=3 * self.iters).median_ms)
+            return float(statistics.median(
+                measure(b, self.inputs, warmup=self.warmup, iters=3 * self.iters).median_ms for b in self.baselines))
 
     def ratio(self, model: nn.Module) -> float:
-        """median(model) / median(baseline), timed interleaved."""
+        """Mean over baseline sessions of median(model) / median(baseline), each pair timed interleaved."""
         from exporters import get_runner, interleaved
 
-        with get_runner(**self.settings) as runner:
-            runner.prepare(model.eval(), self.inputs)
-            with torch.no_grad():
-                base, candidate = interleaved(self.baseline, self.inputs, runner, self.inputs, warmup=self.warmup,
-                                              iters=self.iters)
-        return candidate.median_ms / base.median_ms
+        source = self._source(model, "candidate")
+        rounds = max(1, -(-self.iters // len(self.baselines)))
+        ratios = []
+        for baseline in self.baselines:
+            with get_runner(**self.settings) as runner:
+                runner.prepare(source, self.inputs)
+                with torch.no_grad():
+                    base, candidate = interleaved(baseline, self.inputs, runner, self.inputs, warmup=self.warmup,
+                                                  iters=rounds)
+            ratios.append(candidate.median_ms / base.median_ms)
+        return float(np.mean(ratios))
 
     def __call__(self, model: nn.Module) -> float:
         return self.ratio(model) * self.reference_ms
 
     def close(self) -> None:
-        self.baseline.close()
+        for baseline in self.baselines:
+            baseline.close()
+        self._workdir.cleanup()
