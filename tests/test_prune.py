@@ -116,3 +116,17 @@ def test_ignore_and_classifier_are_left_whole():
     assert groups["fc"]["prunable"] is False and "network output" in groups["fc"]["reason"]
     assert groups["layer4.0.conv1"]["kept_width"] == groups["layer4.0.conv1"]["width"]
     assert "ignored" in groups["layer4.0.conv1"]["reason"]
+
+
+def test_closed_loop_bisects_once_the_aim_is_bracketed():
+    """Two rounds above the aim near a jump, one far below: the next target lies strictly between them."""
+    from kpc.prune import _next_target
+
+    attempts = [{"target": 1.32, "counted": 1.01}, {"target": 1.70, "counted": 1.40},
+                {"target": 1.61, "counted": 1.38}]
+    following = _next_target(attempts, 1.30)
+    assert 1.32 < following < 1.61
+    attempts.append({"target": following, "counted": 1.01})  # the jump again: still below the aim
+    assert following < _next_target(attempts, 1.30) < 1.61
+    # no bracket yet: the ratio/secant step, strictly below after an overshoot
+    assert _next_target([{"target": 2.0, "counted": 2.2}], 2.0) < 2.0 * 2.0 / 2.2
