@@ -90,7 +90,8 @@ def main() -> None:
                "measured/budget - 1", "in [-5%, +2%]", "rounds: predicted/measured ms"]
     print(markdown_table(headers, rows))
     notes = [f"device: {device}; importance: Taylor over 2x8 Fashion-MNIST images at {args.size}x{args.size}; "
-             "every result re-timed after pruning, interleaved with the unpruned model (10 warm-up + 100 rounds), "
+             "every result re-timed after pruning, interleaved with the unpruned model (10 warm-up + 100 rounds, "
+             "split over 3 baseline sessions), "
              "as ratio x the table's full-model ms (absolute timings drift ~5% between runs on this machine)"]
     if not args.no_record:
         append_results(f"Budget fidelity of --budget-ms ({args.runtime}, batch 1) (issue 4)", headers, rows,
