@@ -125,6 +125,14 @@ def solve_widths(cost: CostModel, full_widths: np.ndarray, choices: Sequence[Gro
         if reference <= 0:
             break
         target = min(target * budget / reference, budget * 1.5)
+    for fraction in np.linspace(0.9, 0.0, 10) if best is None else ():
+        # Every linearised solve landed over the budget (step-like latency costs can do that near the
+        # floor): walk the target down toward the floor, where the all-minimum assignment always fits.
+        found, _ = _fixed_point(cost, full_widths, choices, floor + fraction * (budget - floor), budget, solver,
+                                bins, max_iterations)
+        if found is not None:
+            best = found
+            break
     if best is None:
         raise KpcError(f"no width assignment fits {budget / scale(cost):.4g} {cost.unit}; the smallest is "
                        f"{floor / scale(cost):.4g} {cost.unit}")
