@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.errors import ExporterError
-from exporters.runners.ort_runner import import_onnxruntime
+from exporters.runners.ort_runner import import_onnxruntime, session_options
 
 LAYOUT_OPS = ("ReorderInput", "ReorderOutput", "Transpose")
 
@@ -39,12 +39,7 @@ def ort_cpu_kernel_ms(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], *
         raise ExporterError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
     ort = import_onnxruntime("ort-cpu")
     with tempfile.TemporaryDirectory(prefix="exporters-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options = session_options(ort, threads, spinning=spinning)
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "profile")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

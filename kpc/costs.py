@@ -30,6 +30,7 @@ class CostModel(Protocol):
     """What the planner needs from a cost: FLOPs here, latency from a lookup table later."""
 
     unit: str
+    width_step: int  # kept widths must be multiples of this (a latency table's round_to; 1 for FLOPs)
 
     def total(self, widths: np.ndarray) -> float: ...
 
@@ -110,6 +111,7 @@ class FlopsModel:
     """MACs of the whole network for any assignment of group widths (1 FLOP = 1 MAC, as in the literature)."""
 
     unit = "GFLOPs"
+    width_step = 1
 
     def __init__(self, model: nn.Module, example: torch.Tensor, graph: tp.DependencyGraph,
                  groups: list[ChannelGroup]) -> None:

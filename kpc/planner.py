@@ -103,6 +103,20 @@ def _fixed_point(cost: CostModel, full_widths: np.ndarray, choices: Sequence[Gro
     return best, last
 
 
+def _walk_down_to_floor(cost: CostModel, full_widths: np.ndarray, choices: Sequence[GroupChoices], budget: float,
+                        floor: float, solver: str, bins: int, max_iterations: int) -> Solution | None:
+    """Targets stepping from the budget to the floor, for when every linearised solve landed over the budget.
+
+    Step-like latency costs can do that near the floor; the all-minimum assignment always fits there.
+    """
+    for fraction in np.linspace(0.9, 0.0, 10):
+        found, _ = _fixed_point(cost, full_widths, choices, floor + fraction * (budget - floor), budget, solver,
+                                bins, max_iterations)
+        if found is not None:
+            return found
+    return None
+
+
 def solve_widths(cost: CostModel, full_widths: np.ndarray, choices: Sequence[GroupChoices], budget: float, *,
                  solver: str = "exact", bins: int = 10_000, max_iterations: int = 30, rounds: int = 8
                  ) -> Solution:
@@ -125,14 +139,8 @@ def solve_widths(cost: CostModel, full_widths: np.ndarray, choices: Sequence[Gro
         if reference <= 0:
             break
         target = min(target * budget / reference, budget * 1.5)
-    for fraction in np.linspace(0.9, 0.0, 10) if best is None else ():
-        # Every linearised solve landed over the budget (step-like latency costs can do that near the
-        # floor): walk the target down toward the floor, where the all-minimum assignment always fits.
-        found, _ = _fixed_point(cost, full_widths, choices, floor + fraction * (budget - floor), budget, solver,
-                                bins, max_iterations)
-        if found is not None:
-            best = found
-            break
+    if best is None:
+        best = _walk_down_to_floor(cost, full_widths, choices, budget, floor, solver, bins, max_iterations)
     if best is None:
         raise KpcError(f"no width assignment fits {budget / scale(cost):.4g} {cost.unit}; the smallest is "
                        f"{floor / scale(cost):.4g} {cost.unit}")

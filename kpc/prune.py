@@ -143,7 +143,7 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
     for _attempt in range(MAX_VERIFY_ROUNDS + len(groups)):
         cost = make_cost(loaded.model, example, graph, groups)
         full_widths = np.array([g.width for g in groups], dtype=np.float64)
-        round_to = math.lcm(settings.round_to, int(getattr(cost, "width_step", 1)))
+        round_to = math.lcm(settings.round_to, cost.width_step)
         choices = [make_choices(g.index, scores[g.index], round_to, settings.min_channels)
                    for g in groups if g.prunable]
         full_cost = cost.total(full_widths)

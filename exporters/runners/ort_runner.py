@@ -44,6 +44,22 @@ def import_onnxruntime(runtime: str) -> Any:
     return onnxruntime
 
 
+def session_options(ort: Any, threads: int, *, spinning: bool) -> Any:
+    """Session options every kpc timing uses: a fixed thread count, sequential, all graph optimisations.
+
+    Runners pass spinning=False: a spinning pool keeps the cores busy after its run and slows
+    whatever runs next, which biases every A/B comparison (measured here: the baseline of an
+    interleaved pair looked up to 2x slower on 2 cores).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 def resolve_onnx_file(model: ModelLike, example_inputs: Arrays, workdir: Path) -> Path:
     """An ONNX path for ``model``: the file itself, or a fresh export of a torch module."""
     if isinstance(model, torch.nn.Module):
@@ -77,15 +93,7 @@ class _OrtRunner(Runner):
         workdir = Path(self._workdir.name) if self._workdir else Path(".")
         self.model_path = resolve_onnx_file(model, example_inputs, workdir)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle pool threads sleep instead of spinning: a spinning pool keeps the cores busy after its
-        # run and slows whatever runs next, which biases every A/B comparison (measured here: the
-        # baseline of an interleaved pair looked up to 2x slower on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(ort, self.threads, spinning=False)
         self._session = ort.InferenceSession(str(self.model_path), options, providers=self._providers())
         self._check_session()
         self._input_types = {i.name: i.type for i in self._session.get_inputs()}
