@@ -75,7 +75,7 @@ def main() -> None:
                 result = prune(loaded, Budget(ms=budget), settings, cost_model=factory, log=quiet)
             except KpcError as exc:  # e.g. a budget below what the model can reach: record it, go on
                 rows.append([name, f"{fraction:.0%}", f"{base:.2f}", f"{budget:.2f}", "-", "-", "n/a",
-                             str(exc).split(":")[0] + f" ({str(exc).split('cost ')[-1].split(' (')[0]})"])
+                             str(exc).replace("|", "/")])
                 print(rows[-1])
                 continue
             again = timer(result.model)

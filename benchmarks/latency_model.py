@@ -61,7 +61,8 @@ def main() -> None:
         if args.reuse and path.is_file():
             from kpc.latency import load_table
 
-            table, seconds = load_table(path), float("nan")
+            table = load_table(path)
+            seconds = float(table.header.get("profile_seconds", "nan"))  # how long the reused table took
         else:
             table = profile(loaded, settings, path, log=lambda m: print(f"  {m}"))
             seconds = time.perf_counter() - started

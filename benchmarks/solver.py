@@ -27,6 +27,7 @@ from kpc import knapsack
 from kpc.artifact import open_model
 from kpc.costs import FlopsModel
 from kpc.data import parse_data_spec
+from kpc.groups import tie_of
 from kpc.planner import make_choices, solve_widths
 from kpc.prune import PruneSettings, analyse, compute_importance
 
@@ -56,8 +57,8 @@ def main() -> None:
     scores = compute_importance(loaded, groups, settings)
     cost = FlopsModel(loaded.model, example, graph, groups)
     full = np.array([g.width for g in groups], dtype=np.float64)
-    choices = [make_choices(g.index, scores[g.index], settings.round_to, settings.min_channels)
-               for g in groups if g.prunable]
+    choices = [make_choices(tie_of(groups, g), scores, settings.round_to, settings.min_channels)
+               for g in groups if g.prunable and g.tied_to is None]
     instance, shift = linearised_options(cost, full, choices)
     options = sum(len(g) for g in instance)
     full_cost = cost.total(full)

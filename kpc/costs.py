@@ -22,7 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from kpc.groups import ChannelGroup
+from kpc.groups import ChannelGroup, is_grouped_conv
 from kpc.tracing import forward_with_hooks
 
 
@@ -88,7 +88,9 @@ def channel_sides(model: nn.Module, graph: tp.DependencyGraph, groups: list[Chan
                 continue
             side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             shares = touched.setdefault(module, {"out": {}, "in": {}})[side]
-            shares[group.index] = shares.get(group.index, 0.0) + len(item.idxs)
+            # a tied group moves block for block with its leader: same fraction of its width, so its
+            # channels count as a share of the leader's width
+            shares[group.leader] = shares.get(group.leader, 0.0) + len(item.idxs)
     sides = {}
     for module, shares in touched.items():
         out_full = float(graph.get_out_channels(module) or 0) or sum(shares["out"].values())
@@ -126,7 +128,9 @@ class FlopsModel:
             cost = per_module.get(module) or 0.0
             if cost <= 0:
                 continue
-            bilinear = isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise(module)
+            # depthwise and grouped convs lose whole conv groups: their cost is linear in the kept channels
+            bilinear = isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise(module) \
+                and not is_grouped_conv(module)
             if not bilinear and not out.terms:  # a one-dimensional module reached from its input side
                 out = inp
             if out.full <= 0 or (bilinear and inp.full <= 0):

@@ -66,6 +66,16 @@ class ChannelGroup:
     prunable: bool = True
     reason: str | None = None  # why the group is kept whole
     tp_group: object = field(default=None, repr=False)  # torch-pruning Group, valid for the analysed model
+    blocks: int = 1  # equal channel blocks kept or removed whole (the conv groups of a grouped conv it feeds)
+    tied_to: int | None = None  # the group whose choice of blocks this one follows (grouped convs tie groups)
+
+    @property
+    def block_width(self) -> int:
+        return self.width // self.blocks
+
+    @property
+    def leader(self) -> int:
+        return self.index if self.tied_to is None else self.tied_to
 
 
 @contextlib.contextmanager
@@ -95,7 +105,7 @@ def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
 
 
-def _is_grouped_conv(module: nn.Module) -> bool:
+def is_grouped_conv(module: nn.Module) -> bool:
     """A grouped but not depthwise conv: slicing its channels independently breaks the groups."""
     return (isinstance(module, nn.Conv2d) and module.groups > 1
             and not module.groups == module.in_channels == module.out_channels)
@@ -181,6 +191,7 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
     ignored = {n for n in names.values() if n and any(fnmatch.fnmatchcase(n, p) or n == p or
                                                       n.startswith(p + ".") for p in ignore)}
     groups: list[ChannelGroup] = []
+    grouped: dict[str, dict[str, int | None]] = {}  # grouped conv -> its groups count and the group on each side
     for root_module, tp_group, failure in _each_group(graph):
         root = names.get(root_module)
         if root is None:
@@ -205,9 +216,11 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             name = names[module]
             if _is_attention(module):
                 reason = f"attention layer {name}: heads are left whole"
-            elif _is_grouped_conv(module):
-                reason = (f"grouped convolution {name} (groups={module.groups}): torch-pruning cannot keep "
-                          "its conv groups consistent, so it is left whole")
+            elif is_grouped_conv(module):
+                side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                aligned = list(item.idxs) == list(getattr(item, "root_idxs", None) or item.idxs) == \
+                    list(range(len(item.idxs)))
+                grouped.setdefault(name, {"groups": module.groups})[side] = len(groups) if aligned else None
             if graph.is_out_channel_pruning_fn(item.dep.handler):
                 out_names.append(name)
                 if any(True for _ in module.parameters(recurse=False)):
@@ -231,7 +244,81 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
         groups.append(group)
     if not groups:
         raise KpcError("found no prunable convolution or linear layers in this model")
+    _tie_grouped_convs(groups, grouped)
     return groups
+
+
+def _tie_grouped_convs(groups: list[ChannelGroup], grouped: dict[str, dict[str, int | None]]) -> None:
+    """Tie the groups on both sides of every grouped conv so they keep the same whole conv groups.
+
+    A grouped conv stays valid only when it loses whole conv groups, the same ones on
+    its input side (the group feeding it) and its output side (the group it roots).
+    Those groups, and any chained through further grouped convs, become one tie: the
+    first one chooses how many blocks to keep and which, the others follow. A tie is
+    left whole, with the reason, when any member is whole for another reason, a side
+    of one of its grouped convs is not a group of its own, or its convs disagree on
+    the number of conv groups.
+    """
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    problems: dict[int, str] = {}
+    counts: dict[int, set[int]] = {}
+    members_of_conv: list[tuple[str, list[int]]] = []
+    for name, sides in grouped.items():
+        members = [sides[k] for k in ("in", "out") if k in sides]
+        known = [m for m in members if m is not None]
+        for m in known[1:]:
+            parent[find(m)] = find(known[0])
+        members_of_conv.append((name, known))
+        if len(known) < 2 or None in members:
+            for m in known:
+                problems.setdefault(m, f"grouped convolution {name} (groups={sides['groups']}): one side of it "
+                                       "is not a channel group kpc can follow, so it is left whole")
+    ties: dict[int, set[int]] = {}
+    for name, known in members_of_conv:
+        for m in known:
+            counts.setdefault(find(m), set()).add(int(grouped[name]["groups"]))
+            ties.setdefault(find(m), set()).add(m)
+    for root, tied in ties.items():
+        members = sorted(tied)
+        leader = groups[members[0]]
+        convs = sorted(counts[root])
+        reason = next((problems[m] for m in members if m in problems), None)
+        whole = next((groups[m] for m in members if not groups[m].prunable), None)
+        if reason is None and len(convs) > 1:
+            reason = f"grouped convolutions with different group counts ({convs}) share channels"
+        if reason is None and any(groups[m].width % convs[0] for m in members):
+            reason = f"a grouped convolution's {convs[0]} conv groups do not split its channels evenly"
+        if reason is None and whole is not None:
+            reason = f"tied through a grouped convolution to {whole.root}, which is whole: {whole.reason}"
+        for m in members:
+            group = groups[m]
+            if reason is not None:
+                if group.prunable:
+                    group.prunable, group.reason = False, reason
+                continue
+            group.blocks = convs[0]
+            group.tied_to = None if m == leader.index else leader.index
+
+
+def tie_of(groups: Sequence[ChannelGroup], group: ChannelGroup) -> list[ChannelGroup]:
+    """The group and every group tied to it, leader first (just the group when it is not tied)."""
+    return [g for g in groups if g.leader == group.leader]
+
+
+def leave_whole(groups: Sequence[ChannelGroup], index: int, reason: str) -> list[ChannelGroup]:
+    """Mark a group whole, with every group tied to it; returns the groups marked."""
+    marked = [g for g in tie_of(groups, groups[index]) if g.prunable]
+    for group in marked:
+        group.prunable = False
+        group.reason = reason if group.index == index else f"tied to {groups[index].root}, which is whole: {reason}"
+    return marked
 
 
 # ---------------------------------------------------------------- applying kept channels
@@ -245,7 +332,33 @@ def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: 
         return
     pruner = graph.get_pruner_of_module(module)
     group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
+    grouped_inputs = [item for item in group
+                      if is_grouped_conv(item.dep.target.module) and graph.is_in_channel_pruning_fn(item.dep.handler)]
+    if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
+        group._group = [item for item in group if item not in grouped_inputs]
     group.prune()
+    for item in grouped_inputs:
+        _remove_conv_groups(item.dep.target.module, item.idxs)
+
+
+def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:
+    """Remove whole conv groups from a grouped conv's input side.
+
+    torch-pruning slices a grouped conv's per-group input weights and leaves `groups`
+    as it was, which breaks the conv. kpc removes a grouped conv's channels only as
+    whole conv groups, the same ones on its input side (the group feeding it) and on
+    its output side (its weight rows, pruned as usual with the group it roots). On the
+    input side each kept conv group keeps all its inputs: the weight stays as it is,
+    `in_channels` and `groups` shrink.
+    """
+    per_group = conv.in_channels // conv.groups
+    removed = {int(i) for i in removed_inputs}
+    blocks = {i // per_group for i in removed}
+    if len(removed) != len(blocks) * per_group:
+        raise KpcError(f"internal error: pruning part of a conv group of a grouped conv ({len(removed)} "
+                       f"input channels over {len(blocks)} groups of {per_group}); please report this")
+    conv.in_channels -= len(removed)
+    conv.groups -= len(blocks)
 
 
 def apply_kept(model: nn.Module, example: torch.Tensor, kept: dict[str, tuple[int, Sequence[int]]], *,
@@ -284,15 +397,16 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: list
 
     Cheap when everything works (one copy, one forward); a failure costs a few copies
     per bad group. A group that breaks on its own is reported with the error it caused.
+    Tied groups are tried together and reported by their first member (see `leave_whole`).
     """
     with torch.no_grad():
         expected = model(example).shape
 
-    def trial(subset: list[ChannelGroup]) -> str | None:
+    def trial(subset: list[list[ChannelGroup]]) -> str | None:
         trial_model = copy.deepcopy(model)
         try:
             graph = build_graph(trial_model, example)
-            for group in subset:
+            for group in (g for unit in subset for g in unit):
                 prune_group(graph, trial_model.get_submodule(group.root), group.width, probe_kept(group))
         except KpcError:
             raise
@@ -301,23 +415,26 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: list
         return check_forward(trial_model, example, expected)
 
     bad: dict[int, str] = {}
+    units: dict[int, list[ChannelGroup]] = {}  # tied groups are pruned together or not at all
+    for group in candidates:
+        units.setdefault(group.leader, []).append(group)
 
-    def search(subset: list[ChannelGroup]) -> None:
+    def search(subset: list[list[ChannelGroup]]) -> None:
         if not subset:
             return
         error = trial(subset)
         if error is None:
             return
         if len(subset) == 1:
-            bad[subset[0].index] = error
+            bad[subset[0][0].index] = error
             return
         middle = len(subset) // 2
         search(subset[:middle])
         search(subset[middle:])
-        if not any(g.index in bad for g in subset):
-            # each half works alone but not together: leave the whole subset's last group out and retry
-            bad[subset[-1].index] = f"fails only in combination: {error}"
+        if not any(unit[0].index in bad for unit in subset):
+            # each half works alone but not together: leave the whole subset's last unit out and retry
+            bad[subset[-1][0].index] = f"fails only in combination: {error}"
             search(subset[:-1])
 
-    search(candidates)
+    search(list(units.values()))
     return bad

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc.errors import KpcError
-from kpc.groups import ChannelGroup
+from kpc.groups import ChannelGroup, is_grouped_conv
 
 METHODS = ("taylor", "magnitude")
 
@@ -58,9 +58,27 @@ def score_groups(groups: Sequence[ChannelGroup], method: str) -> dict[int, np.nd
     for group in groups:
         if not group.prunable:
             continue
-        value = scorer(group.tp_group)
+        value = scorer(_without_grouped_conv_inputs(group.tp_group))
         values = np.zeros(group.width) if value is None else value.detach().double().cpu().numpy()
         if values.shape != (group.width,):
             raise RuntimeError(f"importance of {group.root} has shape {values.shape}, expected ({group.width},)")
         scores[group.index] = np.nan_to_num(values, nan=0.0, posinf=0.0)
     return scores
+
+
+def _without_grouped_conv_inputs(tp_group):
+    """The group minus the input side of grouped convs, whose weights the output side already counts.
+
+    Grouped convs lose whole conv groups (see `kpc.groups`): removing a block removes its
+    weight rows, which the group holding the conv's output channels scores. torch-pruning
+    scores the input side by repeating one group's pattern across all groups, which would
+    add the same amount to every block and count those weights twice.
+    """
+    items = [item for item in tp_group
+             if not (is_grouped_conv(item.dep.target.module) and item.dep.handler == tp.prune_conv_in_channels)]
+    if len(items) == len(tp_group):
+        return tp_group
+    filtered = tp.dependency.Group()
+    filtered._group = items
+    filtered._DG = getattr(tp_group, "_DG", None)
+    return filtered

@@ -11,6 +11,7 @@ loop rescales the internal target when the fixed point lands short of or over it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import numpy as np
 from kpc import knapsack
 from kpc.costs import CostModel
 from kpc.errors import KpcError
+from kpc.groups import ChannelGroup
 
 SOLVERS = ("exact", "greedy")
 LANDING_TOLERANCE = 0.01  # a FLOPs plan may land at most this fraction under its budget
@@ -26,15 +28,37 @@ LANDING_TOLERANCE = 0.01  # a FLOPs plan may land at most this fraction under it
 
 @dataclass
 class GroupChoices:
-    """The widths a group may take and the importance each one keeps."""
+    """The widths a group may take and the importance each one keeps.
+
+    A tie (groups on both sides of grouped convs, see `kpc.groups`) is one choice: its
+    `order` ranks whole conv-group blocks instead of channels, and its followers' widths
+    move with the leader's, block for block.
+    """
 
     index: int
     widths: np.ndarray  # ascending, last one = full width
     values: np.ndarray  # kept importance for each width
-    order: np.ndarray  # channel indices, most important first
+    order: np.ndarray  # channel (or block) indices, most important first
+    block: int = 1  # channels per entry of `order`
+    followers: tuple[tuple[int, int], ...] = ()  # (group index, its channels per block)
 
-    def kept_indices(self, width: int) -> list[int]:
-        return sorted(int(i) for i in self.order[:width])
+    def kept_indices(self, width: int, block: int | None = None) -> list[int]:
+        """Kept channel indices at `width`; with `block`, those of a follower with that many channels per block."""
+        size = self.block if block is None else block
+        kept = self.order[: int(width) // self.block]
+        if self.block == 1 and block is None:
+            return sorted(int(i) for i in kept)
+        return sorted(int(b) * size + j for b in kept for j in range(size))
+
+    def follower_widths(self, width: int) -> dict[int, int]:
+        kept_blocks = int(width) // self.block
+        return {index: kept_blocks * size for index, size in self.followers}
+
+    def kept_by_group(self, width: int) -> dict[int, list[int]]:
+        """Kept channel indices of the chosen group and of every follower, by group index."""
+        kept = {self.index: self.kept_indices(width)}
+        kept.update({index: self.kept_indices(width, size) for index, size in self.followers})
+        return kept
 
 
 def width_options(width: int, round_to: int, min_channels: int) -> np.ndarray:
@@ -46,11 +70,43 @@ def width_options(width: int, round_to: int, min_channels: int) -> np.ndarray:
     return np.array([*options, width], dtype=np.int64)
 
 
-def make_choices(index: int, scores: np.ndarray, round_to: int, min_channels: int) -> GroupChoices:
-    order = np.argsort(-scores, kind="stable")
-    cumulative = np.concatenate([[0.0], np.cumsum(scores[order])])
-    widths = width_options(len(scores), round_to, min_channels)
-    return GroupChoices(index, widths, cumulative[widths], order)
+def block_options(blocks: int, block_widths: Sequence[int], round_to: int, min_channels: int) -> np.ndarray:
+    """Numbers of blocks a tie may keep: every member's width a multiple of `round_to` and at least the minimum.
+
+    All blocks (the full width) are always an option.
+    """
+    round_to = max(1, round_to)
+    step = math.lcm(*(round_to // math.gcd(round_to, int(b)) for b in block_widths))
+    lowest = max(-(-min(int(b) * blocks, max(1, min_channels)) // int(b)) for b in block_widths)
+    first = -(-max(lowest, 1) // step) * step
+    return np.array([*range(first, blocks, step), blocks], dtype=np.int64)
+
+
+def tie_widths(members: Sequence[ChannelGroup], round_to: int, min_channels: int) -> dict[int, np.ndarray]:
+    """The widths each member of a tie (or a lone group) may take, aligned option for option."""
+    leader = members[0]
+    if leader.tied_to is None and len(members) == 1 and leader.blocks == 1:
+        return {leader.index: width_options(leader.width, round_to, min_channels)}
+    counts = block_options(leader.blocks, [m.block_width for m in members], round_to, min_channels)
+    return {m.index: counts * m.block_width for m in members}
+
+
+def make_choices(members: Sequence[ChannelGroup], scores: dict[int, np.ndarray], round_to: int,
+                 min_channels: int) -> GroupChoices:
+    """The choice of a lone group, or of a tie (`members`, leader first) ranked by whole blocks."""
+    leader = members[0]
+    widths = tie_widths(members, round_to, min_channels)
+    if len(members) == 1 and leader.blocks == 1:
+        block_scores = scores[leader.index]
+        block = 1
+    else:
+        block_scores = sum(scores[m.index].reshape(leader.blocks, m.block_width).sum(axis=1) for m in members)
+        block = leader.block_width
+    order = np.argsort(-block_scores, kind="stable")
+    cumulative = np.concatenate([[0.0], np.cumsum(block_scores[order])])
+    options = widths[leader.index]
+    return GroupChoices(leader.index, options, cumulative[options // block], order, block,
+                        tuple((m.index, m.block_width) for m in members[1:]))
 
 
 @dataclass
@@ -65,6 +121,8 @@ def minimum_cost(cost: CostModel, full_widths: np.ndarray, choices: Sequence[Gro
     widths = full_widths.astype(np.float64).copy()
     for choice in choices:
         widths[choice.index] = choice.widths[0]
+        for index, width in choice.follower_widths(choice.widths[0]).items():
+            widths[index] = width
     return cost.total(widths)
 
 
@@ -90,6 +148,8 @@ def _fixed_point(cost: CostModel, full_widths: np.ndarray, choices: Sequence[Gro
         new = current.copy()
         for choice, pick in zip(choices, solved.choice, strict=True):
             new[choice.index] = choice.widths[pick]
+            for index, width in choice.follower_widths(choice.widths[pick]).items():
+                new[index] = width
         value = float(sum(c.values[p] for c, p in zip(choices, solved.choice, strict=True)))
         last = Solution(new, cost.total(new), value, iteration)
         if last.cost <= budget and (best is None or last.value > best.value):

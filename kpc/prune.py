@@ -30,6 +30,8 @@ from kpc.groups import (
     discover_groups,
     find_classifier,
     find_unsafe_groups,
+    leave_whole,
+    tie_of,
 )
 from kpc.importance import accumulate_gradients, score_groups
 from kpc.planner import LANDING_TOLERANCE, GroupChoices, make_choices, minimum_cost, scale, solve_widths
@@ -95,6 +97,8 @@ def _probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], li
     """Keep about half of a group's channels (its first ones) to exercise the index mapping."""
 
     def kept(group: ChannelGroup) -> list[int]:
+        if group.blocks > 1:  # a tie keeps the same whole blocks in every member
+            return list(range(max(1, group.blocks // 2) * group.block_width))
         half = max(min_channels, round_to * max(1, (group.width // 2) // max(1, round_to)))
         return list(range(min(half, group.width - 1)))
 
@@ -112,9 +116,8 @@ def analyse(loaded: LoadedModel, settings: PruneSettings, *, log: Callable[[str]
     candidates = [g for g in groups if g.prunable]
     unsafe = find_unsafe_groups(model, example, candidates, _probe_kept(settings.round_to, settings.min_channels))
     for index, reason in unsafe.items():
-        groups[index].prunable = False
-        groups[index].reason = f"unsafe to prune: {reason}"
-        log(f"group {groups[index].root} is left whole: {reason}")
+        for group in leave_whole(groups, index, f"unsafe to prune: {reason}"):
+            log(f"group {group.root} is left whole: {group.reason}")
     return graph, groups, example
 
 
@@ -144,8 +147,8 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         cost = make_cost(loaded.model, example, graph, groups)
         full_widths = np.array([g.width for g in groups], dtype=np.float64)
         round_to = math.lcm(settings.round_to, cost.width_step)
-        choices = [make_choices(g.index, scores[g.index], round_to, settings.min_channels)
-                   for g in groups if g.prunable]
+        choices = [make_choices(tie_of(groups, g), scores, round_to, settings.min_channels)
+                   for g in groups if g.prunable and g.tied_to is None]
         full_cost = cost.total(full_widths)
         floor = minimum_cost(cost, full_widths, choices)
         limit = _budget_in_cost_units(budget, full_cost, cost)
@@ -173,9 +176,8 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
             if not bad:
                 raise KpcError(f"the pruned model fails its forward pass ({error}) and no single group is to blame")
             for index, reason in bad.items():
-                groups[index].prunable = False
-                groups[index].reason = f"unsafe to prune: {reason}"
-                log(f"group {groups[index].root} is left whole: {reason}")
+                for group in leave_whole(groups, index, f"unsafe to prune: {reason}"):
+                    log(f"group {group.root} is left whole: {group.reason}")
             attempts.append({"target": target, "predicted": solution.cost, "error": error})
             candidates.clear()  # earlier attempts used a group now known to be unsafe
             continue
@@ -218,7 +220,7 @@ def prune(loaded: LoadedModel, budget: Budget, settings: PruneSettings, *,
         "min_channels": settings.min_channels,
         "ignore": list(settings.ignore),
         "input_size": list(loaded.spec.input_size),
-        "groups": [_group_record(g, choices, solution.widths) for g in groups],
+        "groups": [_group_record(g, _kept_by_group(choices, solution.widths)) for g in groups],
     }
     table = getattr(cost, "table", None)
     if table is not None:  # a latency budget: say which table and target the milliseconds refer to
@@ -316,25 +318,30 @@ def _count(model: nn.Module, example: torch.Tensor, cost: CostModel) -> float:
     return float(measure(model)) if measure is not None else float("nan")
 
 
-def _kept_by_root(groups: list[ChannelGroup], choices: list[GroupChoices], widths: np.ndarray
-                  ) -> dict[str, tuple[int, list[int]]]:
-    kept = {}
+def _kept_by_group(choices: list[GroupChoices], widths: np.ndarray) -> dict[int, list[int]]:
+    """Kept channel indices of every prunable group (tied followers included), by group index."""
+    kept: dict[int, list[int]] = {}
     for choice in choices:
-        group = groups[choice.index]
-        width = int(widths[choice.index])
-        if width < group.width:
-            kept[group.root] = (group.width, choice.kept_indices(width))
+        kept.update(choice.kept_by_group(int(widths[choice.index])))
     return kept
 
 
+def _kept_by_root(groups: list[ChannelGroup], choices: list[GroupChoices], widths: np.ndarray
+                  ) -> dict[str, tuple[int, list[int]]]:
+    return {groups[index].root: (groups[index].width, indices)
+            for index, indices in _kept_by_group(choices, widths).items() if len(indices) < groups[index].width}
+
+
 def _solution_kept(choices: list[GroupChoices], widths: np.ndarray) -> Callable[[ChannelGroup], list[int]]:
-    by_index = {c.index: c for c in choices}
-    return lambda group: by_index[group.index].kept_indices(int(widths[group.index]))
+    kept = _kept_by_group(choices, widths)
+    return lambda group: kept[group.index]
 
 
-def _group_record(group: ChannelGroup, choices: list[GroupChoices], widths: np.ndarray) -> dict[str, Any]:
-    width = int(widths[group.index]) if group.prunable else group.width
-    by_index = {c.index: c for c in choices}
-    kept = by_index[group.index].kept_indices(width) if group.index in by_index else list(range(group.width))
-    return {"root": group.root, "layers": group.layers, "width": group.width, "kept_width": width,
-            "kept": kept, "prunable": group.prunable, "reason": group.reason}
+def _group_record(group: ChannelGroup, kept: dict[int, list[int]]) -> dict[str, Any]:
+    indices = kept.get(group.index, list(range(group.width))) if group.prunable else list(range(group.width))
+    record = {"root": group.root, "layers": group.layers, "width": group.width, "kept_width": len(indices),
+              "kept": indices, "prunable": group.prunable, "reason": group.reason}
+    if group.blocks > 1:
+        record["conv_groups"] = group.blocks
+        record["tied_to"] = group.tied_to  # index of the group whose blocks it follows; None for the leader
+    return record

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from kpc.costs import Side, is_depthwise
+from kpc.groups import is_grouped_conv
 from kpc.tracing import forward_with_hooks
 
 OPSET = 17
@@ -26,14 +27,15 @@ OPSET = 17
 
 @dataclass(frozen=True)
 class Geometry:
-    kind: str  # "conv", "dwconv" or "linear"
+    kind: str  # "conv", "dwconv", "gconv" (grouped, loses whole conv groups) or "linear"
     kernel: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
-    groups: int = 1  # conv groups at full width (grouped convs are never pruned)
+    groups: int = 1  # conv groups at full width
     in_hw: tuple[int, int] = (1, 1)  # input spatial size; (tokens, 1) for linear layers
     out_hw: tuple[int, int] = (1, 1)
+    group_widths: tuple[int, int] = (0, 0)  # grouped convs: (input, output) channels per conv group
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Layer:
                 f"d{g.dilation[0]}x{g.dilation[1]} in{g.in_hw[0]}x{g.in_hw[1]}")
         if g.kind == "dwconv":
             return f"dwconv {base} c{c_out}"
+        if g.kind == "gconv":
+            return f"gconv {base} g{g.groups} c{c_in}->{c_out}"
         return f"conv {base} g{g.groups} c{c_in}->{c_out}"
 
     @property
@@ -80,7 +84,7 @@ def collect_layers(model: nn.Module, example: torch.Tensor, sides: dict[nn.Modul
     layers = []
     for module, (in_shape, out_shape) in seen.items():
         if isinstance(module, nn.Conv2d):
-            kind = "dwconv" if is_depthwise(module) else "conv"
+            kind = "dwconv" if is_depthwise(module) else "gconv" if is_grouped_conv(module) else "conv"
             kernel = _pair(module.kernel_size)
             dilation = _pair(module.dilation)
             if isinstance(module.padding, str):  # "same"/"valid": spell it out as explicit pads
@@ -90,7 +94,9 @@ def collect_layers(model: nn.Module, example: torch.Tensor, sides: dict[nn.Modul
                 padding = _pair(module.padding)
             geometry = Geometry(kind, kernel, _pair(module.stride), padding, dilation,
                                 1 if kind == "dwconv" else module.groups, (in_shape[2], in_shape[3]),
-                                (out_shape[2], out_shape[3]))
+                                (out_shape[2], out_shape[3]),
+                                (module.in_channels // module.groups, module.out_channels // module.groups)
+                                if kind == "gconv" else (0, 0))
             full_out, full_in = float(module.out_channels), float(module.in_channels)
         else:
             tokens = max(1, math.prod(out_shape[1:-1]))
@@ -123,10 +129,20 @@ def grid_points(low: float, high: float, round_to: int) -> list[int]:
 # ---------------------------------------------------------------- single-layer models
 
 
+def conv_groups(geometry: Geometry, c_in: int, c_out: int) -> int:
+    """The conv's groups at these widths: depthwise keeps one per channel; a grouped conv keeps its
+    per-group widths and loses whole groups, so its group count follows its width."""
+    if geometry.kind == "dwconv":
+        return c_out
+    if geometry.kind == "gconv":
+        return max(1, c_out // geometry.group_widths[1])
+    return geometry.groups
+
+
 def torch_layer(geometry: Geometry, c_in: int, c_out: int) -> nn.Module:
     if geometry.kind == "linear":
         return nn.Linear(c_in, c_out)
-    groups = c_out if geometry.kind == "dwconv" else geometry.groups
+    groups = conv_groups(geometry, c_in, c_out)
     return nn.Conv2d(c_in, c_out, geometry.kernel, geometry.stride, geometry.padding, geometry.dilation, groups,
                      bias=True).eval()
 
@@ -161,7 +177,7 @@ def onnx_layer(geometry: Geometry, c_in: int, c_out: int, batch: int, path: Path
             inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "WT"), numpy_helper.from_array(bias, "B")]
             out_shape = [batch, sample.shape[1], c_out]
     else:
-        groups = c_out if geometry.kind == "dwconv" else geometry.groups
+        groups = conv_groups(geometry, c_in, c_out)
         weight = rng.standard_normal((c_out, c_in // groups, *geometry.kernel)).astype(dtype) * 0.05
         bias = np.zeros(c_out, dtype=dtype)
         nodes = [helper.make_node(

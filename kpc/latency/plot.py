@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kpc.latency.table import load_table
+from kpc.latency.table import ONE_WIDTH_KINDS, load_table
 
 
 def plot_table(path: Path, out: Path | None = None) -> Path:
@@ -20,7 +20,7 @@ def plot_table(path: Path, out: Path | None = None) -> Path:
     rows = math.ceil(len(entries) / columns) or 1
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for axis, (signature, entry) in zip(axes.flat, entries, strict=False):
-        if entry.kind == "dwconv":
+        if entry.kind in ONE_WIDTH_KINDS:
             axis.plot(entry.c_out, entry.ms, "o-", label="measured")
         else:
             for i, c_in in enumerate(entry.c_in):
@@ -29,7 +29,7 @@ def plot_table(path: Path, out: Path | None = None) -> Path:
         axis.set_xlabel("output channels", fontsize=7)
         axis.set_ylabel("ms", fontsize=7)
         axis.tick_params(labelsize=6)
-        if entry.kind != "dwconv" and len(entry.c_in) <= 8:
+        if entry.kind not in ONE_WIDTH_KINDS and len(entry.c_in) <= 8:
             axis.legend(fontsize=5)
     for axis in list(axes.flat)[len(entries):]:
         axis.axis("off")

@@ -30,11 +30,11 @@ from kpc.atomic import write_text_atomic
 from kpc.costs import channel_sides
 from kpc.data import DataSpec
 from kpc.errors import KpcError
-from kpc.groups import ChannelGroup, apply_kept
+from kpc.groups import ChannelGroup, apply_kept, tie_of
 from kpc.latency.layers import Geometry, Layer, collect_layers, grid_points, layer_input, onnx_layer, torch_layer
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import Entry, LatencyTable, Remainder, load_table
-from kpc.planner import width_options
+from kpc.planner import tie_widths
 
 PARTIAL_SCHEMA = "kpc-latency-partial/1"
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)
@@ -104,10 +104,15 @@ def layers_for(model, example, graph, groups: list[ChannelGroup], round_to: int,
     layers = collect_layers(model, example, channel_sides(model, graph, groups))
     full = np.array([g.width for g in groups], dtype=np.float64)
     low = full.copy()
-    for group in groups:
-        if group.prunable:
-            low[group.index] = width_options(group.width, round_to, min_channels)[0]
+    for options in width_choices(groups, round_to, min_channels):
+        for index, widths in options.items():
+            low[index] = widths[0]
     return ModelLayers(groups, layers, full, low, example, graph)
+
+
+def width_choices(groups: list[ChannelGroup], round_to: int, min_channels: int) -> list[dict[int, np.ndarray]]:
+    """One entry per independent choice (a lone group or a tie): each member's widths, aligned option for option."""
+    return [tie_widths(tie_of(groups, g), round_to, min_channels) for g in groups if g.prunable and g.tied_to is None]
 
 
 def channel_block(runtime: str) -> int:
@@ -146,8 +151,10 @@ def measurement_grid(target: ModelLayers, round_to: int) -> dict[str, tuple[Geom
     """Per unique signature: its geometry and the input/output widths to measure."""
     plan: dict[str, tuple[Geometry, set[int], set[int]]] = {}
     for layer in target.layers:
+        # a grouped conv only takes widths of whole conv groups (and of the width step)
+        step = math.lcm(round_to, layer.geometry.group_widths[1]) if layer.geometry.kind == "gconv" else round_to
         c_in = grid_points(layer.inp.value(target.min_widths, target.full_widths), layer.inp.full, round_to)
-        c_out = grid_points(layer.out.value(target.min_widths, target.full_widths), layer.out.full, round_to)
+        c_out = grid_points(layer.out.value(target.min_widths, target.full_widths), layer.out.full, step)
         _, ins, outs = plan.setdefault(layer.signature, (layer.geometry, set(), set()))
         ins.update(c_in)
         outs.update(c_out)
@@ -157,7 +164,15 @@ def measurement_grid(target: ModelLayers, round_to: int) -> dict[str, tuple[Geom
 def grid_keys(geometry: Geometry, c_in: list[int], c_out: list[int]) -> list[tuple[int, int]]:
     if geometry.kind == "dwconv":
         return [(c, c) for c in c_out]
+    if geometry.kind == "gconv":  # whole conv groups: the input width follows the output width
+        return [(_gconv_input(geometry, c), c) for c in c_out]
     return [(i, o) for i in c_in for o in c_out]
+
+
+def _gconv_input(geometry: Geometry, c_out: int) -> int:
+    """Input width of a grouped conv that kept `c_out` output channels in whole conv groups."""
+    per_in, per_out = geometry.group_widths
+    return c_out // per_out * per_in
 
 
 def kernel_timed(runtime: str) -> bool:
@@ -288,6 +303,10 @@ def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict
     if geometry.kind == "dwconv":
         widths = np.array(c_out, float)
         return Entry("dwconv", widths, widths, np.array([net(f"{c},{c}") for c in c_out]))
+    if geometry.kind == "gconv":
+        keys = grid_keys(geometry, c_in, c_out)
+        return Entry("gconv", np.array([i for i, _ in keys], float), np.array(c_out, float),
+                     np.array([net(f"{i},{o}") for i, o in keys]))
     ms = np.array([[net(f"{i},{o}") for o in c_out] for i in c_in])
     kind = "linear" if geometry.kind == "linear" else "conv"
     return Entry(kind, np.array(c_in, float), np.array(c_out, float), ms)
@@ -307,19 +326,25 @@ def _runtime_version(runtime: str) -> str:
     return f"torch {torch.__version__}"
 
 
+def _set_choice(widths: np.ndarray, options: dict[int, np.ndarray], fraction: float) -> None:
+    """Every member of one choice at the option nearest `fraction` of the first member's full width."""
+    first = next(iter(options.values()))
+    pick = int(np.argmin(np.abs(first - fraction * first[-1])))
+    for index, member_options in options.items():
+        widths[index] = member_options[pick]
+
+
 def uniform_widths(layers: ModelLayers, fraction: float, round_to: int, min_channels: int) -> np.ndarray:
     widths = layers.full_widths.copy()
-    for group in layers.groups:
-        if group.prunable:
-            options = width_options(group.width, round_to, min_channels)
-            widths[group.index] = options[np.argmin(np.abs(options - fraction * group.width))]
+    for options in width_choices(layers.groups, round_to, min_channels):
+        _set_choice(widths, options, fraction)
     return widths
 
 
 def pruned_copy(loaded: LoadedModel, layers: ModelLayers, widths: np.ndarray):
     """A copy of the model at the given widths (first channels kept: latency does not care which)."""
     kept = {g.root: (g.width, list(range(int(widths[g.index])))) for g in layers.groups
-            if g.prunable and int(widths[g.index]) < g.width}
+            if g.prunable and int(widths[g.index]) < g.width}  # first blocks of a tie: the same in every member
     return apply_kept(copy.deepcopy(loaded.model), layers.example, kept)
 
 
@@ -327,11 +352,8 @@ def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, 
     """Every prunable group at a random width; about half the groups share one fraction, as a prune's do."""
     widths = layers.full_widths.copy()
     shared = rng.uniform(0.25, 1.0)
-    for group in layers.groups:
-        if group.prunable:
-            options = width_options(group.width, round_to, min_channels)
-            fraction = shared if rng.random() < 0.5 else rng.uniform(0.2, 1.0)
-            widths[group.index] = options[np.argmin(np.abs(options - fraction * group.width))]
+    for options in width_choices(layers.groups, round_to, min_channels):
+        _set_choice(widths, options, shared if rng.random() < 0.5 else rng.uniform(0.2, 1.0))
     return widths
 
 

@@ -26,16 +26,17 @@ HEADER_FIELDS = {
     "date": str, "kpc_version": str, "model": str, "input_size": list, "full_model_ms": float,
 }
 TARGET_FIELDS = ("device", "runtime", "precision", "batch", "threads")
+ONE_WIDTH_KINDS = ("dwconv", "gconv")  # layers whose input width moves with their output width
 
 
 @dataclass
 class Entry:
     """Latency of one layer signature over a grid of (input, output) widths, in ms."""
 
-    kind: str  # "conv" (dense or grouped), "dwconv" (one width), "linear"
-    c_in: np.ndarray  # ascending
-    c_out: np.ndarray  # ascending; for "dwconv" equal to c_in
-    ms: np.ndarray  # (len(c_in), len(c_out)); for "dwconv" shape (len(c_in),)
+    kind: str  # "conv", "linear", or one-width kinds: "dwconv", "gconv" (grouped, whole conv groups)
+    c_in: np.ndarray  # ascending; for one-width kinds the input width at each output width
+    c_out: np.ndarray  # ascending
+    ms: np.ndarray  # (len(c_in), len(c_out)); for one-width kinds shape (len(c_out),)
     _envelope: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -49,7 +50,7 @@ class Entry:
 
     def __call__(self, c_in: np.ndarray | float, c_out: np.ndarray | float) -> np.ndarray:
         """Latency at arbitrary widths (vectorised); widths outside the grid are clamped to it."""
-        if self.kind == "dwconv":
+        if self.kind in ONE_WIDTH_KINDS:  # input width follows the output width
             return np.interp(np.asarray(c_out, dtype=np.float64), self.c_out, self.envelope)
         x = np.clip(np.asarray(c_in, dtype=np.float64), self.c_in[0], self.c_in[-1])
         y = np.clip(np.asarray(c_out, dtype=np.float64), self.c_out[0], self.c_out[-1])
@@ -157,13 +158,14 @@ def parse_table(data: Any) -> LatencyTable:
     entries: dict[str, Entry] = {}
     for key, raw in data["entries"].items():
         kind = raw["kind"]
-        if kind not in ("conv", "dwconv", "linear"):
+        if kind not in ("conv", "linear", *ONE_WIDTH_KINDS):
             raise ValueError(f"entry {key!r} has unknown kind {kind!r}")
         c_in = np.asarray(raw["c_in"], dtype=np.float64)
         c_out = np.asarray(raw["c_out"], dtype=np.float64)
         ms = np.asarray(raw["ms"], dtype=np.float64)
-        expected = (len(c_out),) if kind == "dwconv" else (len(c_in), len(c_out))
-        if ms.shape != expected or len(c_in) == 0 or len(c_out) == 0:
+        expected = (len(c_out),) if kind in ONE_WIDTH_KINDS else (len(c_in), len(c_out))
+        if ms.shape != expected or len(c_in) == 0 or len(c_out) == 0 or \
+                (kind in ONE_WIDTH_KINDS and len(c_in) != len(c_out)):
             raise ValueError(f"entry {key!r} has {ms.shape} latencies for a {expected} grid")
         if np.any(np.diff(c_in) <= 0) or np.any(np.diff(c_out) <= 0):
             raise ValueError(f"entry {key!r} has widths that are not strictly ascending")
