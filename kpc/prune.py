@@ -41,9 +41,11 @@ MAX_LATENCY_ROUNDS = 6
 LATENCY_WINDOW = (-0.05, 0.02)  # a latency plan lands when measured/budget - 1 is inside this window
 # The closed loop aims at the window's middle and stops early only inside a narrower window
 # around it: a timing on a shared machine moves by a few percent when repeated, so a plan
-# accepted at the window's edge would often fall outside it when timed again.
+# accepted at the window's edge would often fall outside it when timed again. (With the
+# early stop at [-3%, 0%], regnet_y_400mf at 30% stopped at -0.0% and re-timed at +3.1%;
+# re-timings moved by up to 3.2% on the smallest models.)
 LATENCY_AIM = -0.015
-LATENCY_AIM_WINDOW = (-0.03, 0.0)
+LATENCY_AIM_WINDOW = (-0.025, -0.005)
 OVERSHOOT_MARGIN = 0.002  # after an overshoot, aim this much lower so the solver cannot repeat the plan
 
 

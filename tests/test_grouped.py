@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
+import kpc
 from kpc.artifact import open_model, replay_rounds
+from kpc.cli import app
 from kpc.costs import FlopsModel, count_macs
 from kpc.data import parse_data_spec
 from kpc.groups import apply_kept, build_graph, discover_groups, find_classifier
+from kpc.importance import score_groups
 from kpc.latency import latency_cost_factory
 from kpc.latency.profiler import ProfileSettings, model_layers, profile
 from kpc.planner import block_options, make_choices
@@ -44,6 +50,7 @@ def grouped(num_classes=10):
     return GroupedNet(num_classes)
 '''
 SIZE = (1, 28, 28)
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +89,16 @@ def test_removing_conv_groups_equals_zeroing_them(grouped_spec):
         removed = [i for i in range(64) if i not in kept]
         zeroed.a.weight[removed] = 0
         torch.testing.assert_close(pruned(example), zeroed(example), rtol=1e-5, atol=1e-6)
+
+
+def test_a_grouped_conv_is_scored_on_its_output_side_only(grouped_spec):
+    """Its input-side weights are its output rows: counting them again in the feeding group would double them."""
+    loaded = open_model(grouped_spec, num_classes=10, input_size=SIZE)
+    _, groups = _groups(loaded.model, loaded.example_input())
+    scores = score_groups(groups, "magnitude")
+    feeding = next(g for g in groups if g.root == "a")
+    expected = loaded.model.a.weight.detach().abs().sum(dim=(1, 2, 3)).double().numpy()
+    np.testing.assert_allclose(scores[feeding.index], expected, rtol=1e-6)
 
 
 def test_a_tie_is_whole_when_one_side_is_ignored(grouped_spec):
@@ -167,3 +184,17 @@ def test_latency_table_measures_grouped_convs_by_whole_groups(grouped_spec, tmp_
     result = prune(loaded, Budget(ms=0.6 * full_ms), prune_settings, cost_model=make, log=lambda _m: None)
     assert result.model.b.groups < 8 and result.model.b.out_channels == 8 * result.model.b.groups
     assert result.round["measured_ms"] < full_ms
+
+
+def test_cli_prune_and_inspect_show_kept_conv_groups(grouped_spec, tmp_path):
+    out = tmp_path / "grouped"
+    result = runner.invoke(app, ["prune", grouped_spec, "--num-classes", "10", "--input-size", "1x28x28",
+                                 "--budget-ratio", "0.4", "--data", "synthetic", "--calib-batches", "1",
+                                 "--calib-batch-size", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    statuses = {g["root"]: g["status"] for g in summary["groups"]}
+    assert re.fullmatch(r"pruned: [1-7] of 8 conv groups(, tied to \w+)?", statuses["a"]), statuses
+    assert statuses["a"].split(",")[0] == statuses["b"].split(",")[0], "both sides keep the same number of groups"
+    model = kpc.load(out)
+    assert model.b.groups < 8 and model(torch.randn(2, 1, 28, 28)).shape == (2, 10)

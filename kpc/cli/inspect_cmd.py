@@ -31,10 +31,11 @@ def summarize(path: Path) -> dict[str, Any]:
     plan = loaded.plan or {}
     groups: list[dict[str, Any]] = []
     for number, plan_round in enumerate(plan.get("rounds", []), 1):
-        for group in plan_round.get("groups", []):
+        round_groups = plan_round.get("groups", [])
+        for group in round_groups:
             groups.append({"round": number, "root": group["root"], "layers": len(group.get("layers", [])),
                            "width": group["width"], "kept_width": group["kept_width"],
-                           "status": "pruned" if group["prunable"] else f"whole: {group.get('reason')}"})
+                           "status": _status(group, round_groups)})
     module_macs = _per_module_macs(loaded.model, example)
     for group in groups:
         group["root_macs"] = module_macs.get(group["root"])
@@ -47,6 +48,18 @@ def summarize(path: Path) -> dict[str, Any]:
         "input_size": list(loaded.spec.input_size), "rounds": rounds, "groups": groups,
         "totals": {"macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params},
     }
+
+
+def _status(group: dict[str, Any], round_groups: list[dict[str, Any]]) -> str:
+    if not group["prunable"]:
+        return f"whole: {group.get('reason')}"
+    blocks = group.get("conv_groups")
+    if not blocks:
+        return "pruned"
+    kept = group["kept_width"] * blocks // group["width"]
+    leader = group.get("tied_to")
+    tie = f", tied to {round_groups[leader]['root']}" if isinstance(leader, int) and leader < len(round_groups) else ""
+    return f"pruned: {kept} of {blocks} conv groups{tie}"
 
 
 def _per_module_macs(model, example) -> dict[str, float]:
