@@ -45,10 +45,7 @@ class GroupChoices:
     def kept_indices(self, width: int, block: int | None = None) -> list[int]:
         """Kept channel indices at `width`; with `block`, those of a follower with that many channels per block."""
         size = self.block if block is None else block
-        kept = self.order[: int(width) // self.block]
-        if self.block == 1 and block is None:
-            return sorted(int(i) for i in kept)
-        return sorted(int(b) * size + j for b in kept for j in range(size))
+        return sorted(int(b) * size + j for b in self.order[: int(width) // self.block] for j in range(size))
 
     def follower_widths(self, width: int) -> dict[int, int]:
         kept_blocks = int(width) // self.block
@@ -61,19 +58,11 @@ class GroupChoices:
         return kept
 
 
-def width_options(width: int, round_to: int, min_channels: int) -> np.ndarray:
-    """Multiples of `round_to` from the smallest allowed up to the full width (always included)."""
-    round_to = max(1, round_to)
-    lowest = min(width, max(1, min_channels))
-    first = -(-lowest // round_to) * round_to
-    options = [w for w in range(first, width, round_to) if w >= lowest]
-    return np.array([*options, width], dtype=np.int64)
-
-
 def block_options(blocks: int, block_widths: Sequence[int], round_to: int, min_channels: int) -> np.ndarray:
     """Numbers of blocks a tie may keep: every member's width a multiple of `round_to` and at least the minimum.
 
-    All blocks (the full width) are always an option.
+    All blocks (the full width) are always an option. A lone group is a tie of one
+    member whose blocks are single channels.
     """
     round_to = max(1, round_to)
     step = math.lcm(*(round_to // math.gcd(round_to, int(b)) for b in block_widths))
@@ -84,29 +73,28 @@ def block_options(blocks: int, block_widths: Sequence[int], round_to: int, min_c
 
 def tie_widths(members: Sequence[ChannelGroup], round_to: int, min_channels: int) -> dict[int, np.ndarray]:
     """The widths each member of a tie (or a lone group) may take, aligned option for option."""
-    leader = members[0]
-    if leader.tied_to is None and len(members) == 1 and leader.blocks == 1:
-        return {leader.index: width_options(leader.width, round_to, min_channels)}
-    counts = block_options(leader.blocks, [m.block_width for m in members], round_to, min_channels)
-    return {m.index: counts * m.block_width for m in members}
+    blocks = _blocks(members[0])
+    counts = block_options(blocks, [m.width // blocks for m in members], round_to, min_channels)
+    return {m.index: counts * (m.width // blocks) for m in members}
 
 
 def make_choices(members: Sequence[ChannelGroup], scores: dict[int, np.ndarray], round_to: int,
                  min_channels: int) -> GroupChoices:
     """The choice of a lone group, or of a tie (`members`, leader first) ranked by whole blocks."""
-    leader = members[0]
+    leader, blocks = members[0], _blocks(members[0])
     widths = tie_widths(members, round_to, min_channels)
-    if len(members) == 1 and leader.blocks == 1:
-        block_scores = scores[leader.index]
-        block = 1
-    else:
-        block_scores = sum(scores[m.index].reshape(leader.blocks, m.block_width).sum(axis=1) for m in members)
-        block = leader.block_width
+    block_scores = sum(scores[m.index].reshape(blocks, m.width // blocks).sum(axis=1) for m in members)
+    block = leader.width // blocks
     order = np.argsort(-block_scores, kind="stable")
     cumulative = np.concatenate([[0.0], np.cumsum(block_scores[order])])
     options = widths[leader.index]
     return GroupChoices(leader.index, options, cumulative[options // block], order, block,
-                        tuple((m.index, m.block_width) for m in members[1:]))
+                        tuple((m.index, m.width // blocks) for m in members[1:]))
+
+
+def _blocks(leader: ChannelGroup) -> int:
+    """Blocks a choice keeps or removes whole: a tie's conv groups, or a lone group's channels."""
+    return leader.blocks if leader.blocks > 1 else leader.width
 
 
 @dataclass
