@@ -105,6 +105,12 @@ def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
 
 
+def is_grouped_conv_input(item) -> bool:
+    """A torch-pruning group item that prunes a grouped conv's input channels: kpc handles those itself
+    (`_remove_conv_groups`), and their weights are the conv's output rows, scored on the output side."""
+    return is_grouped_conv(item.dep.target.module) and item.dep.handler == tp.prune_conv_in_channels
+
+
 def is_grouped_conv(module: nn.Module) -> bool:
     """A grouped but not depthwise conv: slicing its channels independently breaks the groups."""
     return (isinstance(module, nn.Conv2d) and module.groups > 1
@@ -332,8 +338,7 @@ def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: 
         return
     pruner = graph.get_pruner_of_module(module)
     group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
-    grouped_inputs = [item for item in group
-                      if is_grouped_conv(item.dep.target.module) and graph.is_in_channel_pruning_fn(item.dep.handler)]
+    grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
     if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
         group._group = [item for item in group if item not in grouped_inputs]
     group.prune()

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc.errors import KpcError
-from kpc.groups import ChannelGroup, is_grouped_conv
+from kpc.groups import ChannelGroup, is_grouped_conv_input
 
 METHODS = ("taylor", "magnitude")
 
@@ -74,8 +74,7 @@ def _without_grouped_conv_inputs(tp_group):
     scores the input side by repeating one group's pattern across all groups, which would
     add the same amount to every block and count those weights twice.
     """
-    items = [item for item in tp_group
-             if not (is_grouped_conv(item.dep.target.module) and item.dep.handler == tp.prune_conv_in_channels)]
+    items = [item for item in tp_group if not is_grouped_conv_input(item)]
     if len(items) == len(tp_group):
         return tp_group
     filtered = tp.dependency.Group()

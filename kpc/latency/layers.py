@@ -129,7 +129,7 @@ def grid_points(low: float, high: float, round_to: int) -> list[int]:
 # ---------------------------------------------------------------- single-layer models
 
 
-def conv_groups(geometry: Geometry, c_in: int, c_out: int) -> int:
+def conv_groups(geometry: Geometry, c_out: int) -> int:
     """The conv's groups at these widths: depthwise keeps one per channel; a grouped conv keeps its
     per-group widths and loses whole groups, so its group count follows its width."""
     if geometry.kind == "dwconv":
@@ -142,7 +142,7 @@ def conv_groups(geometry: Geometry, c_in: int, c_out: int) -> int:
 def torch_layer(geometry: Geometry, c_in: int, c_out: int) -> nn.Module:
     if geometry.kind == "linear":
         return nn.Linear(c_in, c_out)
-    groups = conv_groups(geometry, c_in, c_out)
+    groups = conv_groups(geometry, c_out)
     return nn.Conv2d(c_in, c_out, geometry.kernel, geometry.stride, geometry.padding, geometry.dilation, groups,
                      bias=True).eval()
 
@@ -177,7 +177,7 @@ def onnx_layer(geometry: Geometry, c_in: int, c_out: int, batch: int, path: Path
             inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "WT"), numpy_helper.from_array(bias, "B")]
             out_shape = [batch, sample.shape[1], c_out]
     else:
-        groups = conv_groups(geometry, c_in, c_out)
+        groups = conv_groups(geometry, c_out)
         weight = rng.standard_normal((c_out, c_in // groups, *geometry.kernel)).astype(dtype) * 0.05
         bias = np.zeros(c_out, dtype=dtype)
         nodes = [helper.make_node(

@@ -33,7 +33,7 @@ from kpc.errors import KpcError
 from kpc.groups import ChannelGroup, apply_kept, tie_of
 from kpc.latency.layers import Geometry, Layer, collect_layers, grid_points, layer_input, onnx_layer, torch_layer
 from kpc.latency.model import LatencyModel, RelativeTimer
-from kpc.latency.table import Entry, LatencyTable, Remainder, load_table
+from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
 from kpc.planner import tie_widths
 
 PARTIAL_SCHEMA = "kpc-latency-partial/1"
@@ -300,12 +300,9 @@ def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict
     def net(key: str) -> float:
         return max(measured[key] - overhead, 1e-3)
 
-    if geometry.kind == "dwconv":
-        widths = np.array(c_out, float)
-        return Entry("dwconv", widths, widths, np.array([net(f"{c},{c}") for c in c_out]))
-    if geometry.kind == "gconv":
+    if geometry.kind in ONE_WIDTH_KINDS:  # one point per output width, its input width alongside
         keys = grid_keys(geometry, c_in, c_out)
-        return Entry("gconv", np.array([i for i, _ in keys], float), np.array(c_out, float),
+        return Entry(geometry.kind, np.array([i for i, _ in keys], float), np.array(c_out, float),
                      np.array([net(f"{i},{o}") for i, o in keys]))
     ms = np.array([[net(f"{i},{o}") for o in c_out] for i in c_in])
     kind = "linear" if geometry.kind == "linear" else "conv"
