@@ -97,7 +97,8 @@ def main() -> None:
                        notes=[f"device: {device}; {args.samples} random width assignments per model (seed 0; the "
                               "tables calibrate on other draws), each timed interleaved with the unpruned model "
                               f"(10 warm-up + {args.rounds} rounds), as ratio x the table's full-model ms; "
-                              "tables written to profiles/; layer entries are ONNX Runtime kernel times (ort-cpu), "
+                              "tables written to profiles/; layer entries are ONNX Runtime kernel times relative to a "
+                              "reference conv in the same session (ort-cpu), "
                               "widths in steps of the table's round_to (the channel block)"])
 
 

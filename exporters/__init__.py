@@ -12,7 +12,7 @@ from exporters.errors import (
     RuntimeNotInstalled,
     UnknownRuntime,
 )
-from exporters.kernel_timing import ort_cpu_kernel_ms
+from exporters.kernel_timing import KernelRatio, ort_cpu_kernel_ms, ort_cpu_kernel_ratio
 from exporters.onnx_export import check_onnx, export_onnx
 from exporters.parity import OutputCheck, compare_outputs, raise_on_failures, validate_onnx
 from exporters.runners import RUNTIMES, Runner, get_runner
@@ -23,6 +23,7 @@ __all__ = [
     "RUNTIMES",
     "DeviceUnavailable",
     "ExporterError",
+    "KernelRatio",
     "OutputCheck",
     "ParityError",
     "ProfileShape",
@@ -40,6 +41,7 @@ __all__ = [
     "interleaved",
     "measure",
     "ort_cpu_kernel_ms",
+    "ort_cpu_kernel_ratio",
     "profile_shapes",
     "raise_on_failures",
     "validate_onnx",

@@ -21,7 +21,8 @@ import json
 import os
 import statistics
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,42 @@ LAYOUT_OPS = ("ReorderInput", "ReorderOutput", "Transpose")
 def ort_cpu_kernel_ms(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], *, threads: int, warmup: int,
                       iters: int, exclude_ops: tuple[str, ...] = LAYOUT_OPS, spinning: bool = True) -> float:
     """Median over `iters` runs of the summed kernel time (ms) of every node not in `exclude_ops`."""
+    events = _profiled_runs(onnx_path, inputs, threads=threads, warmup=warmup, iters=iters, spinning=spinning)
+    return statistics.median(kernel_ms_per_run(events, exclude_ops)[warmup:])
+
+
+@dataclass(frozen=True)
+class KernelRatio:
+    ratio: float  # median over runs of (subject kernel ms / reference kernel ms), each pair from the same run
+    subject_ms: float  # median subject kernel ms
+    reference_ms: float  # median reference kernel ms
+
+
+def ort_cpu_kernel_ratio(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], *, reference_marker: str,
+                         threads: int, warmup: int, iters: int, exclude_ops: tuple[str, ...] = LAYOUT_OPS,
+                         spinning: bool = True) -> KernelRatio:
+    """Kernel time of the graph's subject nodes relative to its reference nodes, run by run.
+
+    The graph holds the subject and an independent reference branch whose node names contain
+    `reference_marker`.
+
+    Why: on a shared machine one session runs at one speed for its whole life and the next
+    may run at another (measured here on a lone 56x56 3x3 conv, six sweeps of 16 widths: a
+    point's kernel time varied by 17% on average across sweeps, up to 2x, while its ratio to
+    a reference conv in the same session varied by 3%). The ratio cancels what the two share.
+    """
+    events = _profiled_runs(onnx_path, inputs, threads=threads, warmup=warmup, iters=iters, spinning=spinning)
+    subject = np.array(kernel_ms_per_run(events, exclude_ops, lambda name: reference_marker not in name)[warmup:])
+    reference = np.array(kernel_ms_per_run(events, exclude_ops, lambda name: reference_marker in name)[warmup:])
+    if not (reference > 0).all() or not (subject > 0).all():
+        raise ExporterError(f"ONNX Runtime's profile of {onnx_path} lacks the subject or the reference nodes (names "
+                            f"containing {reference_marker!r}) in some runs")
+    return KernelRatio(float(np.median(subject / reference)), float(np.median(subject)), float(np.median(reference)))
+
+
+def _profiled_runs(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], *, threads: int, warmup: int, iters: int,
+                   spinning: bool) -> list[dict]:
+    """The profiler events of `warmup + iters` runs of the graph in one fresh session."""
     if warmup < 0 or iters < 1:
         raise ExporterError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
     ort = import_onnxruntime("ort-cpu")
@@ -47,22 +84,29 @@ def ort_cpu_kernel_ms(onnx_path: str | Path, inputs: Mapping[str, np.ndarray], *
         for _ in range(warmup + iters):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    per_run = kernel_ms_per_run(events, exclude_ops)
-    if len(per_run) < warmup + iters:
-        raise ExporterError(f"ONNX Runtime's profile holds {len(per_run)} runs, expected {warmup + iters}")
-    return statistics.median(per_run[warmup:])
+    runs = sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if runs < warmup + iters:
+        raise ExporterError(f"ONNX Runtime's profile holds {runs} runs, expected {warmup + iters}")
+    return events
 
 
-def kernel_ms_per_run(events: list[dict], exclude_ops: tuple[str, ...]) -> list[float]:
-    """Sum the node kernel durations (microseconds in the profile) that fall inside each model_run event."""
+def kernel_ms_per_run(events: list[dict], exclude_ops: tuple[str, ...],
+                      select: Callable[[str], bool] | None = None) -> list[float]:
+    """Sum the node kernel durations (microseconds in the profile) that fall inside each model_run event.
+
+    `select`, given a node's name, keeps only the nodes it accepts.
+    """
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
     totals = [0.0] * len(runs)
     starts = [start for start, _ in runs]
     for event in events:
-        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+        name = str(event.get("name", ""))
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
         if event.get("args", {}).get("op_name") in exclude_ops:
+            continue
+        if select is not None and not select(name.removesuffix("_kernel_time")):
             continue
         index = int(np.searchsorted(starts, event["ts"], side="right")) - 1
         if index >= 0 and event["ts"] <= runs[index][1]:

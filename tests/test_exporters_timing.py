@@ -20,6 +20,7 @@ from exporters import (
     interleaved,
     measure,
     ort_cpu_kernel_ms,
+    ort_cpu_kernel_ratio,
 )
 from exporters.kernel_timing import LAYOUT_OPS, kernel_ms_per_run
 from exporters.runners import Runner
@@ -164,3 +165,59 @@ def test_kernel_time_of_a_layer_is_positive_and_checks_counts(tmp_path: Path) ->
     assert math.isfinite(ms) and ms > 0
     with pytest.raises(ExporterError, match="iters >= 1"):
         ort_cpu_kernel_ms(path, inputs, threads=1, warmup=1, iters=0)
+
+
+class _Sum(torch.nn.Module):
+    """Two independent convs in one graph: the subject, and a reference whose ONNX names carry a marker.
+
+    ONNX Runtime may rename a node after its output tensor, so the reference's output name carries it too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subject = torch.nn.Conv2d(64, 32, 1)
+        self.marked_reference = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.subject(x), self.marked_reference(y)
+
+
+def _two_branch_onnx(path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((1, 64, 28, 28), dtype=np.float32),
+            "y": rng.standard_normal((1, 16, 28, 28), dtype=np.float32)}
+    torch.onnx.export(_Sum().eval(), (torch.from_numpy(feed["x"]), torch.from_numpy(feed["y"])), str(path),
+                      input_names=["x", "y"], output_names=["subject_out", "marked_reference_out"], dynamo=False)
+    return path, feed
+
+
+def test_selected_nodes_split_each_run_without_losing_time(tmp_path: Path) -> None:
+    """Subject plus reference kernels are, run by run, exactly all kernels: `select` partitions, never drops."""
+    import onnxruntime as ort
+
+    path, feed = _two_branch_onnx(tmp_path / "two.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    everything = kernel_ms_per_run(events, LAYOUT_OPS)
+    reference = kernel_ms_per_run(events, LAYOUT_OPS, lambda name: "marked_reference" in name)
+    subject = kernel_ms_per_run(events, LAYOUT_OPS, lambda name: "marked_reference" not in name)
+    for whole, ref, sub in zip(everything, reference, subject, strict=True):
+        assert ref > 0 and sub > 0
+        assert ref + sub == pytest.approx(whole, rel=1e-12)
+
+
+def test_kernel_ratio_reports_subject_against_reference(tmp_path: Path) -> None:
+    path, feed = _two_branch_onnx(tmp_path / "two.onnx")
+    timed = ort_cpu_kernel_ratio(path, feed, reference_marker="marked_reference", threads=1, warmup=1, iters=7,
+                                 spinning=False)
+    assert timed.subject_ms > 0 and timed.reference_ms > 0 and math.isfinite(timed.ratio) and timed.ratio > 0
+    # a median of per-run ratios sits near the ratio of medians (same runs; only the pairing differs)
+    assert 0.5 < timed.ratio / (timed.subject_ms / timed.reference_ms) < 2.0
+    with pytest.raises(ExporterError, match="lacks the subject or the reference"):
+        ort_cpu_kernel_ratio(path, feed, reference_marker="no-such-node", threads=1, warmup=1, iters=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -13,6 +14,13 @@ from kpc.cli import app
 from kpc.data import parse_data_spec
 from kpc.errors import KpcError
 from kpc.latency import latency_cost_factory, load_table
+from kpc.latency.layers import (
+    REFERENCE_MARKER,
+    Geometry,
+    layer_input,
+    onnx_layer,
+    reference_input,
+)
 from kpc.latency.model import LatencyModel
 from kpc.latency.profiler import (
     ProfileSettings,
@@ -223,6 +231,24 @@ def test_profile_refuses_runtimes_that_are_not_here(runtime, tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
+def test_lone_layer_graph_with_a_reference_computes_the_layer(tmp_path):
+    """The reference is a separate branch: the subject's output is the lone layer's."""
+    import onnxruntime as ort
+
+    geometry = Geometry("conv", (3, 3), (2, 2), (1, 1), (1, 1), 1, (14, 14), (7, 7))
+    plain = onnx_layer(geometry, 32, 48, 1, tmp_path / "plain.onnx")
+    timed = onnx_layer(geometry, 32, 48, 1, tmp_path / "timed.onnx", reference=True)
+    x = layer_input(geometry, 32, 1)
+    expected = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["output"], {"input": x})[0]
+    session = ort.InferenceSession(str(timed), providers=["CPUExecutionProvider"])
+    got, reference = session.run(["output", f"{REFERENCE_MARKER}_output"],
+                                 {"input": x, f"{REFERENCE_MARKER}_input": reference_input()})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert reference.shape == (1, 48, 28, 28)
+    names = [node.name for node in onnx.load(str(timed)).graph.node]
+    assert REFERENCE_MARKER in names and len(names) == 2
+
+
 def test_interrupted_profile_resumes_without_remeasuring(tmp_path):
     loaded = open_model("torchvision:mobilenet_v3_small", num_classes=10, input_size=(3, 32, 32))
     settings = ProfileSettings(runtime="ort-cpu", threads=1, iters=3, warmup=1, model_iters=5, round_to=32,
@@ -237,9 +263,22 @@ def test_interrupted_profile_resumes_without_remeasuring(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         profile(loaded, settings, out, progress=stop_after_ten, log=_quiet)
-    assert not out.exists() and out.with_name(out.name + ".partial").is_file()
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and partial.is_file()
+    saved = json.loads(partial.read_text())
+    assert sum(len(points) for points in saved["points"].values()) == len(saved["reference_ms"]) == 10
     resumed: list[int] = []
     table = profile(loaded, settings, out, resume=True, progress=lambda d, t: resumed.append(d), log=_quiet)
     assert resumed[0] == 11, "the ten measured points were kept"
     assert resumed[-1] == table.header["points"] and out.is_file()
-    assert not out.with_name(out.name + ".partial").exists()
+    assert not partial.exists()
+    assert table.header["entry_timing"] == "kernel-relative" and table.header["reference"]["median_ms"] > 0
+
+
+def test_resume_refuses_a_partial_profile_of_another_format(tmp_path):
+    loaded = open_model("torchvision:mobilenet_v3_small", num_classes=10, input_size=(3, 32, 32))
+    out = tmp_path / "mnv3.json"
+    out.with_name(out.name + ".partial").write_text(json.dumps({"schema": "kpc-latency-partial/1", "points": {}}))
+    with pytest.raises(KpcError, match=r"another kpc version.*delete it"):
+        profile(loaded, SETTINGS, out, resume=True, log=_quiet)
+    assert not out.exists()

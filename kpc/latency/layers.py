@@ -23,6 +23,13 @@ from kpc.groups import is_grouped_conv
 from kpc.tracing import forward_with_hooks
 
 OPSET = 17
+# The yardstick a lone layer is timed against on kernel-timed runtimes (see exporters.kernel_timing):
+# a mid-sized 3x3 conv, about 0.1 ms here, in its own branch of the layer's graph.
+REFERENCE_MARKER = "kpc_reference"
+REFERENCE_CHANNELS = 48
+REFERENCE_HW = (28, 28)
+REFERENCE_SIGNATURE = f"conv k3x3 s1x1 p1x1 d1x1 in{REFERENCE_HW[0]}x{REFERENCE_HW[1]} g1 " \
+                      f"c{REFERENCE_CHANNELS}->{REFERENCE_CHANNELS}"
 
 
 @dataclass(frozen=True)
@@ -157,8 +164,18 @@ def layer_input(geometry: Geometry, c_in: int, batch: int, seed: int = 0) -> np.
     return rng.standard_normal(shape, dtype=np.float32)
 
 
-def onnx_layer(geometry: Geometry, c_in: int, c_out: int, batch: int, path: Path, *, fp16: bool = False) -> Path:
-    """The layer as a one-node ONNX graph, built directly (milliseconds, no tracing)."""
+def reference_input(fp16: bool = False) -> np.ndarray:
+    sample = np.random.default_rng(1).standard_normal((1, REFERENCE_CHANNELS, *REFERENCE_HW), dtype=np.float32)
+    return sample.astype(np.float16) if fp16 else sample
+
+
+def onnx_layer(geometry: Geometry, c_in: int, c_out: int, batch: int, path: Path, *, fp16: bool = False,
+               reference: bool = False) -> Path:
+    """The layer as a one-node ONNX graph, built directly (milliseconds, no tracing).
+
+    With `reference`, the graph also holds the reference conv on its own input
+    (`REFERENCE_MARKER` in its node and tensor names), so the layer can be timed relative to it.
+    """
     dtype = np.float16 if fp16 else np.float32
     elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     rng = np.random.default_rng(0)
@@ -186,8 +203,19 @@ def onnx_layer(geometry: Geometry, c_in: int, c_out: int, batch: int, path: Path
             dilations=list(geometry.dilation), group=groups)]
         inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
         out_shape = [batch, c_out, *geometry.out_hw]
-    y = helper.make_tensor_value_info("output", elem, out_shape)
-    graph = helper.make_graph(nodes, "layer", [x], [y], inits)
+    inputs = [x]
+    outputs = [helper.make_tensor_value_info("output", elem, out_shape)]
+    if reference:
+        ref_shape = [1, REFERENCE_CHANNELS, *REFERENCE_HW]
+        inputs.append(helper.make_tensor_value_info(f"{REFERENCE_MARKER}_input", elem, ref_shape))
+        outputs.append(helper.make_tensor_value_info(f"{REFERENCE_MARKER}_output", elem, ref_shape))
+        ref_weight = rng.standard_normal((REFERENCE_CHANNELS, REFERENCE_CHANNELS, 3, 3)).astype(dtype) * 0.05
+        inits += [numpy_helper.from_array(ref_weight, f"{REFERENCE_MARKER}_W"),
+                  numpy_helper.from_array(np.zeros(REFERENCE_CHANNELS, dtype=dtype), f"{REFERENCE_MARKER}_B")]
+        nodes.append(helper.make_node(
+            "Conv", [f"{REFERENCE_MARKER}_input", f"{REFERENCE_MARKER}_W", f"{REFERENCE_MARKER}_B"],
+            [f"{REFERENCE_MARKER}_output"], name=REFERENCE_MARKER, kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = min(model.ir_version, 9)
     onnx.save(model, str(path))

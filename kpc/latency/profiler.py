@@ -31,12 +31,23 @@ from kpc.costs import channel_sides
 from kpc.data import DataSpec
 from kpc.errors import KpcError
 from kpc.groups import ChannelGroup, apply_kept, tie_of
-from kpc.latency.layers import Geometry, Layer, collect_layers, grid_points, layer_input, onnx_layer, torch_layer
+from kpc.latency.layers import (
+    REFERENCE_MARKER,
+    REFERENCE_SIGNATURE,
+    Geometry,
+    Layer,
+    collect_layers,
+    grid_points,
+    layer_input,
+    onnx_layer,
+    reference_input,
+    torch_layer,
+)
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
 from kpc.planner import tie_widths
 
-PARTIAL_SCHEMA = "kpc-latency-partial/1"
+PARTIAL_SCHEMA = "kpc-latency-partial/2"
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)
 RANDOM_CALIBRATIONS = 10
 RANDOM_CALIBRATION_SEED = 1_000_003
@@ -180,26 +191,46 @@ def kernel_timed(runtime: str) -> bool:
 
     ONNX Runtime's CPU provider reports per-node kernel times, which leave out the layout
     reorders and per-call overhead a lone layer pays but the same layer inside a network
-    does not. Other runtimes time the whole call and have the call overhead subtracted.
+    does not. There each layer is timed relative to a reference conv in the same session
+    (see `exporters.ort_cpu_kernel_ratio`), which takes out the session-to-session drift of
+    a shared machine (figures in benchmarks/RESULTS.md and profiles/README.md).
+
+    Tried and not kept, measured on the five benchmark models here: timing each layer
+    with sleeping workers (as kpc's runners run whole models) and with its input produced by
+    another conv (a small conv reading a freshly converted input ran 1.6x slower: 1x1 16->16
+    at 112x112, 0.053 against 0.033 ms; 0.035 ms inside MobileNetV3). It fitted the
+    calibration timings better (worst 9.3% instead of 13.6%) but predicted the benchmark's
+    random widths worse in two runs (worst 8.0% and 8.8% instead of 7.2%).
+    Other runtimes time the whole call and have the call overhead subtracted.
     """
     return runtime == "ort-cpu"
 
 
-def time_layer(settings: ProfileSettings, geometry: Geometry, c_in: int, c_out: int, workdir: Path) -> float:
-    """Median ms of one layer at one width pair, alone on the target runtime."""
-    from exporters import get_runner, measure, ort_cpu_kernel_ms
+@dataclass(frozen=True)
+class PointTiming:
+    value: float  # ms, or for kernel-timed runtimes the ratio to the reference conv
+    reference_ms: float | None = None  # the reference conv's kernel ms in the same session
+
+
+def time_layer(settings: ProfileSettings, geometry: Geometry, c_in: int, c_out: int, workdir: Path) -> PointTiming:
+    """One layer at one width pair, alone on the target runtime: median ms, or its ratio to the reference."""
+    from exporters import get_runner, measure, ort_cpu_kernel_ratio
 
     inputs = {"input": layer_input(geometry, c_in, settings.batch)}
+    relative = kernel_timed(settings.runtime)
     if settings.runtime.startswith("ort") or settings.runtime == "trt":
-        model: Any = onnx_layer(geometry, c_in, c_out, settings.batch, workdir / "layer.onnx")
+        model: Any = onnx_layer(geometry, c_in, c_out, settings.batch, workdir / "layer.onnx",
+                                fp16=settings.precision == "fp16", reference=relative)
     else:
         model = torch_layer(geometry, c_in, c_out)
-    if kernel_timed(settings.runtime):
-        return ort_cpu_kernel_ms(model, inputs, threads=settings.threads, warmup=settings.warmup,
-                                 iters=settings.iters)
+    if relative:
+        inputs[f"{REFERENCE_MARKER}_input"] = reference_input(settings.precision == "fp16")
+        timed = ort_cpu_kernel_ratio(model, inputs, reference_marker=REFERENCE_MARKER, threads=settings.threads,
+                                     warmup=settings.warmup, iters=settings.iters)
+        return PointTiming(timed.ratio, timed.reference_ms)
     with get_runner(settings.runtime, threads=settings.threads, precision=settings.precision) as runner:
         runner.prepare(model, inputs)
-        return float(measure(runner, inputs, warmup=settings.warmup, iters=settings.iters).median_ms)
+        return PointTiming(float(measure(runner, inputs, warmup=settings.warmup, iters=settings.iters).median_ms))
 
 
 def call_overhead_ms(settings: ProfileSettings, workdir: Path) -> float:
@@ -221,14 +252,18 @@ def call_overhead_ms(settings: ProfileSettings, workdir: Path) -> float:
         return float(measure(runner, inputs, warmup=20, iters=200).median_ms)
 
 
-def _read_partial(path: Path, target: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _read_partial(path: Path, target: dict[str, Any]) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Points measured so far, and the reference conv's kernel ms of each relative point."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise KpcError(f"cannot resume from {path} ({exc}): delete it to start over") from exc
-    if data.get("schema") != PARTIAL_SCHEMA or data.get("target") != target:
+    if data.get("schema") != PARTIAL_SCHEMA:
+        raise KpcError(f"{path} was written by another kpc version ({data.get('schema')}): delete it or drop --resume")
+    if data.get("target") != target:
         raise KpcError(f"{path} was measured for another target ({data.get('target')}): delete it or drop --resume")
-    return {k: {p: float(v) for p, v in points.items()} for k, points in data.get("points", {}).items()}
+    points = {k: {p: float(v) for p, v in points.items()} for k, points in data.get("points", {}).items()}
+    return points, [float(v) for v in data.get("reference_ms", [])]
 
 
 def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume: bool = False,
@@ -239,8 +274,9 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
     target = settings.target(device)
     partial_path = out.with_name(out.name + ".partial")
     points: dict[str, dict[str, float]] = {}
+    reference_ms: list[float] = []  # the reference conv's kernel ms, one per relative point
     if resume and partial_path.is_file():
-        points = _read_partial(partial_path, target)
+        points, reference_ms = _read_partial(partial_path, target)
         log(f"resuming: {sum(len(p) for p in points.values())} points already measured")
     elif partial_path.exists() and not resume:
         partial_path.unlink()
@@ -250,7 +286,8 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
     done = sum(1 for k, (g, i, o) in grid.items() for p in grid_keys(g, i, o) if f"{p[0]},{p[1]}" in points.get(k, {}))
 
     def save_partial() -> None:
-        write_text_atomic(partial_path, json.dumps({"schema": PARTIAL_SCHEMA, "target": target, "points": points}))
+        write_text_atomic(partial_path, json.dumps({"schema": PARTIAL_SCHEMA, "target": target, "points": points,
+                                                    "reference_ms": reference_ms}))
 
     started = _dt.datetime.now(_dt.UTC)
     with tempfile.TemporaryDirectory(prefix="kpc-profile-") as tmp:
@@ -262,7 +299,10 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
                     key = f"{i},{o}"
                     if key in measured:
                         continue
-                    measured[key] = time_layer(settings, geometry, i, o, Path(tmp))
+                    timing = time_layer(settings, geometry, i, o, Path(tmp))
+                    measured[key] = timing.value
+                    if timing.reference_ms is not None:
+                        reference_ms.append(timing.reference_ms)
                     done += 1
                     if progress is not None:
                         progress(done, total)
@@ -272,7 +312,9 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
             save_partial()
             raise
         save_partial()
-    entries = {sig: _entry(geometry, c_in, c_out, points[sig], overhead)
+    # relative points in ms: times the reference's median over the whole profile, one yardstick for every entry
+    unit_ms = float(np.median(reference_ms)) if kernel_timed(settings.runtime) else 1.0
+    entries = {sig: _entry(geometry, c_in, c_out, points[sig], overhead, unit_ms)
                for sig, (geometry, c_in, c_out) in grid.items()}
     header = {
         "device": device, "runtime": settings.runtime, "runtime_version": _runtime_version(settings.runtime),
@@ -281,11 +323,14 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
         "input_size": list(loaded.spec.input_size), "full_model_ms": 0.0, "round_to": settings.round_to,
         "min_channels": settings.min_channels, "warmup": settings.warmup, "iters": settings.iters,
         "layers": len(layers.layers), "signatures": len(grid), "points": total, "call_overhead_ms": overhead,
-        "entry_timing": "kernel" if kernel_timed(settings.runtime) else "call",
+        "entry_timing": "kernel-relative" if kernel_timed(settings.runtime) else "call",
         "channel_block": channel_block(settings.runtime),
     }
     table = LatencyTable(header, entries, Remainder())
     fit_remainder(table, loaded, layers, settings, log=log)
+    if kernel_timed(settings.runtime):
+        header["reference"] = {"signature": REFERENCE_SIGNATURE, "median_ms": unit_ms,
+                               "spread_ms": [float(np.min(reference_ms)), float(np.max(reference_ms))]}
     header["profile_seconds"] = round((_dt.datetime.now(_dt.UTC) - started).total_seconds(), 1)
     table.save(out)
     partial_path.unlink(missing_ok=True)
@@ -294,11 +339,12 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
 
 
 def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict[str, float],
-           overhead: float) -> Entry:
-    """Grid of layer latencies with the per-call overhead taken out (never below a microsecond)."""
+           overhead: float, unit_ms: float = 1.0) -> Entry:
+    """Grid of layer latencies in ms (measured values times `unit_ms`) with the per-call overhead taken out
+    (never below a microsecond)."""
 
     def net(key: str) -> float:
-        return max(measured[key] - overhead, 1e-3)
+        return max(measured[key] * unit_ms - overhead, 1e-3)
 
     if geometry.kind in ONE_WIDTH_KINDS:  # one point per output width, its input width alongside
         keys = grid_keys(geometry, c_in, c_out)
