@@ -29,6 +29,7 @@ from kpc.latency.profiler import (
     layers_for,
     model_layers,
     profile,
+    time_layer,
 )
 from kpc.latency.table import Entry
 from kpc.prune import Budget, PruneSettings, prune
@@ -247,6 +248,16 @@ def test_lone_layer_graph_with_a_reference_computes_the_layer(tmp_path):
     assert reference.shape == (1, 48, 28, 28)
     names = [node.name for node in onnx.load(str(timed)).graph.node]
     assert REFERENCE_MARKER in names and len(names) == 2
+
+
+def test_a_layer_is_timed_in_the_tables_precision(tmp_path):
+    geometry = Geometry("conv", (1, 1), (1, 1), (0, 0), (1, 1), 1, (14, 14), (14, 14))
+    for precision in ("fp32", "fp16"):
+        timing = time_layer(ProfileSettings(runtime="ort-cpu", precision=precision, iters=3, warmup=1), geometry,
+                            32, 32, tmp_path)
+        assert np.isfinite(timing.value) and timing.value > 0 and timing.reference_ms > 0
+        elem = onnx.load(str(tmp_path / "layer.onnx")).graph.input[0].type.tensor_type.elem_type
+        assert elem == (onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT)
 
 
 def test_interrupted_profile_resumes_without_remeasuring(tmp_path):

@@ -219,8 +219,11 @@ def time_layer(settings: ProfileSettings, geometry: Geometry, c_in: int, c_out: 
     inputs = {"input": layer_input(geometry, c_in, settings.batch)}
     relative = kernel_timed(settings.runtime)
     if settings.runtime.startswith("ort") or settings.runtime == "trt":
-        model: Any = onnx_layer(geometry, c_in, c_out, settings.batch, workdir / "layer.onnx",
-                                fp16=settings.precision == "fp16", reference=relative)
+        fp16 = settings.precision == "fp16"  # the graph computes in the precision the model will be served in
+        model: Any = onnx_layer(geometry, c_in, c_out, settings.batch, workdir / "layer.onnx", fp16=fp16,
+                                reference=relative)
+        if fp16:
+            inputs["input"] = inputs["input"].astype(np.float16)
     else:
         model = torch_layer(geometry, c_in, c_out)
     if relative:
