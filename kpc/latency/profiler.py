@@ -273,6 +273,7 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
             progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print) -> LatencyTable:
     """Measure every layer signature of the model plus the remainder; write the table to `out`."""
     settings = aligned_to_block(settings, log)
+    relative = kernel_timed(settings.runtime)  # entries are ratios to the in-session reference conv
     device = target_device(settings.runtime)
     target = settings.target(device)
     partial_path = out.with_name(out.name + ".partial")
@@ -294,7 +295,7 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
 
     started = _dt.datetime.now(_dt.UTC)
     with tempfile.TemporaryDirectory(prefix="kpc-profile-") as tmp:
-        overhead = 0.0 if kernel_timed(settings.runtime) else call_overhead_ms(settings, Path(tmp))
+        overhead = 0.0 if relative else call_overhead_ms(settings, Path(tmp))
         try:
             for signature, (geometry, c_in, c_out) in grid.items():
                 measured = points.setdefault(signature, {})
@@ -316,7 +317,7 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
             raise
         save_partial()
     # relative points in ms: times the reference's median over the whole profile, one yardstick for every entry
-    unit_ms = float(np.median(reference_ms)) if kernel_timed(settings.runtime) else 1.0
+    unit_ms = float(np.median(reference_ms)) if relative else 1.0
     entries = {sig: _entry(geometry, c_in, c_out, points[sig], overhead, unit_ms)
                for sig, (geometry, c_in, c_out) in grid.items()}
     header = {
@@ -326,12 +327,12 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
         "input_size": list(loaded.spec.input_size), "full_model_ms": 0.0, "round_to": settings.round_to,
         "min_channels": settings.min_channels, "warmup": settings.warmup, "iters": settings.iters,
         "layers": len(layers.layers), "signatures": len(grid), "points": total, "call_overhead_ms": overhead,
-        "entry_timing": "kernel-relative" if kernel_timed(settings.runtime) else "call",
+        "entry_timing": "kernel-relative" if relative else "call",
         "channel_block": channel_block(settings.runtime),
     }
     table = LatencyTable(header, entries, Remainder())
     fit_remainder(table, loaded, layers, settings, log=log)
-    if kernel_timed(settings.runtime):
+    if relative:
         header["reference"] = {"signature": REFERENCE_SIGNATURE, "median_ms": unit_ms,
                                "spread_ms": [float(np.min(reference_ms)), float(np.max(reference_ms))]}
     header["profile_seconds"] = round((_dt.datetime.now(_dt.UTC) - started).total_seconds(), 1)
