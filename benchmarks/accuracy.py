@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> list[list[object]]:
     from kpc.artifact import LoadedModel, base_plan, open_model, save_artifact
     from kpc.data import parse_data_spec
     from kpc.evaluate import evaluate_accuracy
-    from kpc.prune import Budget, PruneSettings, prune
+    from kpc.pruning import Budget, PruneSettings, prune
     from kpc.train import TrainSettings, fit
 
     torch.set_num_threads(args.threads)

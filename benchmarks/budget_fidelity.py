@@ -27,7 +27,7 @@ from kpc.errors import KpcError
 from kpc.latency import latency_cost_factory, load_table
 from kpc.latency.model import RelativeTimer
 from kpc.latency.profiler import ProfileSettings, default_table_path, target_device
-from kpc.prune import Budget, PruneSettings, prune
+from kpc.pruning import Budget, PruneSettings, prune
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"]
 ROOT = Path(__file__).resolve().parents[1]

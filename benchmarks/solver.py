@@ -29,7 +29,7 @@ from kpc.costs import FlopsModel
 from kpc.data import parse_data_spec
 from kpc.groups import tie_of
 from kpc.planner import make_choices, solve_widths
-from kpc.prune import PruneSettings, analyse, compute_importance
+from kpc.pruning import PruneSettings, analyse, compute_importance
 
 
 def linearised_options(cost, full, choices):

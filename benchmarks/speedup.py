@@ -51,7 +51,7 @@ def prune_half(spec: str, input_size: tuple[int, int, int], ratio: float, calib_
     """Baseline and pruned LoadedModels (FLOPs budget `ratio` of the unpruned model, synthetic calibration)."""
     from kpc.artifact import LoadedModel, open_model
     from kpc.data import parse_data_spec
-    from kpc.prune import Budget, PruneSettings, prune
+    from kpc.pruning import Budget, PruneSettings, prune
 
     settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=calib_batches, calib_batch_size=8)
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def prune_half(spec: str, input_size: tuple[int, int, int], ratio: float, calib_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kpc.bench import BenchSettings, run_bench
+    from kpc.benchmark import BenchSettings, run_bench
     from kpc.specs import parse_input_size
 
     args = parse_args(argv)

@@ -8,6 +8,7 @@ that needs them is prepared, so ``import exporters`` works without them.
 from exporters.errors import (
     DeviceUnavailable,
     ExporterError,
+    OutputError,
     ParityError,
     RuntimeNotInstalled,
     UnknownRuntime,
@@ -15,7 +16,7 @@ from exporters.errors import (
 from exporters.kernel_timing import KernelRatio, ort_cpu_kernel_ms, ort_cpu_kernel_ratio
 from exporters.onnx_export import check_onnx, export_onnx
 from exporters.parity import OutputCheck, compare_outputs, raise_on_failures, validate_onnx
-from exporters.runners import RUNTIMES, Runner, get_runner
+from exporters.runners import RUNTIMES, Runner, get_runner, runner_class
 from exporters.tensorrt_engine import ProfileShape, build_engine, engine_filename, profile_shapes
 from exporters.timing import TimingStats, bootstrap_ratio_ci, interleaved, measure
 
@@ -25,6 +26,7 @@ __all__ = [
     "ExporterError",
     "KernelRatio",
     "OutputCheck",
+    "OutputError",
     "ParityError",
     "ProfileShape",
     "Runner",
@@ -44,5 +46,6 @@ __all__ = [
     "ort_cpu_kernel_ratio",
     "profile_shapes",
     "raise_on_failures",
+    "runner_class",
     "validate_onnx",
 ]

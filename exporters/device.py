@@ -33,3 +33,15 @@ def cuda_available() -> bool:
 
 def gpu_name(device_index: int = 0) -> str:
     return torch.cuda.get_device_name(device_index)
+
+
+@cache
+def cpu_vector_floats() -> int:
+    """fp32 lanes of the widest vector unit: 16 with AVX-512, 8 with AVX2, 1 when unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return 1
+    if "avx512f" in flags:
+        return 16
+    return 8 if "avx2" in flags else 1

@@ -28,6 +28,10 @@ class ExporterError(Exception):
     exit_code: int = 2
 
 
+class OutputError(ExporterError):
+    """An output path kpc must not write (a device, a symlinked directory, another run's lock, no space)."""
+
+
 class UnknownRuntime(ExporterError):
     """A runtime name that no runner implements; the message lists the ones that exist."""
 

@@ -10,13 +10,12 @@ engine file name: a cached engine is never silently reused on the wrong device.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from exporters.atomic import write_bytes_atomic
 from exporters.errors import ExporterError, RuntimeNotInstalled
 
 # int8 expects explicit quantisation (Q/DQ nodes in the ONNX graph): implicit calibration
@@ -104,18 +103,6 @@ def engine_filename(
     return f"{Path(onnx_path).stem}.{precision}.{batch}.{device}.trt{trt_version}.engine"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a sibling temporary file and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -181,7 +168,7 @@ def build_engine(
     if serialized is None:
         raise ExporterError(f"TensorRT failed to build {Path(onnx_path).name}; rerun with a verbose logger")
     engine_path = Path(engine_path)
-    write_atomic(engine_path, bytes(serialized))
+    write_bytes_atomic(engine_path, bytes(serialized))
     if cache_path is not None:
-        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return engine_path

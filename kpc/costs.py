@@ -15,26 +15,18 @@ fixed point, where this is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from kpc.groups import ChannelGroup, is_grouped_conv
+from kpc.channels import ChannelGroup
+from kpc.cost_model import FLOPS_LANDING, CostModel
+from kpc.groups import is_grouped_conv
 from kpc.tracing import forward_with_hooks
 
-
-class CostModel(Protocol):
-    """What the planner needs from a cost: FLOPs here, latency from a lookup table later."""
-
-    unit: str
-    width_step: int  # kept widths must be multiples of this (a latency table's round_to; 1 for FLOPs)
-
-    def total(self, widths: np.ndarray) -> float: ...
-
-    def option_costs(self, widths: np.ndarray, group: int, options: np.ndarray) -> np.ndarray: ...
+__all__ = ["CostModel", "FlopsModel", "Side", "channel_sides", "count_macs", "is_depthwise"]
 
 
 @dataclass
@@ -113,10 +105,13 @@ class FlopsModel:
     """MACs of the whole network for any assignment of group widths (1 FLOP = 1 MAC, as in the literature)."""
 
     unit = "GFLOPs"
+    scale = 1e9
     width_step = 1
+    landing = FLOPS_LANDING
 
     def __init__(self, model: nn.Module, example: torch.Tensor, graph: tp.DependencyGraph,
                  groups: list[ChannelGroup]) -> None:
+        self.example = example
         total, _params, per_module, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
         self.counted_full = float(total)
         self.full_widths = np.array([g.width for g in groups], dtype=np.float64)
@@ -185,6 +180,10 @@ class FlopsModel:
 
     def total(self, widths: np.ndarray) -> float:
         return self.constant + sum(m.cost(widths, self.full_widths) for m in self.modules)
+
+    def measure(self, model: nn.Module) -> float:
+        """MACs of a built model, counted independently of this model's prediction."""
+        return count_macs(model, self.example)[0]
 
     def option_costs(self, widths: np.ndarray, group: int, options: np.ndarray) -> np.ndarray:
         """Cost change of the modules this group touches when only its width moves to each option."""

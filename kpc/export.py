@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ MIN_OPSET, MAX_OPSET = 11, 20
 FP32_TOLERANCES = (1e-4, 1e-3)
 FP16_TOLERANCES = (5e-2, 5e-2)
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def default_tolerances(fp16: bool) -> tuple[float, float]:
@@ -109,7 +110,7 @@ def parity_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0) ->
     (fp16 overflow, saturated activations); smooth images with edges, normalised the way
     the model was trained, push the network through the ranges it sees in service.
     """
-    channels, height, width = loaded.spec.input_size
+    channels, height, width = loaded.input_size
     mean, std = _normalization(loaded, channels)
     generator = torch.Generator().manual_seed(seed)
     samples = []
@@ -125,7 +126,7 @@ def parity_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0) ->
 def _normalization(loaded: LoadedModel, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     from kpc.data import IMAGENET_MEAN, IMAGENET_STD
 
-    recorded = (loaded.plan or {}).get("normalization") or {}
+    recorded = loaded.plan.normalization or {}
     mean = list(recorded.get("mean") or (IMAGENET_MEAN if channels == 3 else (0.5,)))
     std = list(recorded.get("std") or (IMAGENET_STD if channels == 3 else (0.5,)))
     if len(mean) != channels:
@@ -177,21 +178,21 @@ def _finite(value: float) -> float | None:
 
 
 def _verify(reference: nn.Module, exported: Path, samples: list[dict[str, np.ndarray]], settings: ExportSettings,
-            runtime: str, precision: str, log: Log) -> dict[str, Any]:
+            runtime: str, precision: str) -> dict[str, Any]:
     from exporters import raise_on_failures
 
     atol, rtol = settings.tolerances(precision)
     checks = check_parity(reference, exported, samples, atol=atol, rtol=rtol, runtime=runtime, precision=precision)
     for check in checks:
-        log(f"  {check.line()}")
+        log.info(f"  {check.line()}")
     raise_on_failures(checks)  # ParityError, exit 1: the worst output first, all failures counted
     return {"runtime": runtime, "precision": precision, "reference": "torch-cpu fp32", "samples": len(samples),
             "batch": settings.batch, "atol": atol, "rtol": rtol, "ok": True,
             "outputs": [check_to_json(c) for c in checks]}
 
 
-def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *, overwrite: bool = False,
-                 log: Log = lambda _m: None) -> dict[str, Any]:
+def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Export `loaded` into `out` (ONNX, optionally a TensorRT engine), verify it, write `export.json`.
 
     Returns the record written to `export.json`. Raises ParityError (exit 1) when the
@@ -214,13 +215,13 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *, ov
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "kpc_version": __version__,
         "versions": _versions(),
-        "model": {"source": loaded.source, "label": loaded.spec.label(), "input_size": list(loaded.spec.input_size),
+        "model": {"source": loaded.source, "label": loaded.label, "input_size": list(loaded.input_size),
                   "artifact": str(loaded.path) if loaded.path is not None else None,
-                  "weights_sha256": ((loaded.plan or {}).get("weights") or {}).get("sha256")},
+                  "weights_sha256": loaded.plan.weights.get("sha256")},
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         onnx_fp16 = settings.fp16 and not settings.trt  # TensorRT lowers precision itself from an fp32 graph
-        log(f"exporting {loaded.spec.label()} to ONNX (opset {settings.opset}, batch {settings.batch}, "
+        log.info(f"exporting {loaded.label} to ONNX (opset {settings.opset}, batch {settings.batch}, "
             f"{'dynamic' if dynamic else 'static'} batch, {'fp16' if onnx_fp16 else 'fp32'})")
         onnx_path = _export_onnx(model, example, tmp / ONNX_FILE, settings.opset, dynamic, onnx_fp16)
         checked = exporters.check_onnx(onnx_path)
@@ -228,12 +229,11 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *, ov
                           "batch": settings.batch, "dynamic_batch": dynamic, "fp16": onnx_fp16,
                           "inputs": [i.name for i in checked.graph.input],
                           "outputs": [o.name for o in checked.graph.output]}
-        log(f"checking ONNX Runtime against PyTorch on {len(samples)} inputs of shape "
+        log.info(f"checking ONNX Runtime against PyTorch on {len(samples)} inputs of shape "
             f"{tuple(samples[0][INPUT_NAME].shape)}")
-        record["parity"] = _verify(model, onnx_path, samples, settings, "ort-cpu", "fp16" if onnx_fp16 else "fp32",
-                                   log)
+        record["parity"] = _verify(model, onnx_path, samples, settings, "ort-cpu", "fp16" if onnx_fp16 else "fp32")
         if settings.trt:
-            record["trt"] = _build_trt(model, onnx_path, tmp, samples, settings, log)
+            record["trt"] = _build_trt(model, onnx_path, tmp, samples, settings)
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -255,7 +255,7 @@ def _export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path,
 
 
 def _build_trt(model: nn.Module, onnx_path: Path, tmp: Path, samples: list[dict[str, np.ndarray]],
-               settings: ExportSettings, log: Log) -> dict[str, Any]:
+               settings: ExportSettings) -> dict[str, Any]:
     """Build an engine for the batch profile and check it against PyTorch within fp16 tolerances."""
     import tensorrt
 
@@ -266,15 +266,15 @@ def _build_trt(model: nn.Module, onnx_path: Path, tmp: Path, samples: list[dict[
     name = exporters.engine_filename(onnx_path, precision=settings.trt_precision, min_batch=settings.min_batch,
                                      max_batch=max_batch, device_name=gpu_name(0),
                                      trt_version=tensorrt.__version__)
-    log(f"building TensorRT engine {name} (batch {settings.min_batch}..{max_batch}, opt {settings.batch}, "
+    log.info(f"building TensorRT engine {name} (batch {settings.min_batch}..{max_batch}, opt {settings.batch}, "
         f"workspace {settings.workspace_mb} MiB)")
     engine = exporters.build_engine(onnx_path, tmp / name,
                                     input_shapes={k: v.shape for k, v in samples[0].items()},
                                     precision=settings.trt_precision, min_batch=settings.min_batch,
                                     opt_batch=settings.batch, max_batch=max_batch,
                                     workspace_mb=settings.workspace_mb, timing_cache=settings.timing_cache)
-    log("checking TensorRT against PyTorch")
-    parity = _verify(model, engine, samples, settings, "trt", settings.trt_precision, log)
+    log.info("checking TensorRT against PyTorch")
+    parity = _verify(model, engine, samples, settings, "trt", settings.trt_precision)
     return {"file": name, "sha256": sha256_file(engine), "precision": settings.trt_precision,
             "min_batch": settings.min_batch, "opt_batch": settings.batch, "max_batch": max_batch,
             "workspace_mb": settings.workspace_mb, "device": gpu_name(0), "tensorrt": tensorrt.__version__,

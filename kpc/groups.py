@@ -9,73 +9,20 @@ with a reason, so the rest of the network can still be pruned.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import signal
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.dependency import index_mapping as _index_mapping
 
+from kpc import tp_compat
+from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
 from kpc.tracing import forward_with_hooks
 
 GRAPH_TIME_LIMIT_S = 60
-UNMAPPABLE = "kpc_unmappable"  # graph attribute: nodes whose channel index mapping failed
-
-
-def _tolerant(update: Callable) -> Callable:
-    """Let one node's failed index mapping (e.g. a channel shuffle) spoil only the groups through it.
-
-    torch-pruning maps channel indices through every concat/split/reshape of the
-    graph at once; a single exotic reshape raises and kills the whole graph. The
-    failing node is recorded instead, and `discover_groups` leaves every group that
-    passes through it whole.
-    """
-
-    def wrapper(graph, node):
-        try:
-            return update(graph, node)
-        except Exception as exc:
-            failures = graph.__dict__.setdefault(UNMAPPABLE, {})
-            failures[node] = f"{type(exc).__name__} mapping channels through {getattr(node, 'name', node)}"
-            return None
-
-    wrapper.__wrapped__ = update  # type: ignore[attr-defined]
-    return wrapper
-
-
-for _name in ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
-              "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping"):
-    _update = getattr(_index_mapping, _name, None)
-    if _update is not None and not hasattr(_update, "__wrapped__"):
-        setattr(_index_mapping, _name, _tolerant(_update))
-
-
-@dataclass
-class ChannelGroup:
-    """One coupled set of channels, identified by the module that produces them."""
-
-    index: int
-    root: str  # name of the module whose output channels define the group
-    width: int  # channels at full width
-    layers: list[str]  # parameterised members, "name" for output side, "name<" for input side
-    prunable: bool = True
-    reason: str | None = None  # why the group is kept whole
-    tp_group: object = field(default=None, repr=False)  # torch-pruning Group, valid for the analysed model
-    blocks: int = 1  # equal channel blocks kept or removed whole (the conv groups of a grouped conv it feeds)
-    tied_to: int | None = None  # the group whose choice of blocks this one follows (grouped convs tie groups)
-
-    @property
-    def block_width(self) -> int:
-        return self.width // self.blocks
-
-    @property
-    def leader(self) -> int:
-        return self.index if self.tied_to is None else self.tied_to
 
 
 @contextlib.contextmanager
@@ -155,6 +102,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
+    tp_compat.install()
     try:
         with time_limit(time_limit_s, "building the dependency graph"):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
@@ -209,7 +157,7 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
         layers: list[str] = []
         out_names: list[str] = []
         reason = None
-        unmappable = graph.__dict__.get(UNMAPPABLE, {})
+        unmappable = tp_compat.unmappable_nodes(graph)
         for item in tp_group:
             for node in (item.dep.source, item.dep.target):
                 if node in unmappable:
@@ -313,133 +261,5 @@ def _tie_grouped_convs(groups: list[ChannelGroup], grouped: dict[str, dict[str, 
             group.tied_to = None if m == leader.index else leader.index
 
 
-def tie_of(groups: Sequence[ChannelGroup], group: ChannelGroup) -> list[ChannelGroup]:
-    """The group and every group tied to it, leader first (just the group when it is not tied)."""
-    return [g for g in groups if g.leader == group.leader]
-
-
-def leave_whole(groups: Sequence[ChannelGroup], index: int, reason: str) -> list[ChannelGroup]:
-    """Mark a group whole, with every group tied to it; returns the groups marked."""
-    marked = [g for g in tie_of(groups, groups[index]) if g.prunable]
-    for group in marked:
-        group.prunable = False
-        group.reason = reason if group.index == index else f"tied to {groups[index].root}, which is whole: {reason}"
-    return marked
-
-
-# ---------------------------------------------------------------- applying kept channels
-
-
-def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: Sequence[int]) -> None:
-    """Physically remove every channel of one group except `kept` (indices into the root's outputs)."""
-    keep = set(int(i) for i in kept)
-    removed = [i for i in range(width) if i not in keep]
-    if not removed:
-        return
-    pruner = graph.get_pruner_of_module(module)
-    group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
-    grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
-    if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
-        group._group = [item for item in group if item not in grouped_inputs]
-    group.prune()
-    for item in grouped_inputs:
-        _remove_conv_groups(item.dep.target.module, item.idxs)
-
-
-def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:
-    """Remove whole conv groups from a grouped conv's input side.
-
-    torch-pruning slices a grouped conv's per-group input weights and leaves `groups`
-    as it was, which breaks the conv. kpc removes a grouped conv's channels only as
-    whole conv groups, the same ones on its input side (the group feeding it) and on
-    its output side (its weight rows, pruned as usual with the group it roots). On the
-    input side each kept conv group keeps all its inputs: the weight stays as it is,
-    `in_channels` and `groups` shrink.
-    """
-    per_group = conv.in_channels // conv.groups
-    removed = {int(i) for i in removed_inputs}
-    blocks = {i // per_group for i in removed}
-    if len(removed) != len(blocks) * per_group:
-        raise KpcError(f"internal error: pruning part of a conv group of a grouped conv ({len(removed)} "
-                       f"input channels over {len(blocks)} groups of {per_group}); please report this")
-    conv.in_channels -= len(removed)
-    conv.groups -= len(blocks)
-
-
-def apply_kept(model: nn.Module, example: torch.Tensor, kept: dict[str, tuple[int, Sequence[int]]], *,
-               graph: tp.DependencyGraph | None = None) -> nn.Module:
-    """Prune `model` in place: `kept` maps a group's root name to (full width, kept indices)."""
-    graph = graph if graph is not None else build_graph(model, example)
-    for root, (width, indices) in kept.items():
-        try:
-            module = model.get_submodule(root)
-        except AttributeError as exc:
-            raise KpcError(f"plan names a layer {root!r} that this model does not have: the plan belongs "
-                           "to another model") from exc
-        prune_group(graph, module, width, indices)
-    return model
-
-
-def check_forward(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size) -> str | None:
-    """None when the model runs and keeps its output shape; else what went wrong."""
-    try:
-        with torch.no_grad():
-            output = model(example)
-    except Exception as exc:  # any failure here means the pruned structure is inconsistent
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-    if not isinstance(output, torch.Tensor):
-        return f"output is {type(output).__name__}, not a tensor"
-    if output.shape != expected_shape:
-        return f"output shape {tuple(output.shape)} != {tuple(expected_shape)}"
-    if not torch.isfinite(output).all():
-        return "output has non-finite values"
-    return None
-
-
-def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: list[ChannelGroup],
-                       probe_kept: Callable[[ChannelGroup], Sequence[int]]) -> dict[int, str]:
-    """Prune copies with the candidates reduced and bisect to the groups that break the network.
-
-    Cheap when everything works (one copy, one forward); a failure costs a few copies
-    per bad group. A group that breaks on its own is reported with the error it caused.
-    Tied groups are tried together and reported by their first member (see `leave_whole`).
-    """
-    with torch.no_grad():
-        expected = model(example).shape
-
-    def trial(subset: list[list[ChannelGroup]]) -> str | None:
-        trial_model = copy.deepcopy(model)
-        try:
-            graph = build_graph(trial_model, example)
-            for group in (g for unit in subset for g in unit):
-                prune_group(graph, trial_model.get_submodule(group.root), group.width, probe_kept(group))
-        except KpcError:
-            raise
-        except Exception as exc:
-            return f"pruning failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        return check_forward(trial_model, example, expected)
-
-    bad: dict[int, str] = {}
-    units: dict[int, list[ChannelGroup]] = {}  # tied groups are pruned together or not at all
-    for group in candidates:
-        units.setdefault(group.leader, []).append(group)
-
-    def search(subset: list[list[ChannelGroup]]) -> None:
-        if not subset:
-            return
-        error = trial(subset)
-        if error is None:
-            return
-        if len(subset) == 1:
-            bad[subset[0][0].index] = error
-            return
-        middle = len(subset) // 2
-        search(subset[:middle])
-        search(subset[middle:])
-        if not any(unit[0].index in bad for unit in subset):
-            # each half works alone but not together: leave the whole subset's last unit out and retry
-            bad[subset[-1][0].index] = f"fails only in combination: {error}"
-            search(subset[:-1])
-
-    search(list(units.values()))
-    return bad
+__all__ = ["ChannelGroup", "build_graph", "discover_groups", "find_classifier", "is_grouped_conv",
+           "is_grouped_conv_input", "leave_whole", "tie_of", "time_limit"]

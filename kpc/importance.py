@@ -4,11 +4,19 @@ Gradients are accumulated over all calibration batches before scoring (as in the
 paper's code), BN stays in eval mode, and scores are not normalised per layer: a raw
 score is comparable across the whole network, which is what lets one knapsack trade
 channels of different layers against each other.
+
+Calibration data is any iterable of image batches or (images, labels) pairs: a
+DataLoader, a list, a generator. Unlabelled batches use the model's own prediction as
+the target. A group whose score cannot be computed (an exotic concat-and-slice that
+torch-pruning maps to the wrong length) or that scores zero everywhere is reported, so
+the prune leaves it whole with the reason instead of crashing or starving it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,57 +24,115 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from kpc import tp_compat
 from kpc.errors import KpcError
 from kpc.groups import ChannelGroup, is_grouped_conv_input
 
 METHODS = ("taylor", "magnitude")
 
 
-def accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-                         *, progress=None) -> int:
-    """Sum dL/dw over the batches; unlabeled batches use the model's own prediction as target."""
+def as_batches(calibration: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images, labels or None) from a DataLoader or any iterable of image tensors or (images, labels) pairs."""
+    for index, item in enumerate(calibration):
+        labels = None
+        if isinstance(item, dict):
+            item = (item.get("image", item.get("images", item.get("pixel_values"))), item.get("label",
+                                                                                              item.get("labels")))
+        if isinstance(item, (tuple, list)):
+            if not item:
+                raise KpcError(f"calibration batch {index} is empty")
+            images = item[0]
+            labels = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
+        else:
+            images = item
+        if not isinstance(images, torch.Tensor) or images.ndim < 2:
+            raise KpcError(f"calibration batch {index} is a {type(images).__name__}, not a batch of images: give "
+                           "tensors of shape (N, C, H, W) or (images, labels) pairs")
+        if labels is not None and (labels.ndim != 1 or labels.dtype.is_floating_point):
+            labels = None  # one-hot, soft or dense targets: use the model's own prediction
+        yield images, labels
+
+
+def accumulate_gradients(model: nn.Module, batches: Iterable[Any], *, limit: int | None = None,
+                         progress: Callable[[], None] | None = None) -> int:
+    """Sum dL/dw over the batches (at most `limit`); returns the number of images seen."""
     model.eval()
     model.zero_grad(set_to_none=True)
     images_seen = 0
-    for images, labels in batches:
-        logits = model(images)
-        if logits.ndim != 2:
-            logits = logits.flatten(1)
-        target = labels if labels is not None else logits.detach().argmax(dim=1)
-        if target.max() >= logits.shape[1]:
-            raise KpcError(f"data has label {int(target.max())} but the model has {logits.shape[1]} outputs: "
-                           "set --num-classes")
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        loss.backward()
-        images_seen += images.shape[0]
-        if progress is not None:
-            progress()
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    with torch.enable_grad():
+        for index, (images, labels) in enumerate(as_batches(batches)):
+            if limit is not None and index >= limit:
+                break
+            logits = model(images.to(device))
+            if not isinstance(logits, torch.Tensor):
+                raise KpcError(f"the model returns a {type(logits).__name__}, not a tensor of logits: Taylor "
+                               "importance needs logits (use importance='magnitude')")
+            if logits.ndim != 2:
+                logits = logits.flatten(1)
+            target = labels.to(device) if labels is not None else logits.detach().argmax(dim=1)
+            if int(target.max()) >= logits.shape[1] or int(target.min()) < 0:
+                raise KpcError(f"the data has label {int(target.max())} but the model has {logits.shape[1]} "
+                               "outputs: set --num-classes")
+            loss = F.cross_entropy(logits, target, reduction="sum")
+            loss.backward()
+            images_seen += images.shape[0]
+            if progress is not None:
+                progress()
     if images_seen == 0:
-        raise KpcError("calibration data produced no batches")
+        raise KpcError("the calibration data produced no batches")
     return images_seen
 
 
-def score_groups(groups: Sequence[ChannelGroup], method: str) -> dict[int, np.ndarray]:
-    """Per-channel importance of every prunable group (index -> scores, float64, length = width)."""
+@dataclass
+class Scores:
+    """Per-channel importance of every prunable group, and the groups that could not be scored."""
+
+    values: dict[int, np.ndarray] = field(default_factory=dict)  # group index -> scores (float64, length = width)
+    failed: dict[int, str] = field(default_factory=dict)  # group index -> why no score could be computed
+    empty: list[int] = field(default_factory=list)  # groups whose score is zero (or non-finite) on every channel
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.values[index]
+
+    def total(self) -> float:
+        return float(sum(v.sum() for v in self.values.values()))
+
+
+def scorer_for(method: str) -> Any:
     if method == "taylor":
-        scorer = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
-    elif method == "magnitude":
-        scorer = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum", normalizer=None)
-    else:
-        raise KpcError(f"unknown importance {method!r}: use one of {', '.join(METHODS)}")
-    scores: dict[int, np.ndarray] = {}
+        return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    if method == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum", normalizer=None)
+    raise KpcError(f"unknown importance {method!r}: use one of {', '.join(METHODS)}")
+
+
+def score_groups(groups: Sequence[ChannelGroup], method: str) -> Scores:
+    """Score every prunable group; a group whose score fails or has the wrong length is reported, not raised."""
+    scorer = scorer_for(method)
+    scores = Scores()
     for group in groups:
         if not group.prunable:
             continue
-        value = scorer(_without_grouped_conv_inputs(group.tp_group))
-        values = np.zeros(group.width) if value is None else value.detach().double().cpu().numpy()
+        try:
+            value = scorer(_without_grouped_conv_inputs(group.tp_group))
+        except Exception as exc:  # torch-pruning's scorer can fail on one exotic group: that group stays whole
+            scores.failed[group.index] = f"importance failed ({type(exc).__name__} in torch-pruning)"
+            continue
+        values = np.zeros(group.width) if value is None else value.detach().double().cpu().numpy().reshape(-1)
         if values.shape != (group.width,):
-            raise RuntimeError(f"importance of {group.root} has shape {values.shape}, expected ({group.width},)")
-        scores[group.index] = np.nan_to_num(values, nan=0.0, posinf=0.0)
+            scores.failed[group.index] = (f"importance maps to {values.size} channels for a group of {group.width} "
+                                          "(a concat or slice torch-pruning cannot follow)")
+            continue
+        finite = np.isfinite(values)
+        if not finite.any() or not np.any(values[finite] > 0):
+            scores.empty.append(group.index)
+        scores.values[group.index] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     return scores
 
 
-def _without_grouped_conv_inputs(tp_group):
+def _without_grouped_conv_inputs(tp_group: Any) -> Any:
     """The group minus the input side of grouped convs, whose weights the output side already counts.
 
     Grouped convs lose whole conv groups (see `kpc.groups`): removing a block removes its
@@ -77,7 +143,4 @@ def _without_grouped_conv_inputs(tp_group):
     items = [item for item in tp_group if not is_grouped_conv_input(item)]
     if len(items) == len(tp_group):
         return tp_group
-    filtered = tp.dependency.Group()
-    filtered._group = items
-    filtered._DG = getattr(tp_group, "_DG", None)
-    return filtered
+    return tp_compat.group_with_items(tp_group, items)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from kpc.recipe import Recipe
 STAGES = ("train", "profile", "prune", "distill", "export", "verify")
 RECORD = "stage.json"
 PENDING = "pending.json"
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def _digest(data: Any) -> str:
@@ -36,7 +36,7 @@ def _digest(data: Any) -> str:
 
 
 def _artifact_digest(path: Path) -> str:
-    return str(read_plan(path)["weights"]["sha256"])
+    return str(read_plan(path).weights.get("sha256"))
 
 
 @dataclass
@@ -47,11 +47,13 @@ class StageStatus:
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, out: Path, *, log: Log = print) -> None:
+    def __init__(self, recipe: Recipe, out: Path) -> None:
         self.recipe = recipe
         self.out = Path(out)
-        self.log = log
         self.data = parse_data_spec(recipe["data"])
+        model = recipe["model"]
+        # the recipe names its model: a file spec there is trusted, and artifacts built from it are rebuilt with it
+        self.model_file = model if isinstance(model, str) and model.rpartition(":")[0].endswith(".py") else None
 
     # ------------------------------------------------------------ layout
 
@@ -84,11 +86,14 @@ class Pipeline:
     def open_teacher(self) -> LoadedModel:
         text = self.teacher_path()
         if self.active("train"):
-            return open_model(text)
+            return open_model(text, model_file=self.model_file)
         from kpc.specs import parse_input_size
 
         return open_model(text, weights=self.recipe["weights"], num_classes=self.recipe["num_classes"],
-                          input_size=parse_input_size(self.recipe["input_size"]))
+                          input_size=parse_input_size(self.recipe["input_size"]), model_file=self.model_file)
+
+    def open_artifact(self, path: Path) -> LoadedModel:
+        return open_model(str(path), model_file=self.model_file)
 
     # ------------------------------------------------------------ fingerprints
 
@@ -162,9 +167,9 @@ class Pipeline:
             if status.action == "absent":
                 continue
             if status.action == "skip":
-                self.log(f"[{status.name}] up to date, skipped")
+                log.info(f"[{status.name}] up to date, skipped")
                 continue
-            self.log(f"[{status.name}] running ({status.reason})")
+            log.info(f"[{status.name}] running ({status.reason})")
             directory = self.stage_dir(status.name)
             inputs = self.inputs(status.name)  # upstream outputs are final by now: fingerprint once
             self._prepare(directory, _digest(inputs))
@@ -202,13 +207,16 @@ class Pipeline:
         write_text_atomic(pending, inputs_hash + "\n")
 
     def _fit(self, directory: Path, loaded: LoadedModel, section: dict[str, Any], teacher: LoadedModel | None) -> dict:
-        from kpc.train.loop import TrainSettings, fit
+        from dataclasses import replace
 
-        settings = TrainSettings(data=self.data, seed=self.recipe["seed"],
-                                 **{k: v for k, v in section.items() if v is not None})
-        result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True,
-                     log=self.log)
-        metrics = result.plan.get("metrics", {})
+        from kpc.train.loop import DISTILL_DEFAULTS, TRAIN_DEFAULTS, fit
+
+        defaults = TRAIN_DEFAULTS if teacher is None else DISTILL_DEFAULTS
+        settings = replace(defaults, data=self.data, seed=self.recipe["seed"],
+                           threads=self.recipe["target"]["threads"] if defaults.threads is None else defaults.threads,
+                           **{k: v for k, v in section.items() if v is not None})
+        result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True)
+        metrics = result.plan.metrics or {}
         return {"artifact": str(directory / "artifact"), "metrics": metrics}
 
     def _run_train(self, directory: Path) -> dict[str, Any]:
@@ -218,6 +226,9 @@ class Pipeline:
         r = self.recipe
         size = parse_input_size(r["input_size"]) or native_input_size(self.data)
         classes = r["num_classes"] if r["num_classes"] is not None else dataset_num_classes(self.data)
+        import torch
+
+        torch.manual_seed(r["seed"])  # the seed comes before the model is built: one recipe, one teacher
         loaded = open_model(r["model"], weights=r["weights"], num_classes=classes, input_size=size)
         return self._fit(directory, loaded, r["train"], None)
 
@@ -229,40 +240,37 @@ class Pipeline:
         settings = ProfileSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
                                    precision=t["precision"], round_to=p["round_to"], min_channels=p["min_channels"],
                                    ignore=tuple(p["ignore"]), iters=r["profile"]["iters"])
-        table = profile(self.open_teacher(), settings, directory / "lut.json", log=self.log)
+        teacher = self.open_teacher()
+        table = profile(teacher.model, teacher.example_input(), settings, directory / "lut.json", label=teacher.label)
         return {"lut": str(directory / "lut.json"), "full_model_ms": table.header["full_model_ms"]}
 
     def _run_prune(self, directory: Path) -> dict[str, Any]:
-        from kpc.artifact import base_plan, save_artifact
-        from kpc.latency import latency_cost_factory, load_table
-        from kpc.prune import Budget, PruneSettings, prune
+        from kpc.latency import load_table
+        from kpc.pruning import PruneSettings
+        from kpc.workflow import make_budget, prune_to_artifact
 
         r = self.recipe
         p, t, b = r["prune"], r["target"], r["budget"]
         teacher = self.open_teacher()
-        settings = PruneSettings(data=self.data, calib_batches=p["calib_batches"],
-                                 calib_batch_size=p["calib_batch_size"], importance=p["importance"],
-                                 solver=p["solver"], round_to=p["round_to"], min_channels=p["min_channels"],
-                                 ignore=tuple(p["ignore"]), seed=r["seed"])
-        cost_model = None
+        settings = PruneSettings(calib_batches=p["calib_batches"], calib_batch_size=p["calib_batch_size"],
+                                 importance=p["importance"], solver=p["solver"], round_to=p["round_to"],
+                                 min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"])
+        settings.check()
         kind = r.budget_kind
+        target = {k: t[k] for k in ("runtime", "batch", "threads", "precision")}
         if kind in ("ms", "latency_ratio"):
             lut = self.lut_path()
-            cost_model = latency_cost_factory(lut, teacher, force=False, log=self.log, round_to=p["round_to"],
-                                              min_channels=p["min_channels"], runtime=t["runtime"], batch=t["batch"],
-                                              threads=t["threads"], precision=t["precision"])
             ms = b["ms"] if kind == "ms" else b["latency_ratio"] * load_table(lut).header["full_model_ms"]
-            budget = Budget(ms=ms)
+            budget = make_budget(ms=ms, lut=lut, target=target)
         else:
-            budget = Budget(gflops=b["gflops"]) if kind == "gflops" else Budget(ratio=b["ratio"])
-        result = prune(teacher, budget, settings, cost_model=cost_model, log=self.log)
-        plan = base_plan(teacher, "pruned")
-        plan["rounds"] = [*plan["rounds"], result.round]
-        save_artifact(directory / "artifact", result.model, plan, overwrite=True)
-        return {"artifact": str(directory / "artifact"), "budget": budget.describe()}
+            budget = make_budget(gflops=b["gflops"]) if kind == "gflops" else make_budget(ratio=b["ratio"])
+        result = prune_to_artifact(teacher, budget, settings, self.data, directory / "artifact", overwrite=True)
+        landed = result.round.landed
+        return {"artifact": str(directory / "artifact"), "budget": budget.describe(), "landed": landed,
+                "miss": result.round.miss}
 
     def _run_distill(self, directory: Path) -> dict[str, Any]:
-        return self._fit(directory, open_model(str(self.child_path())), self.recipe["distill"], self.open_teacher())
+        return self._fit(directory, self.open_artifact(self.child_path()), self.recipe["distill"], self.open_teacher())
 
     def _run_export(self, directory: Path) -> dict[str, Any]:
         from kpc.export import ExportSettings, export_model
@@ -270,21 +278,20 @@ class Pipeline:
         e = self.recipe["export"]
         settings = ExportSettings(onnx=e["onnx"], trt=e["trt"], fp16=e["fp16"], opset=e["opset"],
                                   dynamic_batch=e["dynamic_batch"], batch=self.recipe["target"]["batch"])
-        export_model(open_model(str(self.final_path())), directory / "export", settings, overwrite=True,
-                     log=self.log)
+        export_model(self.open_artifact(self.final_path()), directory / "export", settings, overwrite=True)
         return {"export": str(directory / "export")}
 
     def _run_verify(self, directory: Path) -> dict[str, Any]:
-        from kpc.bench import BenchSettings, render_markdown, run_bench
+        from kpc.benchmark import BenchSettings, render_markdown, run_bench
         from kpc.evaluate import evaluate_accuracy
 
         r = self.recipe
         t, v = r["target"], r["verify"]
-        teacher, child, final = self.open_teacher(), open_model(str(self.child_path())), open_model(
-            str(self.final_path()))
+        teacher, child, final = (self.open_teacher(), self.open_artifact(self.child_path()),
+                                 self.open_artifact(self.final_path()))
         settings = BenchSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
                                  precision=t["precision"], warmup=v["warmup"], iters=v["iters"])
-        bench = run_bench(teacher, final, settings, min_speedup=v["min_speedup"], log=self.log)
+        bench = run_bench(teacher, final, settings, min_speedup=v["min_speedup"])
         accuracy = {}
         if self.data.kind != "synthetic":
             for name, loaded in (("teacher", teacher), ("pruned", child), ("final", final)):

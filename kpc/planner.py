@@ -1,5 +1,7 @@
 """Choose a width per group under a budget: the knapsack, iterated to a fixed point.
 
+Pure: numpy and the standard library only (no torch), like `kpc.knapsack`.
+
 Items are (group, width) options: a group keeps its top-k channels by importance, the
 value is their summed importance and the cost comes from a `CostModel`. Because a
 layer's cost depends on its own and its input group's width, costs are linearised at
@@ -18,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kpc import knapsack
-from kpc.costs import CostModel
+from kpc.channels import ChannelGroup
+from kpc.cost_model import CostModel
 from kpc.errors import KpcError
-from kpc.groups import ChannelGroup
 
 SOLVERS = ("exact", "greedy")
-LANDING_TOLERANCE = 0.01  # a FLOPs plan may land at most this fraction under its budget
+LANDING_TOLERANCE = 0.01  # a solve is good enough once its predicted cost is within this fraction under the budget
 
 
 @dataclass
@@ -197,4 +199,19 @@ def solve_widths(cost: CostModel, full_widths: np.ndarray, choices: Sequence[Gro
 
 def scale(cost: CostModel) -> float:
     """Internal cost units per displayed unit (MACs per GFLOP; latency models work in ms)."""
-    return 1e9 if cost.unit == "GFLOPs" else 1.0
+    return float(cost.scale)
+
+
+def kept_by_group(choices: Sequence[GroupChoices], widths: np.ndarray) -> dict[int, list[int]]:
+    """Kept channel indices of every prunable group (tied followers included), by group index."""
+    kept: dict[int, list[int]] = {}
+    for choice in choices:
+        kept.update(choice.kept_by_group(int(widths[choice.index])))
+    return kept
+
+
+def kept_by_root(groups: Sequence[ChannelGroup], choices: Sequence[GroupChoices], widths: np.ndarray
+                 ) -> dict[str, tuple[int, list[int]]]:
+    """Groups that lose channels: root name -> (full width, kept indices)."""
+    return {groups[index].root: (groups[index].width, indices)
+            for index, indices in kept_by_group(choices, widths).items() if len(indices) < groups[index].width}

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kpc.atomic import write_text_atomic
+from kpc.atomic import atomic_file, write_text_atomic
 from kpc.errors import KpcError
 
 SCHEMA = "kpc-report/1"
@@ -29,7 +29,7 @@ def build_report(pipeline, actions: dict[str, str]) -> dict[str, Any]:
 
     r = pipeline.recipe
     child_plan = read_plan(pipeline.child_path())
-    prune_round = child_plan["rounds"][-1]
+    prune_round = child_plan.rounds[-1].to_json()
     verify = pipeline.stage_dir("verify")
     bench = _load(verify / "bench.json") or {}
     accuracy = _load(verify / "accuracy.json") or {}
@@ -150,11 +150,10 @@ def render_plots(run: Path, report: dict[str, Any]) -> list[str]:
     written = []
 
     def save(figure, name: str) -> None:
-        tmp = run / f".{name}.tmp.png"
         figure.tight_layout()
-        figure.savefig(tmp, dpi=80)
+        with atomic_file(run / name, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=80)
         plt.close(figure)
-        tmp.replace(run / name)
         written.append(name)
 
     groups = report["groups"]

@@ -90,3 +90,18 @@ def write_tiny(directory: Path) -> str:
     file = directory / "tiny_resnet.py"
     file.write_text(TINY_RESNET)
     return f"{file}:tiny"
+
+
+def prune_spec(spec: str, budget, *, input_size=SMALL, num_classes: int | None = 10, data: str = "synthetic",
+               **settings):
+    """Open a spec and prune it through the model-first API with calibration read from a data spec."""
+    from kpc.artifact import open_model
+    from kpc.data import calibration_batches, parse_data_spec
+    from kpc.pruning import PruneSettings, prune
+
+    loaded = open_model(spec, num_classes=num_classes, input_size=input_size)
+    chosen = PruneSettings(**{"calib_batches": 2, "calib_batch_size": 4, **settings})
+    batches = calibration_batches(parse_data_spec(data), loaded.input_size, batches=chosen.calib_batches,
+                                  batch_size=chosen.calib_batch_size, seed=chosen.seed)
+    return loaded, prune(loaded.model, loaded.example_input(), budget, batches, settings=chosen,
+                         data_label=data)

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from exporters import RUNTIMES
-from kpc.bench import BENCH_SCHEMA, REPORT_SCHEMA
+from kpc.benchmark import BENCH_SCHEMA, REPORT_SCHEMA
 from kpc.cli import app
 
 from .conftest import SMALL

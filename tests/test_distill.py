@@ -14,10 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 import kpc
-from kpc.artifact import base_plan, open_model, save_artifact
+from kpc.artifact import derived_plan, open_model, save_artifact
+from kpc.budget import Budget
 from kpc.cli import app
-from kpc.data import parse_data_spec
-from kpc.prune import Budget, PruneSettings, prune
+from kpc.data import calibration_batches, parse_data_spec
+from kpc.pruning import prune
 from kpc.train import TrainSettings, fit
 from kpc.train.distill import Student, build_projections, fit_projections, inner_loss, tapped
 from kpc.train.stages import find_stages
@@ -103,14 +104,13 @@ def family(tmp_path_factory) -> dict[str, Path]:
     teacher = open_model(write_tiny(root), num_classes=10, input_size=(1, 28, 28))
     settings = TrainSettings(parse_data_spec("fashion-mnist"), epochs=1, batch_size=64, lr=0.1, warmup_epochs=0,
                              subset=2048)
-    fit(teacher, settings, root / "teacher", log=lambda _: None)
-    parent = open_model(str(root / "teacher"))
-    result = prune(parent, Budget(ratio=0.5), PruneSettings(parse_data_spec("fashion-mnist"), calib_batches=2),
-                   log=lambda _: None)
-    plan = base_plan(parent, "pruned")
-    plan["rounds"] = [*plan["rounds"], result.round]
-    save_artifact(root / "child", result.model, plan)
-    return {"root": root, "teacher": root / "teacher", "child": root / "child"}
+    fit(teacher, settings, root / "teacher")
+    spec = write_tiny(root)
+    parent = open_model(str(root / "teacher"), model_file=spec)
+    batches = calibration_batches(parse_data_spec("fashion-mnist"), parent.input_size, batches=2, batch_size=32)
+    result = prune(parent.model, parent.example_input(), Budget(ratio=0.5), batches)
+    kpc.save(result, root / "child")
+    return {"root": root, "teacher": root / "teacher", "child": root / "child", "spec": spec}
 
 
 
@@ -119,7 +119,8 @@ def test_distill_lowers_inner_loss_and_saves_the_plain_child(family, tmp_path):
     out = tmp_path / "ikd"
     result = runner.invoke(app, ["distill", str(family["child"]), "--teacher", str(family["teacher"]),
                                  "--data", "fashion-mnist", "--subset", "1024", "--epochs", "3", "--batch-size", "64",
-                                 "--lr", "0.02", "--ikd-weight", "1", "--kd-weight", "1", "--out", str(out)])
+                                 "--lr", "0.02", "--ikd-weight", "1", "--kd-weight", "1", "--out", str(out),
+                                 "--model-file", family["spec"]])
     assert result.exit_code == 0, result.output
     plan = json.loads((out / "plan.json").read_text())
     assert plan["kind"] == "distilled" and plan["teacher"]["stages"] == ["layer1", "layer2", "layer3"]
@@ -127,8 +128,9 @@ def test_distill_lowers_inner_loss_and_saves_the_plain_child(family, tmp_path):
     assert {"train_ce", "train_ikd", "train_kd", "val_ikd"} <= set(history[0])
     assert history[-1]["val_ikd"] < history[0]["val_ikd"], [h["val_ikd"] for h in history]
     assert history[-1]["train_ikd"] < history[0]["train_ikd"]
-    child = kpc.load(family["child"])
-    distilled = kpc.load(out)  # the plain pruned child: no projection weights, the child's own shapes
+    fresh = open_model(family["spec"], num_classes=10, input_size=(1, 28, 28)).model
+    child = kpc.load(family["child"], model=fresh)
+    distilled = kpc.load(out, model=fresh)  # the plain pruned child: no projection weights, the child's own shapes
     shapes = {k: v.shape for k, v in child.state_dict().items()}
     assert {k: v.shape for k, v in distilled.state_dict().items()} == shapes
     assert plan["rounds"] == json.loads((family["child"] / "plan.json").read_text())["rounds"]
@@ -137,10 +139,11 @@ def test_distill_lowers_inner_loss_and_saves_the_plain_child(family, tmp_path):
 @needs_fashion_mnist
 def test_a_teacher_that_is_not_the_parent_is_refused(family, tmp_path):
     other = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28))
-    save_artifact(tmp_path / "stranger", other.model, base_plan(other, "trained"))
+    save_artifact(tmp_path / "stranger", other.model, derived_plan(other, "trained"))
     out = tmp_path / "out"
     result = runner.invoke(app, ["distill", str(family["child"]), "--teacher", str(tmp_path / "stranger"),
-                                 "--subset", "128", "--batch-size", "32", "--out", str(out)])
+                                 "--subset", "128", "--batch-size", "32", "--out", str(out),
+                                 "--model-file", family["spec"]])
     _one_line_exit_2(result, out, "is not the parent of")
 
 
@@ -150,14 +153,19 @@ def test_torchrun_two_processes_match_one_process(family, tmp_path):
     if not torchrun.exists():
         torchrun = Path(shutil.which("torchrun") or "torchrun")
     common = ["distill", str(family["child"]), "--teacher", str(family["teacher"]), "--data", "fashion-mnist",
-              "--subset", "512", "--epochs", "2", "--batch-size", "32", "--lr", "0.02", "--kd-weight", "1"]
-    single = runner.invoke(app, [*common, "--out", str(tmp_path / "one")])
+              "--subset", "512", "--epochs", "2", "--batch-size", "32", "--lr", "0.02", "--kd-weight", "1",
+              "--model-file", family["spec"]]
+    # two threads in one process split each batch's weight gradients in two halves and sum them, as two ranks'
+    # all-reduce does: the same float reduction order (with one thread the weights drift apart by ~2e-4)
+    single = runner.invoke(app, [*common, "--threads", "2", "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "kpc", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = kpc.load(tmp_path / "one").state_dict(), kpc.load(tmp_path / "two").state_dict()
+    fresh = open_model(family["spec"], num_classes=10, input_size=(1, 28, 28)).model
+    one = kpc.load(tmp_path / "one", model=fresh).state_dict()
+    two = kpc.load(tmp_path / "two", model=fresh).state_dict()
     worst = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
     assert worst < 1e-4, worst
     plan_one = json.loads((tmp_path / "one" / "plan.json").read_text())

@@ -15,13 +15,12 @@ from typer.testing import CliRunner
 
 import kpc
 from exporters.errors import ParityError
-from kpc.artifact import base_plan, open_model, save_artifact
+from kpc.artifact import open_model
+from kpc.budget import Budget
 from kpc.cli import app
-from kpc.data import parse_data_spec
 from kpc.export import ExportSettings, check_parity, export_model, parity_inputs
-from kpc.prune import Budget, PruneSettings, prune
 
-from .conftest import SMALL
+from .conftest import SMALL, prune_spec
 
 runner = CliRunner()
 MODELS = ["resnet18", "mobilenet_v3_large", "efficientnet_b0"]
@@ -32,12 +31,8 @@ SEED = 1
 
 def make_pruned(spec: str, ratio: float, out):
     torch.manual_seed(SEED)
-    loaded = open_model(spec, num_classes=10, input_size=SMALL)
-    settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2)
-    result = prune(loaded, Budget(ratio=ratio), settings, log=lambda _m: None)
-    plan = base_plan(loaded, "pruned")
-    plan["rounds"] = [result.round]
-    return save_artifact(out, result.model, plan)
+    _loaded, result = prune_spec(spec, Budget(ratio=ratio), calib_batches=1, calib_batch_size=2)
+    return kpc.save(result, out)
 
 
 @pytest.fixture(scope="module")

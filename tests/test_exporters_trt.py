@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from exporters import ExporterError, ProfileShape, RuntimeNotInstalled, engine_filename, profile_shapes
-from exporters.tensorrt_engine import build_engine, check_build_args, needs_profile, write_atomic
+from exporters.atomic import write_bytes_atomic as write_atomic
+from exporters.tensorrt_engine import build_engine, check_build_args, needs_profile
 
 
 def test_profile_varies_only_the_batch() -> None:

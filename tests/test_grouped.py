@@ -13,16 +13,17 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kpc
-from kpc.artifact import open_model, replay_rounds
+from kpc.apply import apply_kept, replay
+from kpc.artifact import open_model
+from kpc.budget import Budget
 from kpc.cli import app
 from kpc.costs import FlopsModel, count_macs
-from kpc.data import parse_data_spec
-from kpc.groups import apply_kept, build_graph, discover_groups, find_classifier
+from kpc.groups import build_graph, discover_groups, find_classifier
 from kpc.importance import score_groups
-from kpc.latency import latency_cost_factory
 from kpc.latency.profiler import ProfileSettings, model_layers, profile
 from kpc.planner import block_options, make_choices
-from kpc.prune import Budget, PruneSettings, prune
+
+from .conftest import prune_spec
 
 GROUPED_NET = '''
 import torch
@@ -126,26 +127,24 @@ def test_tie_choices_rank_whole_blocks_and_respect_the_width_step():
 
 
 def test_regnet_prunes_its_grouped_blocks_and_replays(tmp_path):
-    loaded = open_model("torchvision:regnet_y_400mf", num_classes=10, input_size=(3, 64, 64))
-    settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2, round_to=16,
-                             min_channels=16)
-    result = prune(loaded, Budget(ratio=0.35), settings, log=lambda _m: None)
+    loaded, result = prune_spec("torchvision:regnet_y_400mf", Budget(ratio=0.35), input_size=(3, 64, 64),
+                                calib_batches=1, calib_batch_size=2, round_to=16, min_channels=16)
     example = loaded.example_input()
     counted, _ = count_macs(result.model, example)
-    assert counted <= result.round["limit"] * 1e9 * (1 + 1e-9)
-    tied = [g for g in result.round["groups"] if g.get("conv_groups")]
-    assert tied and all(g["prunable"] for g in tied)
-    assert any(g["kept_width"] < g["width"] for g in tied), "the grouped blocks were pruned"
+    assert counted <= result.round.limit * 1e9 * (1 + 1e-9)
+    tied = [g for g in result.round.groups if g.conv_groups]
+    assert tied and all(g.prunable for g in tied)
+    assert any(g.kept_width < g.width for g in tied), "the grouped blocks were pruned"
     for record in tied:
-        block = record["width"] // record["conv_groups"]
-        assert record["kept_width"] % 16 == 0 or record["kept_width"] == record["width"]
-        assert all(len({i // block for i in record["kept"][k:k + block]}) == 1
-                   for k in range(0, record["kept_width"], block)), "whole blocks kept"
+        block = record.width // record.conv_groups
+        assert record.kept_width % 16 == 0 or record.kept_width == record.width
+        assert all(len({i // block for i in record.kept[k:k + block]}) == 1
+                   for k in range(0, record.kept_width, block)), "whole blocks kept"
     for module in result.model.modules():
         if isinstance(module, nn.Conv2d) and module.groups > 1:
             assert module.in_channels % module.groups == 0 and module.weight.shape[0] == module.out_channels
     fresh = open_model("torchvision:regnet_y_400mf", num_classes=10, input_size=(3, 64, 64))
-    replayed = replay_rounds(fresh.model, fresh.spec, [result.round])
+    replayed = replay(fresh.model, [result.round], fresh.input_size)
     replayed.load_state_dict(result.model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(replayed.eval()(example), result.model.eval()(example))
@@ -169,21 +168,18 @@ def test_latency_table_measures_grouped_convs_by_whole_groups(grouped_spec, tmp_
     loaded = open_model(grouped_spec, num_classes=10, input_size=SIZE)
     settings = ProfileSettings(runtime="ort-cpu", threads=1, iters=5, warmup=2, model_iters=10, round_to=16,
                                min_channels=16)
-    table = profile(loaded, settings, tmp_path / "grouped.json", log=lambda _m: None)
+    table = profile(loaded.model, loaded.example_input(), settings, tmp_path / "grouped.json")
     gconv = [e for s, e in table.entries.items() if s.startswith("gconv")]
     assert len(gconv) == 1 and gconv[0].ms.ndim == 1
     assert all(c % 8 == 0 for c in gconv[0].c_out) and np.array_equal(gconv[0].c_in, gconv[0].c_out)
-    layers = model_layers(loaded, table.header["round_to"], 16, log=lambda _m: None)
+    layers = model_layers(loaded.model, loaded.example_input(), table.header["round_to"], 16)
     tied = [g for g in layers.groups if g.blocks == 8]
     assert len(tied) == 2 and all(layers.min_widths[g.index] == 16 for g in tied)
-    make = latency_cost_factory(tmp_path / "grouped.json", loaded, force=False, log=lambda _m: None,
-                                round_to=16, min_channels=16)
-    prune_settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2,
-                                   round_to=16, min_channels=16)
     full_ms = table.header["full_model_ms"]
-    result = prune(loaded, Budget(ms=0.6 * full_ms), prune_settings, cost_model=make, log=lambda _m: None)
+    _loaded, result = prune_spec(grouped_spec, Budget(ms=0.6 * full_ms, table=table), input_size=SIZE,
+                                 calib_batches=1, calib_batch_size=2, round_to=16, min_channels=16)
     assert result.model.b.groups < 8 and result.model.b.out_channels == 8 * result.model.b.groups
-    assert result.round["measured_ms"] < full_ms
+    assert result.round.counted_cost < full_ms
 
 
 def test_cli_prune_and_inspect_show_kept_conv_groups(grouped_spec, tmp_path):
@@ -192,9 +188,12 @@ def test_cli_prune_and_inspect_show_kept_conv_groups(grouped_spec, tmp_path):
                                  "--budget-ratio", "0.4", "--data", "synthetic", "--calib-batches", "1",
                                  "--calib-batch-size", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    summary = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    refused = runner.invoke(app, ["inspect", str(out), "--json"])  # an artifact never runs the file it names
+    assert refused.exit_code == 2 and "--model-file" in refused.output
+    summary = json.loads(runner.invoke(app, ["inspect", str(out), "--json", "--model-file", grouped_spec]).output)
     statuses = {g["root"]: g["status"] for g in summary["groups"]}
     assert re.fullmatch(r"pruned: [1-7] of 8 conv groups(, tied to \w+)?", statuses["a"]), statuses
     assert statuses["a"].split(",")[0] == statuses["b"].split(",")[0], "both sides keep the same number of groups"
-    model = kpc.load(out)
+    fresh = open_model(grouped_spec, num_classes=10, input_size=SIZE).model
+    model = kpc.load(out, model=fresh)
     assert model.b.groups < 8 and model(torch.randn(2, 1, 28, 28)).shape == (2, 10)

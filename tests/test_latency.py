@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from kpc.artifact import open_model
+from kpc.budget import Budget
 from kpc.cli import app
-from kpc.data import parse_data_spec
 from kpc.errors import KpcError
-from kpc.latency import latency_cost_factory, load_table
+from kpc.latency import check_table, load_table
 from kpc.latency.layers import (
     REFERENCE_MARKER,
     Geometry,
@@ -32,7 +32,8 @@ from kpc.latency.profiler import (
     time_layer,
 )
 from kpc.latency.table import Entry
-from kpc.prune import Budget, PruneSettings, prune
+
+from .conftest import prune_spec
 
 SPEC, SIZE = "torchvision:resnet18", (3, 32, 32)
 SETTINGS = ProfileSettings(runtime="ort-cpu", threads=1, iters=5, warmup=2, model_iters=20, round_to=16,
@@ -44,12 +45,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def table_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("lut") / "resnet18.json"
-    profile(open_model(SPEC, num_classes=10, input_size=SIZE), SETTINGS, path, log=lambda _m: None)
+    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
+    profile(loaded.model, loaded.example_input(), SETTINGS, path, label=loaded.label)
     return path
-
-
-def _quiet(_message: str) -> None:
-    pass
 
 
 def test_table_round_trip_and_provenance(table_path, tmp_path):
@@ -116,16 +114,20 @@ def test_interpolation_is_exact_at_measured_points_and_monotone():
 
 def test_profiling_steps_are_multiples_of_the_channel_block():
     block = channel_block("ort-cpu")
-    aligned = aligned_to_block(ProfileSettings(runtime="ort-cpu", round_to=8), log=_quiet)
+    aligned = aligned_to_block(ProfileSettings(runtime="ort-cpu"))
     assert aligned.round_to % block == 0 and aligned.round_to % 8 == 0
-    assert channel_block("torch-cuda") == 1
-    assert aligned_to_block(ProfileSettings(runtime="torch-cuda", round_to=8), log=_quiet).round_to == 8
+    assert channel_block("torch-cuda") == 1 and channel_block("torch-cuda", "fp16") == 8
+    assert aligned_to_block(ProfileSettings(runtime="torch-cuda", round_to=8)).round_to == 8
+    if block > 1:  # a divisor of the block is served by the block; a step off it is refused, naming both
+        assert aligned_to_block(ProfileSettings(runtime="ort-cpu", round_to=block // 2)).round_to == block
+        with pytest.raises(KpcError, match=f"--round-to {3 * block // 2} conflicts.*steps of {block}"):
+            aligned_to_block(ProfileSettings(runtime="ort-cpu", round_to=3 * block // 2))
 
 
 def test_latency_model_is_the_sum_it_claims(table_path):
     loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
     table = load_table(table_path)
-    layers = model_layers(loaded, SETTINGS.round_to, SETTINGS.min_channels, log=_quiet)
+    layers = model_layers(loaded.model, loaded.example_input(), SETTINGS.round_to, SETTINGS.min_channels)
     model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
     rng = np.random.default_rng(1)
     for _ in range(5):
@@ -161,38 +163,39 @@ def test_prediction_matches_measurement_at_full_width(table_path):
 
 
 def test_budget_ms_prune_lands_near_the_budget(table_path, tmp_path):
-    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
     table = load_table(table_path)
     budget = 0.6 * table.header["full_model_ms"]
-    messages: list[str] = []
-    # asked for steps of 8 and a minimum of 8: the table was measured in steps of 16, so the prune takes those
-    factory = latency_cost_factory(table_path, loaded, force=False, log=messages.append, round_to=8, min_channels=8)
-    settings = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=1, calib_batch_size=2, round_to=8,
-                             min_channels=8)
-    result = prune(loaded, Budget(ms=budget), settings, cost_model=factory, log=_quiet)
-    measured = result.round["measured_ms"]
-    assert abs(measured / budget - 1) < 0.25, f"measured {measured:.3f} ms for a {budget:.3f} ms budget"
-    assert any("in steps of 16" in m for m in messages), messages
-    assert result.round["round_to"] == 16
-    assert all(g["kept_width"] % 16 == 0 or g["kept_width"] == g["width"] for g in result.round["groups"])
-    assert result.round["attempts"] and all("counted" in a for a in result.round["attempts"])
-    assert result.round["latency_table"]["runtime"] == "ort-cpu"
+    # no --round-to: the prune takes the table's step (16)
+    _loaded, result = prune_spec(SPEC, Budget(ms=budget, table=table, target={"threads": 1}), input_size=SIZE,
+                                 calib_batches=1, calib_batch_size=2, min_channels=16)
+    r = result.round
+    assert abs(r.counted_cost / budget - 1) < 0.25, f"measured {r.counted_cost:.3f} ms for a {budget:.3f} ms budget"
+    assert r.round_to == 16
+    assert all(g.kept_width % 16 == 0 or g.kept_width == g.width for g in r.groups)
+    measured = [a for a in r.attempts if a.counted is not None and a.repeat_of is None]
+    assert measured and all(a.error is None for a in measured)
+    keys = [tuple(a.predicted for a in measured)]
+    assert len(set(keys[0])) == len(keys[0]) or len(measured) == 1, "no plan is measured twice"
+    assert len(r.counted_samples) == 2, "the kept plan is timed once more and its figure pools both timings"
+    assert r.counted_cost == pytest.approx(float(np.median(r.counted_samples)))
+    assert r.latency_table["runtime"] == "ort-cpu"
+    with pytest.raises(KpcError, match=r"--round-to 24 conflicts with .* steps of 16"):
+        prune_spec(SPEC, Budget(ms=budget, table=table, target={"threads": 1}), input_size=SIZE, calib_batches=1,
+                   calib_batch_size=2, round_to=24)
 
 
 def test_mismatched_tables_are_refused_unless_forced(table_path, tmp_path):
-    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
     with pytest.raises(KpcError, match="threads: table has 1, wanted 2"):
-        latency_cost_factory(table_path, loaded, force=False, log=_quiet, round_to=16, min_channels=16, threads=2)
+        check_table(load_table(table_path), SIZE, force=False, target={"threads": 2})
     for field, value in [("device", "Some Other CPU"), ("runtime", "torch-cpu"), ("batch", 8), ("precision", "fp16")]:
         data = json.loads(table_path.read_text())
         data["header"][field] = value
         other = tmp_path / f"{field}.json"
         other.write_text(json.dumps(data))
         with pytest.raises(KpcError, match=f"{field}: table has"):
-            latency_cost_factory(other, loaded, force=False, log=_quiet, round_to=16, min_channels=16, **TARGET)
-    warnings: list[str] = []
-    latency_cost_factory(other, loaded, force=True, log=warnings.append, round_to=16, min_channels=16, **TARGET)
-    assert any("--force-lut" in w and "precision" in w for w in warnings)
+            check_table(load_table(other), SIZE, force=False, target=TARGET)
+    forced = check_table(load_table(other), SIZE, force=True, target=TARGET)
+    assert any("precision" in problem for problem in forced)
 
 
 def test_missing_signature_is_an_error_not_a_zero(table_path, tmp_path):
@@ -202,7 +205,7 @@ def test_missing_signature_is_an_error_not_a_zero(table_path, tmp_path):
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(data))
     loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
-    layers = model_layers(loaded, 16, 16, log=_quiet)
+    layers = model_layers(loaded.model, loaded.example_input(), 16, 16)
     with pytest.raises(KpcError, match="no entry for layer"):
         LatencyModel(load_table(partial), layers.layers, layers.full_widths, layers.min_widths)
     # a table profiled with a coarser floor cannot price the narrower widths a prune may choose
@@ -273,13 +276,14 @@ def test_interrupted_profile_resumes_without_remeasuring(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        profile(loaded, settings, out, progress=stop_after_ten, log=_quiet)
+        profile(loaded.model, loaded.example_input(), settings, out, progress=stop_after_ten)
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and partial.is_file()
     saved = json.loads(partial.read_text())
     assert sum(len(points) for points in saved["points"].values()) == len(saved["reference_ms"]) == 10
     resumed: list[int] = []
-    table = profile(loaded, settings, out, resume=True, progress=lambda d, t: resumed.append(d), log=_quiet)
+    table = profile(loaded.model, loaded.example_input(), settings, out, resume=True,
+                    progress=lambda d, t: resumed.append(d))
     assert resumed[0] == 11, "the ten measured points were kept"
     assert resumed[-1] == table.header["points"] and out.is_file()
     assert not partial.exists()
@@ -291,5 +295,5 @@ def test_resume_refuses_a_partial_profile_of_another_format(tmp_path):
     out = tmp_path / "mnv3.json"
     out.with_name(out.name + ".partial").write_text(json.dumps({"schema": "kpc-latency-partial/1", "points": {}}))
     with pytest.raises(KpcError, match=r"another kpc version.*delete it"):
-        profile(loaded, SETTINGS, out, resume=True, log=_quiet)
+        profile(loaded.model, loaded.example_input(), SETTINGS, out, resume=True)
     assert not out.exists()

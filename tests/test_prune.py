@@ -7,22 +7,20 @@ import json
 import pytest
 import torch
 
-from kpc.artifact import base_plan, load_artifact, open_model, save_artifact
+import kpc
+from kpc.artifact import load_artifact, open_model, save_artifact
+from kpc.budget import Budget
 from kpc.costs import count_macs
-from kpc.data import parse_data_spec
 from kpc.errors import KpcError
-from kpc.prune import Budget, PruneSettings, prune
+from kpc.pruning import prune
 
-from .conftest import SMALL
+from .conftest import SMALL, prune_spec
 
-SETTINGS = PruneSettings(data=parse_data_spec("synthetic"), calib_batches=2, calib_batch_size=4)
 BUDGET_MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"]
 
 
 def _prune(spec: str, ratio: float, **settings):
-    loaded = open_model(spec, num_classes=10, input_size=SMALL)
-    chosen = PruneSettings(**{**SETTINGS.__dict__, **settings})
-    return loaded, prune(loaded, Budget(ratio=ratio), chosen, log=lambda _m: None)
+    return prune_spec(spec, Budget(ratio=ratio), **settings)
 
 
 @pytest.mark.parametrize("name", BUDGET_MODELS)
@@ -34,9 +32,10 @@ def test_counted_flops_land_on_the_budget(name):
     budget = 0.6 * base
     assert counted <= budget
     assert counted >= 0.99 * budget, f"{counted / base:.4f} of the unpruned MACs for a 0.6 budget"
-    assert result.round["counted_cost"] == pytest.approx(counted / 1e9)
+    assert result.round.counted_cost == pytest.approx(counted / 1e9)
+    assert result.round.landed is True
     assert result.model(example).shape == loaded.model(example).shape
-    assert any(g["kept_width"] < g["width"] for g in result.round["groups"])
+    assert any(g.kept_width < g.width for g in result.round.groups)
 
 
 def test_exact_keeps_at_least_as_much_importance_as_greedy():
@@ -44,34 +43,29 @@ def test_exact_keeps_at_least_as_much_importance_as_greedy():
     _, exact = _prune("torchvision:resnet18", 0.5)
     torch.manual_seed(0)
     _, greedy = _prune("torchvision:resnet18", 0.5, solver="greedy")
-    assert exact.round["total_importance"] == pytest.approx(greedy.round["total_importance"])
-    assert greedy.round["counted_cost"] <= greedy.round["limit"] * (1 + 1e-9)
-    assert exact.round["kept_importance"] >= greedy.round["kept_importance"] * 0.999
+    assert exact.round.total_importance == pytest.approx(greedy.round.total_importance)
+    assert greedy.round.counted_cost <= greedy.round.limit * (1 + 1e-9)
+    assert exact.round.kept_importance >= greedy.round.kept_importance * 0.999
 
 
 def test_artifact_round_trip_is_bit_identical(tmp_path):
-    loaded, result = _prune("torchvision:mobilenet_v3_large", 0.5)
-    plan = base_plan(loaded, "pruned")
-    plan["rounds"] = [result.round]
-    out = save_artifact(tmp_path / "child", result.model, plan)
+    _loaded, result = _prune("torchvision:mobilenet_v3_large", 0.5)
+    out = kpc.save(result, tmp_path / "child")
     with torch.no_grad():  # loading works under no_grad too (graph tracing needs autograd inside)
         reloaded = load_artifact(out)
     x = torch.randn(2, *SMALL)
     with torch.no_grad():
         assert torch.equal(reloaded.model(x), result.model(x))
-    assert reloaded.plan["weights"]["sha256"] and reloaded.plan["versions"]["torch"] == torch.__version__
+    assert reloaded.plan.weights["sha256"] and reloaded.plan.versions["torch"] == torch.__version__
+    assert reloaded.plan.model["name"] == "mobilenet_v3_large" and len(reloaded.rounds) == 1
 
 
 def test_pruning_an_artifact_again_replays_both_rounds(tmp_path):
-    loaded, first = _prune("torchvision:resnet18", 0.7)
-    plan = base_plan(loaded, "pruned")
-    plan["rounds"] = [first.round]
-    save_artifact(tmp_path / "a", first.model, plan)
+    _loaded, first = _prune("torchvision:resnet18", 0.7)
+    kpc.save(first, tmp_path / "a")
     again = open_model(str(tmp_path / "a"))
-    second = prune(again, Budget(ratio=0.7), SETTINGS, log=lambda _m: None)
-    plan2 = base_plan(again, "pruned")
-    plan2["rounds"] = [*plan2["rounds"], second.round]
-    save_artifact(tmp_path / "b", second.model, plan2)
+    second = prune(again.model, again.example_input(), Budget(ratio=0.7))
+    kpc.save(second, tmp_path / "b")
     reloaded = load_artifact(tmp_path / "b")
     x = torch.randn(1, *SMALL)
     with torch.no_grad():
@@ -80,19 +74,23 @@ def test_pruning_an_artifact_again_replays_both_rounds(tmp_path):
 
 
 def test_load_refuses_edited_weights_and_foreign_plans(tmp_path):
-    loaded, result = _prune("torchvision:resnet18", 0.5)
-    plan = base_plan(loaded, "pruned")
-    plan["rounds"] = [result.round]
-    out = save_artifact(tmp_path / "r18", result.model, plan)
+    _loaded, result = _prune("torchvision:resnet18", 0.5)
+    out = kpc.save(result, tmp_path / "r18")
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(KpcError, match="sha256"):
         load_artifact(out)
-    out2 = save_artifact(tmp_path / "r18b", result.model, plan)
+    out2 = save_artifact(tmp_path / "r18b", result.model, result.plan)
     foreign = json.loads((out2 / "plan.json").read_text())
     foreign["model"]["name"] = "mobilenet_v3_large"
+    (out2 / "plan.json").write_text(json.dumps(foreign))
+    with pytest.raises(KpcError, match="digest"):  # an edited plan is refused like edited weights
+        load_artifact(out2)
+    from kpc.plan import digest_of
+
+    foreign["plan_sha256"] = digest_of(foreign)  # a consistent but foreign plan: refused by the replay
     (out2 / "plan.json").write_text(json.dumps(foreign))
     with pytest.raises(KpcError, match="another model"):
         load_artifact(out2)
@@ -103,30 +101,34 @@ def test_load_refuses_edited_weights_and_foreign_plans(tmp_path):
 def test_budget_errors_say_what_is_possible():
     loaded = open_model("torchvision:resnet18", num_classes=10, input_size=SMALL)
     with pytest.raises(KpcError, match=r"below the smallest achievable cost [0-9.]+ GFLOPs"):
-        prune(loaded, Budget(gflops=1e-6), SETTINGS, log=lambda _m: None)
+        prune(loaded.model, loaded.example_input(), Budget(gflops=1e-6))
     with pytest.raises(KpcError, match="at or above the model's current cost"):
-        prune(loaded, Budget(gflops=100.0), SETTINGS, log=lambda _m: None)
+        prune(loaded.model, loaded.example_input(), Budget(gflops=100.0))
     with pytest.raises(KpcError, match="exactly one budget"):
         Budget(gflops=1.0, ratio=0.5)
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):
+        with pytest.raises(KpcError, match="budget"):
+            Budget(ratio=bad)
 
 
 def test_ignore_and_classifier_are_left_whole():
     _, result = _prune("torchvision:resnet18", 0.5, ignore=("layer4*",))
-    groups = {g["root"]: g for g in result.round["groups"]}
-    assert groups["fc"]["prunable"] is False and "network output" in groups["fc"]["reason"]
-    assert groups["layer4.0.conv1"]["kept_width"] == groups["layer4.0.conv1"]["width"]
-    assert "ignored" in groups["layer4.0.conv1"]["reason"]
+    groups = {g.root: g for g in result.round.groups}
+    assert groups["fc"].prunable is False and "network output" in groups["fc"].reason
+    assert groups["layer4.0.conv1"].kept_width == groups["layer4.0.conv1"].width
+    assert "ignored" in groups["layer4.0.conv1"].reason
 
 
 def test_closed_loop_bisects_once_the_aim_is_bracketed():
     """Two rounds above the aim near a jump, one far below: the next target lies strictly between them."""
-    from kpc.prune import _next_target
+    from kpc.cost_model import LATENCY_LANDING
+    from kpc.landing import next_target
+    from kpc.plan import Attempt
 
-    attempts = [{"target": 1.32, "counted": 1.01}, {"target": 1.70, "counted": 1.40},
-                {"target": 1.61, "counted": 1.38}]
-    following = _next_target(attempts, 1.30)
+    attempts = [Attempt(1.32, 1.0, 1.01), Attempt(1.70, 1.0, 1.40), Attempt(1.61, 1.0, 1.38)]
+    following = next_target(attempts, 1.30, LATENCY_LANDING)
     assert 1.32 < following < 1.61
-    attempts.append({"target": following, "counted": 1.01})  # the jump again: still below the aim
-    assert following < _next_target(attempts, 1.30) < 1.61
+    attempts.append(Attempt(following, 1.0, 1.01))  # the jump again: still below the aim
+    assert following < next_target(attempts, 1.30, LATENCY_LANDING) < 1.61
     # no bracket yet: the ratio/secant step, strictly below after an overshoot
-    assert _next_target([{"target": 2.0, "counted": 2.2}], 2.0) < 2.0 * 2.0 / 2.2
+    assert next_target([Attempt(2.0, 2.0, 2.2)], 2.0, LATENCY_LANDING) < 2.0 * 2.0 / 2.2

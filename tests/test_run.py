@@ -67,7 +67,7 @@ def test_every_stage_runs_and_the_report_carries_measured_figures(finished_run):
 def test_a_second_run_skips_every_stage(finished_run):
     recipe, run = finished_run
     before = _finished(run)
-    statuses = Pipeline(load_recipe(recipe), run, log=lambda _m: None).status()
+    statuses = Pipeline(load_recipe(recipe), run).status()
     assert [s.action for s in statuses] == ["skip"] * len(STAGES)
     result = runner.invoke(app, ["run", str(recipe), "--out", str(run)])
     assert result.exit_code == 0, result.output
@@ -88,7 +88,7 @@ def test_an_interrupted_stage_is_redone_not_used(finished_run):
     record = run / "export" / RECORD
     record.unlink()  # as if the process died before the stage finished
     (run / "export" / "half-written.onnx").write_bytes(b"\x00" * 10)
-    statuses = {s.name: s for s in Pipeline(load_recipe(recipe), run, log=lambda _m: None).status()}
+    statuses = {s.name: s for s in Pipeline(load_recipe(recipe), run).status()}
     assert statuses["export"].action == "run" and statuses["export"].reason == "no finished output"
     assert statuses["prune"].action == "skip" and statuses["verify"].action == "run"
     result = runner.invoke(app, ["run", str(recipe), "--out", str(run)])

@@ -42,9 +42,10 @@ def test_train_beats_chance_and_writes_a_prunable_artifact(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"train_ce", "train_acc", "val_acc", "val_loss", "lr", "images_per_s"} <= set(rows[0])
     assert not (tmp_path / "teacher.work" / "LATEST").exists()  # a finished run keeps no resumable state
-    model = kpc.load(out)
+    spec = write_tiny(tmp_path)
+    model = kpc.load(out, model=open_model(spec, num_classes=10, input_size=(1, 28, 28)).model)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    assert open_model(str(out)).plan["kind"] == "trained"  # what kpc prune / distill open
+    assert open_model(str(out), model_file=spec).plan.kind == "trained"  # what kpc prune / distill open
 
 
 @needs_fashion_mnist
@@ -78,7 +79,7 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path):
     assert [r["epoch"] for r in plan["history"]] == [1, 2, 3]
     lines = (work / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
-    kpc.load(out)
+    kpc.load(out, model=open_model(spec, num_classes=10, input_size=(1, 28, 28)).model)
 
 
 def _one_line_exit_2(result, out: Path, message: str) -> None:

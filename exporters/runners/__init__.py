@@ -14,6 +14,14 @@ _REGISTRY: dict[str, type[Runner]] = {
 RUNTIMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def runner_class(runtime: str) -> type[Runner]:
+    """The runner class of ``runtime`` (its traits: device, channel block, kernel timing), without checking it runs."""
+    try:
+        return _REGISTRY[runtime]
+    except KeyError:
+        raise UnknownRuntime(runtime, RUNTIMES) from None
+
+
 def get_runner(
     runtime: str,
     *,
@@ -29,10 +37,7 @@ def get_runner(
     exporting anything. The GPU check comes before the package check because installing a
     package does not help a machine without a GPU.
     """
-    try:
-        cls = _REGISTRY[runtime]
-    except KeyError:
-        raise UnknownRuntime(runtime, RUNTIMES) from None
+    cls = runner_class(runtime)
     cls.check_available(device_index)
     return cls(threads=threads, precision=precision, channels_last=channels_last, device_index=device_index)
 
@@ -47,4 +52,5 @@ __all__ = [
     "TrtRunner",
     "get_runner",
     "resolve_threads",
+    "runner_class",
 ]

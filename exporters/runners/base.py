@@ -44,6 +44,11 @@ class Runner(ABC):
 
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    # Whether a lone layer is timed from the runtime's own kernel profiler (relative to a reference conv in
+    # the same session) instead of by wall time around the call; see exporters.kernel_timing.
+    kernel_timing: ClassVar[bool] = False
+    # Whether the runtime honours channels_last (NHWC); refused where it would be recorded but ignored.
+    supports_channels_last: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -71,6 +76,18 @@ class Runner(ABC):
     def check_available(cls, device_index: int = 0) -> None:
         """Raise a typed error if this runtime cannot run here; default: always available."""
         return None
+
+    @classmethod
+    def device_name(cls, device_index: int = 0) -> str:
+        """What a latency table measured on this runtime belongs to: the CPU model, or the GPU's name."""
+        from exporters.device import cpu_name
+
+        return cpu_name()
+
+    @classmethod
+    def channel_block(cls, precision: str = "fp32") -> int:
+        """Channels the runtime's fast kernels process as one block (widths off it run slower); 1: none known."""
+        return 1
 
     @abstractmethod
     def prepare(self, model: ModelLike, example_inputs: Arrays) -> None:

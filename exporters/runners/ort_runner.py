@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from exporters.device import cpu_name, cuda_available, gpu_name
+from exporters.device import cpu_name, cpu_vector_floats, cuda_available, gpu_name
 from exporters.errors import DeviceUnavailable, ExporterError, RuntimeNotInstalled
 from exporters.runners.base import Arrays, ModelLike, Runner, check_input_names
 from exporters.tensors import batch_of
@@ -160,6 +160,18 @@ class _OrtRunner(Runner):
 
 class OrtCpuRunner(_OrtRunner):
     name = "ort-cpu"
+    kernel_timing = True
+
+    @classmethod
+    def channel_block(cls, precision: str = "fp32") -> int:
+        """ONNX Runtime's NCHWc conv kernels block channels by the vector width: 16 floats with AVX-512, 8 with AVX2.
+
+        ONNX Runtime only moves a conv onto them when its channels are a multiple of the
+        block; any other width runs the generic path and adds layout reorders around it
+        (measured on ResNet-18: a random assignment ran 8% faster once its odd widths
+        were rounded *up* to 16).
+        """
+        return cpu_vector_floats()
 
     @classmethod
     def check_available(cls, device_index: int = 0) -> None:
@@ -182,6 +194,15 @@ class OrtCudaRunner(_OrtRunner):
     """CUDA execution provider; timing uses IO binding so host<->device copies are excluded."""
 
     name = "ort-cuda"
+
+    @classmethod
+    def device_name(cls, device_index: int = 0) -> str:
+        return gpu_name(device_index)
+
+    @classmethod
+    def channel_block(cls, precision: str = "fp32") -> int:
+        """Tensor cores take fp16/bf16 GEMMs in multiples of 8 channels (NVIDIA's performance guide)."""
+        return 8 if precision in ("fp16", "bf16") else 1
 
     @classmethod
     def check_available(cls, device_index: int = 0) -> None:

@@ -110,6 +110,7 @@ class TorchCpuRunner(_TorchRunner):
 
     name = "torch-cpu"
     precisions = ("fp32", "bf16")
+    supports_channels_last = True
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +136,16 @@ class TorchCudaRunner(_TorchRunner):
 
     name = "torch-cuda"
     precisions = ("fp32", "fp16", "bf16")
+    supports_channels_last = True
+
+    @classmethod
+    def device_name(cls, device_index: int = 0) -> str:
+        return gpu_name(device_index)
+
+    @classmethod
+    def channel_block(cls, precision: str = "fp32") -> int:
+        """Tensor cores take fp16/bf16 convolutions in multiples of 8 channels (cuDNN's guide)."""
+        return 8 if precision in ("fp16", "bf16") else 1
 
     @classmethod
     def check_available(cls, device_index: int = 0) -> None:

@@ -29,6 +29,15 @@ class TrtRunner(Runner):
     name = "trt"
     precisions = TRT_PRECISIONS
 
+    @classmethod
+    def device_name(cls, device_index: int = 0) -> str:
+        return gpu_name(device_index)
+
+    @classmethod
+    def channel_block(cls, precision: str = "fp32") -> int:
+        """TensorRT picks tensor-core tactics for fp16/bf16/int8 at multiples of 8 channels."""
+        return 8 if precision in ("fp16", "bf16", "int8") else 1
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._engine: Any = None

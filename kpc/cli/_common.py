@@ -1,11 +1,22 @@
-"""What every command shares: error mapping at the boundary, consoles, option aliases."""
+"""What every command shares: errors and signals mapped at the boundary, logging rendered, option types.
+
+Errors: a user mistake (KpcError, an exporter's typed error) is one line on stderr and
+exit 2 (1 when a verification said no); an interrupt is 130, SIGTERM 143 after the same
+clean-up as Ctrl-C; anything else is a bug in kpc, reported in one line with exit 3 (set
+KPC_DEBUG=1 for the traceback). The library logs through `logging`; the CLI renders it on
+stderr (`-v` for detail, `-q` for warnings only).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
+from enum import Enum, StrEnum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -17,6 +28,20 @@ from kpc.errors import KpcError
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR_EXIT = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, docker stop, Kubernetes): unwinds like Ctrl-C so temporary outputs are removed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner's worker): nothing to install
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -25,23 +50,35 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def handle_errors(func: F) -> F:
-    """Turn user errors into one line on stderr and an exit code; KPC_DEBUG=1 keeps tracebacks."""
+    """Turn errors into one line on stderr and an exit code; KPC_DEBUG=1 keeps tracebacks."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        install_signal_handlers()
         try:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
-        except Exception as exc:
-            code = _exit_code(exc)
-            if code is None or os.environ.get("KPC_DEBUG"):
-                raise
-            raise fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, code) from None
         except KeyboardInterrupt:
             err_console.print("kpc: interrupted", markup=False)
             raise typer.Exit(130) from None
+        except Terminated:
+            err_console.print("kpc: terminated (SIGTERM): temporary outputs removed", markup=False)
+            raise typer.Exit(143) from None
+        except Exception as exc:
+            if os.environ.get("KPC_DEBUG"):
+                raise
+            code = _exit_code(exc)
+            if code is None:
+                raise fail(f"internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in kpc: rerun with "
+                           "KPC_DEBUG=1 for the traceback and report it)", INTERNAL_ERROR_EXIT) from None
+            raise fail(_first_line(exc), code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -49,24 +86,94 @@ def handle_errors(func: F) -> F:
 def _exit_code(exc: BaseException) -> int | None:
     if isinstance(exc, KpcError):
         return exc.exit_code
-    try:
-        from exporters.errors import ExporterError
-    except ImportError:  # pragma: no cover - exporters ships with kpc
-        return None
+    from exporters.errors import ExporterError
+
     if isinstance(exc, ExporterError):
         return int(getattr(exc, "exit_code", 2))
+    if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return 2  # a path the user gave that cannot be used
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in (28, 30, 122):  # no space, read-only
+        return 2
     return None
 
 
+class _RichHandler(logging.Handler):
+    """The library's log records as plain lines on stderr (warnings prefixed), through rich's console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record must never take a command down
+            message = str(record.msg)
+        if record.levelno >= logging.WARNING:
+            message = f"WARNING: {message}"
+        err_console.print(message, markup=False, soft_wrap=True, highlight=False)
+
+
+_HANDLER = _RichHandler()
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    for name in ("kpc", "exporters"):
+        logger = logging.getLogger(name)
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 def log(message: str) -> None:
-    err_console.print(message, markup=False, soft_wrap=True)
+    """A line of the command's own (not the library's) narration on stderr."""
+    if logging.getLogger("kpc").level <= logging.INFO:
+        err_console.print(message, markup=False, soft_wrap=True)
 
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+class Runtime(StrEnum):
+    ort_cpu = "ort-cpu"
+    ort_cuda = "ort-cuda"
+    torch_cpu = "torch-cpu"
+    torch_cuda = "torch-cuda"
+    trt = "trt"
+
+
+class Importance(StrEnum):
+    taylor = "taylor"
+    magnitude = "magnitude"
+
+
+class Solver(StrEnum):
+    exact = "exact"
+    greedy = "greedy"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
+def value(choice: Any) -> Any:
+    """An enum option's string (Typer passes enum members), or the value itself."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+def flag(*names: str, **options: Any) -> Any:
+    """A boolean option shown without a value placeholder in --help (it takes none)."""
+    return typer.Option(*names, metavar="", **options)
+
+
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="State dict to load (.pt/.pth or .safetensors).")]
 NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Classifier outputs (default: the model's).")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="CxHxW the model is built and costed for, "
                                                    "e.g. 3x224x224 (default: the model's).")]
+PretrainedOpt = Annotated[bool, flag("--pretrained", help="torchvision/timm: load the registry's pretrained "
+                                             "weights from the local cache.")]
+ModelFileOpt = Annotated[str | None, typer.Option("--model-file", help="FILE.py:factory that builds the architecture "
+                                                  "of an artifact made from a Python file (kpc never runs code an "
+                                                  "artifact names).")]

@@ -13,7 +13,21 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kpc.cli._common import InputSizeOpt, NumClassesOpt, err_console, handle_errors, log, out_console
+from kpc.benchmark import BenchSettings
+from kpc.cli._common import (
+    InputSizeOpt,
+    ModelFileOpt,
+    NumClassesOpt,
+    Precision,
+    Runtime,
+    err_console,
+    flag,
+    handle_errors,
+    out_console,
+    value,
+)
+
+B = BenchSettings()
 
 
 def register(app: typer.Typer) -> None:
@@ -24,41 +38,50 @@ def register(app: typer.Typer) -> None:
 def bench_command(
     baseline: Annotated[str, typer.Argument(help="Baseline: a model spec or an artifact dir.")],
     candidate: Annotated[str, typer.Argument(help="Candidate (e.g. the pruned artifact): a spec or an artifact.")],
-    runtime: Annotated[str, typer.Option("--runtime", "-r", help="torch-cpu, torch-cuda, ort-cpu, ort-cuda or trt.")]
-    = "ort-cpu",
-    batch: Annotated[int, typer.Option("--batch", help="Batch size fed to both models.")] = 1,
-    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads for both (default: torch's, "
-                                                "the physical cores).")] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16, bf16 or int8, as the runtime "
-                                           "supports.")] = "fp32",
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="torch runtimes: NHWC memory "
-                                                "format.")] = False,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model.")] = 10,
-    iters: Annotated[int, typer.Option("--iters", help="Timed runs per model, interleaved.")] = 100,
+    runtime: Annotated[Runtime, typer.Option("--runtime", "-r", help="Runtime both models are timed on.")]
+    = Runtime(B.runtime),
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size fed to both models.")] = B.batch,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Intra-op threads for both, pinned and "
+                                                "recorded.")] = B.threads,
+    precision: Annotated[Precision, typer.Option("--precision", help="As the runtime supports.")]
+    = Precision(B.precision),
+    channels_last: Annotated[bool, flag("--channels-last", help="torch runtimes: NHWC memory format "
+                                                "(refused where the runtime ignores it).")] = B.channels_last,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model.")] = B.warmup,
+    iters: Annotated[int, typer.Option("--iters", help="Timed runs per model, interleaved.")] = B.iters,
     min_speedup: Annotated[float | None, typer.Option("--min-speedup", help="Gate: exit 1 unless the 95% CI's "
                                                       "lower bound is at least this.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the kpc-bench/1 report here.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown summary here.")] = None,
     num_classes: NumClassesOpt = None,
     input_size: InputSizeOpt = None,
+    model_file: ModelFileOpt = None,
 ) -> None:
     """Time baseline and candidate interleaved on one runtime; report latencies and the speedup with a 95% CI.
 
     --num-classes and --input-size apply to spec sides only; an artifact records its own.
     With --min-speedup, the report files are written first and then the gate decides the exit code.
     """
-    from kpc.atomic import write_text_atomic
-    from kpc.bench import BenchSettings, check_gate, check_runtime, open_side, render_markdown, run_bench
-    from kpc.specs import parse_input_size
+    from kpc.atomic import resolve_file_target, write_text_atomic
+    from kpc.benchmark import check_gate, check_runtime, open_side, render_markdown, run_bench
+    from kpc.specs import check_num_classes, parse_input_size
 
-    settings = BenchSettings(runtime=runtime, batch=batch, threads=threads, precision=precision,
+    settings = BenchSettings(runtime=value(runtime), batch=batch, threads=threads, precision=value(precision),
                              channels_last=channels_last, warmup=warmup, iters=iters)
     check_runtime(settings)
+    if min_speedup is not None:
+        from kpc.budget import finite_positive
+
+        finite_positive(min_speedup, "--min-speedup")
+    for target in (json_out, markdown_out):  # a directory, a device or a dangling link fails now, not after timing
+        if target is not None:
+            resolve_file_target(target)
+    check_num_classes(num_classes)
     size = parse_input_size(input_size)
-    base = open_side(baseline, num_classes=num_classes, input_size=size)
-    cand = open_side(candidate, num_classes=num_classes, input_size=size)
+    base = open_side(baseline, num_classes=num_classes, input_size=size, model_file=model_file)
+    cand = open_side(candidate, num_classes=num_classes, input_size=size, model_file=model_file)
     with err_console.status("benchmarking", spinner="dots"):
-        report = run_bench(base, cand, settings, min_speedup=min_speedup, log=log)
+        report = run_bench(base, cand, settings, min_speedup=min_speedup)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report, indent=1) + "\n")
     if markdown_out is not None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kpc.cli._common import InputSizeOpt, NumClassesOpt, WeightsOpt, handle_errors, log
+from kpc.cli._common import InputSizeOpt, ModelFileOpt, NumClassesOpt, WeightsOpt, flag, handle_errors, log
 
 
 def register(app: typer.Typer) -> None:
@@ -18,13 +18,13 @@ def register(app: typer.Typer) -> None:
 def export_command(
     model: Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME, path/file.py:factory or an artifact dir.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (model.onnx, export.json, engine).")],
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX and check it with ONNX Runtime.")] = False,
-    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine and check it (needs a GPU and "
-                                      "kpc[trt]).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 ONNX graph (with --onnx alone) or fp16 engine (--trt); "
+    onnx: Annotated[bool, flag("--onnx", help="Export ONNX and check it with ONNX Runtime.")] = False,
+    trt: Annotated[bool, flag("--trt", help="Also build a TensorRT engine and check it (needs a GPU and "
+                                      "the kpc\\[trt] extra).")] = False,
+    fp16: Annotated[bool, flag("--fp16", help="fp16 ONNX graph (with --onnx alone) or fp16 engine (--trt); "
                                        "loosens the default tolerances.")] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="int8 TensorRT engine (the graph needs Q/DQ nodes).")] = False,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Leave the batch dimension free in the "
+    int8: Annotated[bool, flag("--int8", help="int8 TensorRT engine (the graph needs Q/DQ nodes).")] = False,
+    dynamic_batch: Annotated[bool, flag("--dynamic-batch", help="Leave the batch dimension free in the "
                                                 "graph.")] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
     batch: Annotated[int, typer.Option("--batch", help="Batch of the example (static graph) and of the parity "
@@ -43,7 +43,8 @@ def export_command(
     weights: WeightsOpt = None,
     num_classes: NumClassesOpt = None,
     input_size: InputSizeOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+    model_file: ModelFileOpt = None,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
     """Export to ONNX (and TensorRT), check it against PyTorch output by output, write export.json.
 
@@ -57,8 +58,14 @@ def export_command(
                               batch=batch, atol=atol, rtol=rtol, samples=samples, min_batch=min_batch,
                               max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache)
     settings.check()
-    loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size))
-    record = export_model(loaded, out, settings, overwrite=overwrite, log=log)
+    from kpc.atomic import check_dir_target
+    from kpc.specs import check_num_classes
+
+    check_dir_target(out, overwrite=overwrite)
+    check_num_classes(num_classes)
+    loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size),
+                        model_file=model_file)
+    record = export_model(loaded, out, settings, overwrite=overwrite)
     made = [record["onnx"]["file"], *([record["trt"]["file"]] if "trt" in record else [])]
     log(f"exported {loaded.source} -> {out} ({', '.join(made)}); parity ok within atol "
         f"{record['parity']['atol']:g}, rtol {record['parity']['rtol']:g}")

@@ -8,7 +8,23 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from kpc.cli._common import InputSizeOpt, NumClassesOpt, WeightsOpt, err_console, handle_errors, log
+from kpc.cli._common import (
+    InputSizeOpt,
+    ModelFileOpt,
+    NumClassesOpt,
+    Precision,
+    PretrainedOpt,
+    Runtime,
+    WeightsOpt,
+    err_console,
+    flag,
+    handle_errors,
+    log,
+    value,
+)
+from kpc.latency.profiler import ProfileSettings
+
+P = ProfileSettings()
 
 
 def register(app: typer.Typer) -> None:
@@ -18,22 +34,28 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def profile_command(
     model: Annotated[str | None, typer.Argument(help="Model spec or artifact to profile.")] = None,
-    runtime: Annotated[str, typer.Option("--runtime", help="ort-cpu, ort-cuda, torch-cpu, torch-cuda or trt.")]
-    = "ort-cpu",
-    batch: Annotated[int, typer.Option("--batch", min=1)] = 1,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads pinned while measuring.")] = 1,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (runtime permitting).")] = "fp32",
+    runtime: Annotated[Runtime, typer.Option("--runtime", help="The runtime that will serve the model.")]
+    = Runtime(P.runtime),
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch the model will be served at.")] = P.batch,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads pinned while measuring.")] = P.threads,
+    precision: Annotated[Precision, typer.Option("--precision", help="Precision, as the runtime supports.")]
+    = Precision(P.precision),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Table file (default: profiles/<device>/"
-                                             "<runtime>-<precision>-b<batch>-t<threads>/<model>.json).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Keep the points an interrupted run measured.")] = False,
+                                             "<runtime>-<precision>-b<batch>-t<threads>/<model>.json); with "
+                                             "--show, the PNG (default: next to the table).")] = None,
+    resume: Annotated[bool, flag("--resume", help="Keep the points an interrupted run measured.")] = False,
     show: Annotated[Path | None, typer.Option("--show", help="Plot an existing table to PNG instead.")] = None,
     weights: WeightsOpt = None,
     num_classes: NumClassesOpt = None,
     input_size: InputSizeOpt = None,
-    round_to: Annotated[int, typer.Option("--round-to", min=1)] = 8,
-    min_channels: Annotated[int, typer.Option("--min-channels", min=1)] = 8,
+    pretrained: PretrainedOpt = False,
+    model_file: ModelFileOpt = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", min=1, help="Width step of the grid (default: 8, "
+                                                 "aligned to the runtime's channel block).")] = P.round_to,
+    min_channels: Annotated[int, typer.Option("--min-channels", min=1, help="Smallest width the prune may choose.")]
+    = P.min_channels,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layers the prune will leave whole.")] = None,
-    iters: Annotated[int, typer.Option("--iters", min=3, help="Timed runs per layer point.")] = 15,
+    iters: Annotated[int, typer.Option("--iters", min=3, help="Timed runs per layer point.")] = P.iters,
     profiles_root: Annotated[Path, typer.Option("--profiles-root", help="Root for the default --out.")]
     = Path("profiles"),
 ) -> None:
@@ -50,20 +72,26 @@ def profile_command(
         raise KpcError("give a model to profile (or --show TABLE to plot one)")
     from exporters import get_runner
     from kpc.artifact import open_model
-    from kpc.latency.profiler import ProfileSettings, default_table_path, profile, target_device
+    from kpc.atomic import check_writable, resolve_file_target
+    from kpc.latency.profiler import check_profile_settings, default_table_path, profile, target_device
     from kpc.specs import parse_input_size
 
-    get_runner(runtime, threads=threads, precision=precision).close()  # unknown / missing runtime: fail first
-    loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size))
-    settings = ProfileSettings(runtime=runtime, batch=batch, threads=threads, precision=precision,
+    runtime_name, precision_name = value(runtime), value(precision)
+    get_runner(runtime_name, threads=threads, precision=precision_name).close()  # missing runtime: fail first
+    settings = ProfileSettings(runtime=runtime_name, batch=batch, threads=threads, precision=precision_name,
                                round_to=round_to, min_channels=min_channels, ignore=tuple(ignore or ()), iters=iters)
-    target = out or default_table_path(profiles_root, target_device(runtime), settings, loaded.spec.label())
+    check_profile_settings(settings)
+    loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size),
+                        pretrained=pretrained, model_file=model_file)
+    target = out or default_table_path(profiles_root, target_device(runtime_name), settings, loaded.label)
+    resolve_file_target(target)
+    check_writable(target)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(f"profiling on {runtime}", total=None)
+        task = bar.add_task(f"profiling on {runtime_name}", total=None)
         try:
-            table = profile(loaded, settings, target, resume=resume,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total), log=log)
+            table = profile(loaded.model, loaded.example_input(), settings, target, label=loaded.label,
+                            resume=resume, progress=lambda done, total: bar.update(task, completed=done, total=total))
         except KeyboardInterrupt:
             raise KpcError(f"interrupted: measured points are kept; run again with --resume to finish {target}") \
                 from None

@@ -8,7 +8,25 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kpc.cli._common import InputSizeOpt, NumClassesOpt, WeightsOpt, err_console, handle_errors, log
+from kpc.cli._common import (
+    Importance,
+    InputSizeOpt,
+    ModelFileOpt,
+    NumClassesOpt,
+    Precision,
+    PretrainedOpt,
+    Runtime,
+    Solver,
+    WeightsOpt,
+    err_console,
+    flag,
+    handle_errors,
+    log,
+    value,
+)
+from kpc.pruning import PruneSettings
+
+DEFAULTS = PruneSettings()
 
 
 def register(app: typer.Typer) -> None:
@@ -22,67 +40,75 @@ def prune_command(
     budget_gflops: Annotated[float | None, typer.Option("--budget-gflops", help="Budget in GFLOPs (1 FLOP = 1 MAC).")]
     = None,
     budget_ratio: Annotated[float | None, typer.Option("--budget-ratio", help="Budget as a fraction of the "
-                                                       "unpruned cost, e.g. 0.5.")] = None,
+                                                       "unpruned cost (of its latency with --lut), e.g. 0.5.")] = None,
     budget_ms: Annotated[float | None, typer.Option("--budget-ms", help="Latency budget in ms (needs --lut).")] = None,
     lut: Annotated[Path | None, typer.Option("--lut", help="Latency table from `kpc profile`.")] = None,
-    force_lut: Annotated[bool, typer.Option("--force-lut", help="Use a latency table measured on another target.")]
+    force_lut: Annotated[bool, flag("--force-lut", help="Use a latency table measured on another target.")]
     = False,
-    runtime: Annotated[str | None, typer.Option("--runtime", help="Target runtime for --budget-ms (default: the "
-                                                "table's).")] = None,
+    runtime: Annotated[Runtime | None, typer.Option("--runtime", help="Target runtime for --budget-ms (default: the "
+                                                    "table's).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Target batch for --budget-ms.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Target threads for --budget-ms.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="Target precision for --budget-ms.")] = None,
+    precision: Annotated[Precision | None, typer.Option("--precision", help="Target precision for --budget-ms.")]
+    = None,
     data: Annotated[str, typer.Option("--data", help="Calibration data: synthetic, fashion-mnist[:PATH], "
                                       "cifar10:PATH, imagefolder:PATH.")] = "synthetic",
     weights: WeightsOpt = None,
     num_classes: NumClassesOpt = None,
     input_size: InputSizeOpt = None,
-    calib_batches: Annotated[int, typer.Option("--calib-batches", min=1, help="Batches for the importance pass.")] = 8,
-    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", min=1)] = 32,
-    importance: Annotated[str, typer.Option("--importance", help="taylor or magnitude.")] = "taylor",
-    solver: Annotated[str, typer.Option("--solver", help="exact (DP) or greedy (value/cost ratio).")] = "exact",
-    round_to: Annotated[int, typer.Option("--round-to", min=1, help="Kept widths are multiples of this.")] = 8,
-    min_channels: Annotated[int, typer.Option("--min-channels", min=1, help="No group keeps fewer channels.")] = 8,
+    pretrained: PretrainedOpt = False,
+    model_file: ModelFileOpt = None,
+    calib_batches: Annotated[int, typer.Option("--calib-batches", min=1, help="Batches for the importance pass.")]
+    = DEFAULTS.calib_batches,
+    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", min=1, help="Images per calibration "
+                                                  "batch.")] = DEFAULTS.calib_batch_size,
+    importance: Annotated[Importance, typer.Option("--importance", help="Channel score.")]
+    = Importance(DEFAULTS.importance),
+    solver: Annotated[Solver, typer.Option("--solver", help="exact (DP) or greedy (value/cost ratio).")]
+    = Solver(DEFAULTS.solver),
+    round_to: Annotated[int | None, typer.Option("--round-to", min=1, help="Kept widths are multiples of this "
+                                                 "(default: the table's step, else 8).")] = DEFAULTS.round_to,
+    min_channels: Annotated[int, typer.Option("--min-channels", min=1, help="No group keeps fewer channels.")]
+    = DEFAULTS.min_channels,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer name or glob to leave whole "
                                                      "(repeatable).")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the calibration sample.")]
+    = DEFAULTS.seed,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
-    """Score channels, solve the knapsack under the budget, remove channels physically, save the artifact."""
-    from kpc.artifact import base_plan, open_model, save_artifact
+    """Score channels, solve the knapsack under the budget, remove channels physically, save the artifact.
+
+    Exit 1 (after writing the artifact) when the pruned model misses its budget window.
+    """
+    from kpc.artifact import open_model
+    from kpc.atomic import check_dir_target
     from kpc.data import parse_data_spec
-    from kpc.errors import KpcError
-    from kpc.prune import Budget, PruneSettings, prune
     from kpc.specs import parse_input_size
+    from kpc.workflow import landing_failure, make_budget, prune_to_artifact
 
-    budget = Budget(gflops=budget_gflops, ratio=budget_ratio, ms=budget_ms)
-    if out.exists() and not overwrite and out.is_dir() and any(out.iterdir()):
-        raise KpcError(f"output directory {out} already exists and is not empty: remove it or pass --overwrite")
-    if importance not in ("taylor", "magnitude"):
-        raise KpcError(f"unknown importance {importance!r}: use taylor or magnitude")
-    if solver not in ("exact", "greedy"):
-        raise KpcError(f"unknown solver {solver!r}: use exact or greedy")
-    settings = PruneSettings(data=parse_data_spec(data), calib_batches=calib_batches,
-                             calib_batch_size=calib_batch_size, importance=importance, solver=solver,
-                             round_to=round_to, min_channels=min_channels, ignore=tuple(ignore or ()), seed=seed)
-    loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size))
-    cost_model = None
-    if lut is not None or budget.ms is not None:
-        from kpc.latency import latency_cost_factory
-
-        cost_model = latency_cost_factory(lut, loaded, force=force_lut, log=log, round_to=round_to,
-                                          min_channels=min_channels, runtime=runtime, batch=batch, threads=threads,
-                                          precision=precision)
+    check_dir_target(out, overwrite=overwrite)
+    budget = make_budget(gflops=budget_gflops, ratio=budget_ratio, ms=budget_ms, lut=lut, force_lut=force_lut,
+                         target={"runtime": value(runtime), "batch": batch, "threads": threads,
+                                 "precision": value(precision)})
+    settings = PruneSettings(importance=value(importance), calib_batches=calib_batches,
+                             calib_batch_size=calib_batch_size, solver=value(solver), round_to=round_to,
+                             min_channels=min_channels, ignore=tuple(ignore or ()), seed=seed)
+    settings.check()
+    spec = parse_data_spec(data)
+    loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size),
+                        pretrained=pretrained, model_file=model_file)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
-        task = progress.add_task("calibrating importance", total=calib_batches if importance == "taylor" else 0)
-        result = prune(loaded, budget, settings, cost_model=cost_model,
-                       progress=lambda: progress.advance(task), log=log)
-    plan = base_plan(loaded, "pruned")
-    plan["rounds"] = [*plan["rounds"], result.round]
-    save_artifact(out, result.model, plan, overwrite=overwrite)
+        task = progress.add_task("calibrating importance", total=calib_batches if settings.importance == "taylor"
+                                 else 0)
+        result = prune_to_artifact(loaded, budget, settings, spec, out, overwrite=overwrite,
+                                   progress=lambda: progress.advance(task))
     r = result.round
-    whole = sum(1 for g in r["groups"] if not g["prunable"])
-    log(f"pruned {loaded.source}: {r['full_cost']:.4g} -> {r['counted_cost']:.4g} {r['cost_unit']} "
-        f"(budget {r['limit']:.4g}, predicted {r['predicted_cost']:.4g}); {len(r['groups']) - whole} groups "
-        f"pruned, {whole} kept whole; wrote {out}")
+    whole = sum(1 for g in r.groups if not g.prunable)
+    kept = sum(1 for g in r.groups if g.prunable and not g.pruned)
+    log(f"pruned {loaded.source}: {r.full_cost:.4g} -> {r.counted_cost:.4g} {r.cost_unit} (budget {r.limit:.4g}, "
+        f"predicted {r.predicted_cost:.4g}); {len(r.groups) - whole - kept} groups pruned, {kept} kept every channel, "
+        f"{whole} left whole; wrote {out}")
+    failure = landing_failure(result, out)
+    if failure is not None:
+        raise failure

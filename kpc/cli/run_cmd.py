@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kpc.cli._common import handle_errors, log, out_console
+from kpc.cli._common import flag, handle_errors, log, out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def _execute(recipe_path: Path, out: Path, start_from: str | None, dry_run: bool
     from kpc.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    pipeline = Pipeline(recipe, out, log=log)
+    pipeline = Pipeline(recipe, out)
     statuses = pipeline.status(start_from)
     if dry_run:
         table = Table(title=f"kpc run {recipe_path} -> {out}")
@@ -75,7 +75,7 @@ def run_command(
     = None,
     start_from: Annotated[str | None, typer.Option("--from", help="Redo this stage and every stage after it: "
                                                    "train, profile, prune, distill, export, verify.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and stop.")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Print what would run and why, and stop.")] = False,
 ) -> None:
     """Run a recipe: train? -> profile -> prune -> distill -> export -> verify, skipping stages that are done."""
     _execute(recipe, out or Path(recipe.stem), start_from, dry_run)
@@ -86,7 +86,7 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("kpc-demo"),
     data: Annotated[str | None, typer.Option("--data", help="Fashion-MNIST directory (default: the Debian "
                                              "package's).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    dry_run: Annotated[bool, flag("--dry-run")] = False,
 ) -> None:
     """The embedded default: train, profile, prune to half the latency, distill, export and verify on Fashion-MNIST."""
     import yaml

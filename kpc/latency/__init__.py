@@ -2,63 +2,66 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from kpc.artifact import LoadedModel
 from kpc.errors import KpcError
 from kpc.latency.table import LatencyTable, load_table
 
 CLOSED_LOOP_ITERS = 100  # interleaved rounds per closed-loop timing: the budget window is only a few percent wide
+TARGET_KEYS = ("runtime", "batch", "threads", "precision")
 
 
-def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, log: Callable[[str], None],
-                         round_to: int, min_channels: int, runtime: str | None = None, batch: int | None = None,
-                         threads: int | None = None, precision: str | None = None) -> Callable[..., Any]:
-    """Check a table against the prune's target and return the cost-model factory `prune` calls.
+def check_table(table: LatencyTable, input_size: Sequence[int], *, force: bool, target: dict[str, Any],
+                where: str = "the latency table") -> list[str]:
+    """Refuse a table measured for another target or input (unless forced); returns the forced mismatches."""
+    from kpc.latency.profiler import target_device
 
-    Target fields not given on the command line default to the table's; the device is
-    always this machine's, because the closed loop times the pruned model here.
+    header = table.header
+    wanted = {k: target.get(k) for k in TARGET_KEYS}
+    wanted["device"] = target_device(target.get("runtime") or header["runtime"])
+    problems = table.mismatches(wanted)
+    if list(input_size) != list(header["input_size"]):
+        problems.append(f"input_size: table has {header['input_size']}, model is {list(input_size)}")
+    if problems and not force:
+        raise KpcError(f"{where} was measured for another target ({problems[0]}); measure one for this target "
+                       "with kpc profile, or pass --force-lut to use it anyway")
+    return problems
+
+
+def table_width_step(table: LatencyTable, round_to: int | None, where: str = "the latency table") -> int:
+    """The width step a prune with this table uses: the table's own, or the user's if it is a multiple of it."""
+    from kpc.latency.profiler import compatible_step
+
+    step = int(table.header.get("round_to", 1))
+    if round_to is None:
+        return step
+    return compatible_step(round_to, step, f"{where}, measured in steps of {step}")
+
+
+def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequence[int], *, round_to: int,
+                         min_channels: int, target: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """The cost-model factory a latency prune calls: predictions from the table, timings on its target.
+
+    Target fields not given default to the table's; the device is always this machine's,
+    because the closed loop times the pruned model here against the unpruned `baseline`.
     """
     from kpc.latency.model import LatencyModel, RelativeTimer
-    from kpc.latency.profiler import layers_for, target_device
+    from kpc.latency.profiler import layers_for
 
-    if lut is None:
-        raise KpcError("--budget-ms needs a latency table: pass --lut FILE (measure one with kpc profile MODEL)")
-    table = load_table(lut)
     header = table.header
-    wanted = {"runtime": runtime, "batch": batch, "threads": threads, "precision": precision}
-    target_runtime = runtime or header["runtime"]
-    wanted["device"] = target_device(target_runtime)
-    problems = table.mismatches(wanted)
-    if list(loaded.spec.input_size) != list(header["input_size"]):
-        problems.append(f"input_size: table has {header['input_size']}, model is {list(loaded.spec.input_size)}")
-    if problems and not force:
-        raise KpcError(f"latency table {lut} was measured for another target ({problems[0]}); measure one for "
-                       "this target with kpc profile, or pass --force-lut to use it anyway")
-    for problem in problems:
-        log(f"WARNING: --force-lut: using a table measured for another target: {problem}")
-    table_step = int(header.get("round_to", 1))
-    if round_to % table_step:
-        aligned = math.lcm(round_to, table_step)
-        log(f"latency table {lut} was measured at widths in steps of {table_step} (the runtime's channel block): "
-            f"pruning in steps of {aligned} instead of {round_to}")
-        round_to = aligned
-    measure_target = {k: wanted[k] if wanted[k] is not None else header[k]
-                      for k in ("runtime", "batch", "threads", "precision")}
-
+    given = target or {}
+    measure_target = {k: given[k] if given.get(k) is not None else header[k] for k in TARGET_KEYS}
     timers: list[RelativeTimer] = []
 
-    def measure(pruned) -> float:
+    def measure(pruned: Any) -> float:
         """The pruned model timed interleaved with the unpruned one, in the table's milliseconds."""
         if not timers:
-            timers.append(RelativeTimer(loaded.model, loaded.spec.input_size, **measure_target, iters=CLOSED_LOOP_ITERS,
+            timers.append(RelativeTimer(baseline, tuple(input_size), **measure_target, iters=CLOSED_LOOP_ITERS,
                                         reference_ms=float(header["full_model_ms"])))
         return timers[0](pruned)
 
-    def make(model, example, graph, groups) -> LatencyModel:
+    def make(model: Any, example: Any, graph: Any, groups: Any) -> LatencyModel:
         layers = layers_for(model, example, graph, groups, round_to, min_channels)
         cost = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
         cost.measure_model = measure
@@ -68,4 +71,6 @@ def latency_cost_factory(lut: Path | None, loaded: LoadedModel, *, force: bool, 
     return make
 
 
-__all__ = ["LatencyTable", "latency_cost_factory", "load_table"]
+
+
+__all__ = ["LatencyTable", "check_table", "latency_cost_factory", "load_table", "table_width_step"]

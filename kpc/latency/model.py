@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kpc.cost_model import LATENCY_LANDING
 from kpc.errors import KpcError
 from kpc.latency.layers import Layer
 from kpc.latency.table import Entry, LatencyTable
@@ -31,6 +32,8 @@ class _Term:
 
 class LatencyModel:
     unit = "ms"
+    scale = 1.0
+    landing = LATENCY_LANDING
 
     def __init__(self, table: LatencyTable, layers: list[Layer], full_widths: np.ndarray,
                  min_widths: np.ndarray | None = None) -> None:

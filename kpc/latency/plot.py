@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from kpc.atomic import atomic_file
 from kpc.latency.table import ONE_WIDTH_KINDS, load_table
 
 
@@ -38,8 +39,9 @@ def plot_table(path: Path, out: Path | None = None) -> Path:
                     f"t{h['threads']}): full model {h['full_model_ms']:.3f} ms", fontsize=9)
     figure.tight_layout()
     target = out if out is not None else Path(path).with_suffix(".png")
-    tmp = target.with_name(f".{target.stem}.tmp.png")
-    figure.savefig(tmp, dpi=90)
-    plt.close(figure)
-    tmp.replace(target)
+    try:
+        with atomic_file(target, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=90)
+    finally:
+        plt.close(figure)
     return target

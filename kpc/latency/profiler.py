@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import math
 import re
 import tempfile
@@ -25,12 +26,11 @@ from typing import Any
 import numpy as np
 
 from kpc import __version__
-from kpc.artifact import LoadedModel
+from kpc.apply import apply_kept
 from kpc.atomic import write_text_atomic
+from kpc.channels import ChannelGroup, tie_of
 from kpc.costs import channel_sides
-from kpc.data import DataSpec
 from kpc.errors import KpcError
-from kpc.groups import ChannelGroup, apply_kept, tie_of
 from kpc.latency.layers import (
     REFERENCE_MARKER,
     REFERENCE_SIGNATURE,
@@ -46,6 +46,9 @@ from kpc.latency.layers import (
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
 from kpc.planner import tie_widths
+from kpc.pruning import DEFAULT_ROUND_TO
+
+log = logging.getLogger(__name__)
 
 PARTIAL_SCHEMA = "kpc-latency-partial/2"
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)
@@ -57,9 +60,9 @@ RANDOM_CALIBRATION_SEED = 1_000_003
 class ProfileSettings:
     runtime: str = "ort-cpu"
     batch: int = 1
-    threads: int = 1
+    threads: int = 2  # the machines kpc is measured on have 2 cores; pin what the server pins
     precision: str = "fp32"
-    round_to: int = 8
+    round_to: int | None = None  # None: 8, aligned to the runtime's channel block
     min_channels: int = 8
     ignore: tuple[str, ...] = ()
     warmup: int = 3
@@ -74,10 +77,10 @@ class ProfileSettings:
 
 
 def target_device(runtime: str) -> str:
-    """The device a runtime executes on: the GPU's name for CUDA/TensorRT runtimes, else the CPU model."""
-    from exporters.device import cpu_name, gpu_name
+    """The device a runtime executes on (its runner's word): the GPU's name for CUDA runtimes, else the CPU model."""
+    from exporters import runner_class
 
-    return gpu_name() if runtime in ("torch-cuda", "ort-cuda", "trt") else cpu_name()
+    return runner_class(runtime).device_name()
 
 
 def slug(text: str) -> str:
@@ -102,13 +105,12 @@ class ModelLayers:
     graph: Any
 
 
-def model_layers(loaded: LoadedModel, round_to: int, min_channels: int, ignore: tuple[str, ...] = (),
-                 log: Callable[[str], None] = print) -> ModelLayers:
-    from kpc.prune import PruneSettings, analyse
+def model_layers(model: Any, example: Any, round_to: int, min_channels: int, ignore: tuple[str, ...] = ()
+                 ) -> ModelLayers:
+    from kpc.pruning import analyse_groups
 
-    settings = PruneSettings(data=DataSpec("synthetic"), round_to=round_to, min_channels=min_channels, ignore=ignore)
-    graph, groups, example = analyse(loaded, settings, log=log)
-    return layers_for(loaded.model, example, graph, groups, round_to, min_channels)
+    graph, groups = analyse_groups(model, example, round_to=round_to, min_channels=min_channels, ignore=ignore)
+    return layers_for(model, example, graph, groups, round_to, min_channels)
 
 
 def layers_for(model, example, graph, groups: list[ChannelGroup], round_to: int, min_channels: int) -> ModelLayers:
@@ -126,36 +128,36 @@ def width_choices(groups: list[ChannelGroup], round_to: int, min_channels: int) 
     return [tie_widths(tie_of(groups, g), round_to, min_channels) for g in groups if g.prunable and g.tied_to is None]
 
 
-def channel_block(runtime: str) -> int:
-    """Channels the runtime's fast conv kernels process as one block, or 1 where none is known.
+def channel_block(runtime: str, precision: str = "fp32") -> int:
+    """Channels the runtime's fast kernels process as one block (its runner's trait; 1 where none is known)."""
+    from exporters import runner_class
 
-    On x86 CPUs ONNX Runtime's NCHWc kernels block channels by the vector width: 16
-    floats with AVX-512, 8 with AVX2. ONNX Runtime only moves a conv onto them when its
-    channels are a multiple of the block; any other width runs the generic path and adds
-    layout reorders around it (measured on ResNet-18 here: a random assignment ran 8%
-    faster once its odd widths were rounded *up* to 16). So widths are kept to multiples
-    of the block there. Other runtimes have not been measured for this and get 1.
-    """
-    if runtime != "ort-cpu":
-        return 1
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return 1
-    if "avx512f" in flags:
-        return 16
-    return 8 if "avx2" in flags else 1
+    return runner_class(runtime).channel_block(precision)
 
 
-def aligned_to_block(settings: ProfileSettings, log: Callable[[str], None] = print) -> ProfileSettings:
+def aligned_to_block(settings: ProfileSettings) -> ProfileSettings:
     """The settings with --round-to a multiple of the runtime's channel block (see `channel_block`)."""
-    block = channel_block(settings.runtime)
-    round_to = math.lcm(settings.round_to, block)
-    if round_to == settings.round_to:
-        return settings
-    log(f"{settings.runtime} on this CPU runs convs on its fast kernels only at multiples of {block} channels: "
-        f"measuring (and pruning with this table) in steps of {round_to} instead of {settings.round_to}")
-    return dataclasses.replace(settings, round_to=round_to)
+    block = channel_block(settings.runtime, settings.precision)
+    if settings.round_to is None:
+        return dataclasses.replace(settings, round_to=math.lcm(DEFAULT_ROUND_TO, block))
+    step = compatible_step(settings.round_to, block, f"{settings.runtime}'s channel block here")
+    return dataclasses.replace(settings, round_to=step)
+
+
+def compatible_step(round_to: int, step: int, what: str) -> int:
+    """The width step honouring both --round-to and a runtime's (or table's) step: one must divide the other.
+
+    A multiple of the runtime's step is kept as asked; a divisor of it (8 where the step is
+    16) is served by the step itself, which satisfies it; anything else conflicts.
+    """
+    if round_to % step == 0:
+        return round_to
+    if step % round_to == 0:
+        log.info("widths in steps of %d (%s) instead of --round-to %d: every one is also a multiple of %d", step,
+                 what, round_to, round_to)
+        return step
+    raise KpcError(f"--round-to {round_to} conflicts with {what}, which runs at widths in steps of {step}: use "
+                   f"--round-to {step} or a multiple of it, or omit it")
 
 
 def measurement_grid(target: ModelLayers, round_to: int) -> dict[str, tuple[Geometry, list[int], list[int]]]:
@@ -203,7 +205,9 @@ def kernel_timed(runtime: str) -> bool:
     random widths worse in two runs (worst 8.0% and 8.8% instead of 7.2%).
     Other runtimes time the whole call and have the call overhead subtracted.
     """
-    return runtime == "ort-cpu"
+    from exporters import runner_class
+
+    return runner_class(runtime).kernel_timing
 
 
 @dataclass(frozen=True)
@@ -256,42 +260,64 @@ def call_overhead_ms(settings: ProfileSettings, workdir: Path) -> float:
 
 
 def _read_partial(path: Path, target: dict[str, Any]) -> tuple[dict[str, dict[str, float]], list[float]]:
-    """Points measured so far, and the reference conv's kernel ms of each relative point."""
+    """Points measured so far, and the reference conv's kernel ms of each relative point; any defect is one line."""
+    hint = "delete it to start over, or drop --resume"
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KpcError(f"cannot resume from {path} ({exc}): delete it to start over") from exc
-    if data.get("schema") != PARTIAL_SCHEMA:
-        raise KpcError(f"{path} was written by another kpc version ({data.get('schema')}): delete it or drop --resume")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KpcError(f"cannot resume from {path} ({exc}): {hint}") from exc
+    if not isinstance(data, dict) or data.get("schema") != PARTIAL_SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise KpcError(f"{path} was written by another kpc version ({schema}): {hint}")
     if data.get("target") != target:
-        raise KpcError(f"{path} was measured for another target ({data.get('target')}): delete it or drop --resume")
-    points = {k: {p: float(v) for p, v in points.items()} for k, points in data.get("points", {}).items()}
-    return points, [float(v) for v in data.get("reference_ms", [])]
+        raise KpcError(f"{path} was measured for another target ({data.get('target')}): {hint}")
+    raw_points, raw_reference = data.get("points", {}), data.get("reference_ms", [])
+    if not isinstance(raw_points, dict) or not isinstance(raw_reference, list):
+        raise KpcError(f"{path} is malformed (points should be an object, reference_ms a list): {hint}")
+    points: dict[str, dict[str, float]] = {}
+    for signature, measured in raw_points.items():
+        if not isinstance(measured, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in measured.values()):
+            raise KpcError(f"{path} is malformed at points[{signature!r}] (expected width pairs with positive "
+                           f"times): {hint}")
+        points[str(signature)] = {str(k): float(v) for k, v in measured.items()}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw_reference):
+        raise KpcError(f"{path} is malformed at reference_ms (expected numbers): {hint}")
+    return points, [float(v) for v in raw_reference]
 
 
-def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume: bool = False,
-            progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print) -> LatencyTable:
-    """Measure every layer signature of the model plus the remainder; write the table to `out`."""
-    settings = aligned_to_block(settings, log)
+def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | None = None, *, label: str = "",
+            resume: bool = False, progress: Callable[[int, int], None] | None = None) -> LatencyTable:
+    """Measure every layer signature of the model plus the remainder; return the table (and write it to `out`).
+
+    With `out`, measured points are kept in `OUT.partial` as they come, so an
+    interrupted profile resumes (`resume=True`) where it stopped.
+    """
+    settings = aligned_to_block(settings)
+    check_profile_settings(settings)
     relative = kernel_timed(settings.runtime)  # entries are ratios to the in-session reference conv
     device = target_device(settings.runtime)
     target = settings.target(device)
-    partial_path = out.with_name(out.name + ".partial")
+    input_size = [int(d) for d in example.shape[1:]]
+    partial_path = out.with_name(out.name + ".partial") if out is not None else None
     points: dict[str, dict[str, float]] = {}
     reference_ms: list[float] = []  # the reference conv's kernel ms, one per relative point
-    if resume and partial_path.is_file():
+    if partial_path is not None and resume and partial_path.is_file():
         points, reference_ms = _read_partial(partial_path, target)
-        log(f"resuming: {sum(len(p) for p in points.values())} points already measured")
-    elif partial_path.exists() and not resume:
+        log.info("resuming: %d points already measured", sum(len(p) for p in points.values()))
+    elif partial_path is not None and partial_path.exists() and not resume:
         partial_path.unlink()
-    layers = model_layers(loaded, settings.round_to, settings.min_channels, settings.ignore, log=log)
+    assert settings.round_to is not None
+    layers = model_layers(model, example, settings.round_to, settings.min_channels, settings.ignore)
     grid = measurement_grid(layers, settings.round_to)
     total = sum(len(grid_keys(g, i, o)) for g, i, o in grid.values())
     done = sum(1 for k, (g, i, o) in grid.items() for p in grid_keys(g, i, o) if f"{p[0]},{p[1]}" in points.get(k, {}))
 
     def save_partial() -> None:
-        write_text_atomic(partial_path, json.dumps({"schema": PARTIAL_SCHEMA, "target": target, "points": points,
-                                                    "reference_ms": reference_ms}))
+        if partial_path is not None:
+            write_text_atomic(partial_path, json.dumps({"schema": PARTIAL_SCHEMA, "target": target,
+                                                        "points": points, "reference_ms": reference_ms}))
 
     started = _dt.datetime.now(_dt.UTC)
     with tempfile.TemporaryDirectory(prefix="kpc-profile-") as tmp:
@@ -317,29 +343,44 @@ def profile(loaded: LoadedModel, settings: ProfileSettings, out: Path, *, resume
             raise
         save_partial()
     # relative points in ms: times the reference's median over the whole profile, one yardstick for every entry
-    unit_ms = float(np.median(reference_ms)) if relative else 1.0
+    unit_ms = float(np.median(reference_ms)) if relative and reference_ms else 1.0
     entries = {sig: _entry(geometry, c_in, c_out, points[sig], overhead, unit_ms)
                for sig, (geometry, c_in, c_out) in grid.items()}
     header = {
         "device": device, "runtime": settings.runtime, "runtime_version": _runtime_version(settings.runtime),
         "precision": settings.precision, "batch": settings.batch, "threads": settings.threads,
-        "date": started.isoformat(timespec="seconds"), "kpc_version": __version__, "model": loaded.spec.label(),
-        "input_size": list(loaded.spec.input_size), "full_model_ms": 0.0, "round_to": settings.round_to,
+        "date": started.isoformat(timespec="seconds"), "kpc_version": __version__,
+        "model": label or f"{type(model).__module__}.{type(model).__qualname__}",
+        "input_size": input_size, "full_model_ms": 0.0, "round_to": settings.round_to,
         "min_channels": settings.min_channels, "warmup": settings.warmup, "iters": settings.iters,
         "layers": len(layers.layers), "signatures": len(grid), "points": total, "call_overhead_ms": overhead,
         "entry_timing": "kernel-relative" if relative else "call",
-        "channel_block": channel_block(settings.runtime),
+        "channel_block": channel_block(settings.runtime, settings.precision),
     }
     table = LatencyTable(header, entries, Remainder())
-    fit_remainder(table, loaded, layers, settings, log=log)
-    if relative:
+    fit_remainder(table, model, tuple(input_size), layers, settings)
+    if relative and reference_ms:
         header["reference"] = {"signature": REFERENCE_SIGNATURE, "median_ms": unit_ms,
                                "spread_ms": [float(np.min(reference_ms)), float(np.max(reference_ms))]}
     header["profile_seconds"] = round((_dt.datetime.now(_dt.UTC) - started).total_seconds(), 1)
-    table.save(out)
-    partial_path.unlink(missing_ok=True)
-    load_table(out)  # what we wrote must read back under the schema
+    if out is not None:
+        table.save(out)
+        load_table(out)  # what we wrote must read back under the schema
+        if partial_path is not None:
+            partial_path.unlink(missing_ok=True)
     return table
+
+
+def check_profile_settings(settings: ProfileSettings) -> None:
+    """Numbers a profile cannot run with: one line naming the option."""
+    for name in ("batch", "threads", "min_channels", "iters", "model_iters"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KpcError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+    for name in ("warmup", "model_warmup"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise KpcError(f"--{name.replace('_', '-')} must be a non-negative integer (got {value!r})")
 
 
 def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict[str, float],
@@ -388,11 +429,11 @@ def uniform_widths(layers: ModelLayers, fraction: float, round_to: int, min_chan
     return widths
 
 
-def pruned_copy(loaded: LoadedModel, layers: ModelLayers, widths: np.ndarray):
+def pruned_copy(model: Any, layers: ModelLayers, widths: np.ndarray) -> Any:
     """A copy of the model at the given widths (first channels kept: latency does not care which)."""
     kept = {g.root: (g.width, list(range(int(widths[g.index])))) for g in layers.groups
             if g.prunable and int(widths[g.index]) < g.width}  # first blocks of a tie: the same in every member
-    return apply_kept(copy.deepcopy(loaded.model), layers.example, kept)
+    return apply_kept(copy.deepcopy(model), layers.example, kept)
 
 
 def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, min_channels: int) -> np.ndarray:
@@ -404,27 +445,27 @@ def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, 
     return widths
 
 
-def fit_remainder(table: LatencyTable, loaded: LoadedModel, layers: ModelLayers, settings: ProfileSettings,
-                  log: Callable[[str], None] = print) -> None:
+def fit_remainder(table: LatencyTable, model: Any, input_size: tuple[int, ...], layers: ModelLayers,
+                  settings: ProfileSettings) -> None:
     """Time the whole model at uniform and random widths; fit scale, fixed and volume terms.
 
     Uniform widths alone make the entry sum and the tensor volumes nearly collinear, so
     random assignments (seeded, distinct from any benchmark's) are timed too.
     """
-    model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
+    predictor = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
     rng = np.random.default_rng(RANDOM_CALIBRATION_SEED)
     variants = [(f"uniform {f:g}", uniform_widths(layers, f, settings.round_to, settings.min_channels))
                 for f in CALIBRATION_FRACTIONS]
     variants += [(f"random {i + 1}", random_widths(layers, rng, settings.round_to, settings.min_channels))
                  for i in range(RANDOM_CALIBRATIONS)]
     features, measured, records = [], [], []
-    timer = RelativeTimer(loaded.model, loaded.spec.input_size, runtime=settings.runtime, batch=settings.batch,
+    timer = RelativeTimer(model, input_size, runtime=settings.runtime, batch=settings.batch,
                           threads=settings.threads, precision=settings.precision, warmup=settings.model_warmup,
                           iters=settings.model_iters)
     try:
         for name, widths in variants:
-            ratio = timer.ratio(pruned_copy(loaded, layers, widths))
-            features.append((model.entries_ms(widths), model.activation_fraction(widths)))
+            ratio = timer.ratio(pruned_copy(model, layers, widths))
+            features.append((predictor.entries_ms(widths), predictor.activation_fraction(widths)))
             measured.append(ratio * timer.reference_ms)
             records.append({"variant": name, "measured_ms": measured[-1], "ratio_to_unpruned": ratio})
     finally:
@@ -439,9 +480,9 @@ def fit_remainder(table: LatencyTable, loaded: LoadedModel, layers: ModelLayers,
     table.remainder.calibration = records
     table.header["full_model_ms"] = timer.reference_ms
     errors = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in records]
-    log(f"remainder fitted on {len(records)} whole-model timings (each interleaved with the unpruned model): "
-        f"scale {scale:.3f}, fixed {fixed:.3f} ms, output volume {per_output:+.3f} ms; worst calibration error "
-        f"{max(errors):.1%}")
+    log.info("remainder fitted on %d whole-model timings (each interleaved with the unpruned model): scale %.3f, "
+             "fixed %.3f ms, output volume %+.3f ms; worst calibration error %.1f%%", len(records), scale, fixed,
+             per_output, 100 * max(errors))
 
 
 def _fit(entries: np.ndarray, outputs: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:

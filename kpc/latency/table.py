@@ -11,6 +11,7 @@ point that is already monotone and monotone between points.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,46 +134,82 @@ def load_table(path: str | Path) -> LatencyTable:
     """Read and schema-check a table; any defect is a one-line KpcError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise KpcError(f"latency table {path} does not exist (measure one with kpc profile)")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise KpcError(f"latency table {path} {what} (measure one with kpc profile)")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise KpcError(f"latency table {path} is not valid JSON ({exc}): it is corrupt or truncated") from exc
     try:
         return parse_table(data)
     except (KeyError, TypeError, ValueError) as exc:
-        raise KpcError(f"latency table {path} does not follow {SCHEMA}: {exc}") from exc
+        message = str(exc).strip("'\"")
+        raise KpcError(f"latency table {path} does not follow {SCHEMA}: {message}") from exc
+
+
+def _number(value: Any, where: str, *, positive: bool = False, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} should be a finite number, got {value!r}")
+    if positive and (value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{where} should be {'positive' if not allow_zero else 'non-negative'}, got {value!r}")
+    return float(value)
 
 
 def parse_table(data: Any) -> LatencyTable:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ValueError(f"schema is {data.get('schema') if isinstance(data, dict) else None!r}")
-    header = data["header"]
+    header = data.get("header")
+    if not isinstance(header, dict):
+        raise TypeError("header should be an object")
     for key, kind in HEADER_FIELDS.items():
         if key not in header:
             raise KeyError(f"header.{key} is missing")
-        if kind is float and isinstance(header[key], int):
+        if kind is float and isinstance(header[key], int) and not isinstance(header[key], bool):
             header[key] = float(header[key])
         if not isinstance(header[key], kind) or isinstance(header[key], bool):
             raise TypeError(f"header.{key} should be {kind.__name__}")
+    _number(header["full_model_ms"], "header.full_model_ms", positive=True, allow_zero=False)
+    for key in ("batch", "threads"):
+        if header[key] < 1:
+            raise ValueError(f"header.{key} should be at least 1, got {header[key]}")
+    size = header["input_size"]
+    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"header.input_size should be [C, H, W] with positive integers, got {size!r}")
+    step = header.get("round_to", 1)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"header.round_to should be a positive integer, got {step!r}")
+    raw_entries = data.get("entries")
+    if not isinstance(raw_entries, dict):
+        raise TypeError(f"entries should be an object keyed by layer signature, got {type(raw_entries).__name__}")
     entries: dict[str, Entry] = {}
-    for key, raw in data["entries"].items():
-        kind = raw["kind"]
+    for key, raw in raw_entries.items():
+        if not isinstance(raw, dict):
+            raise TypeError(f"entry {key!r} should be an object")
+        kind = raw.get("kind")
         if kind not in ("conv", "linear", *ONE_WIDTH_KINDS):
             raise ValueError(f"entry {key!r} has unknown kind {kind!r}")
-        c_in = np.asarray(raw["c_in"], dtype=np.float64)
-        c_out = np.asarray(raw["c_out"], dtype=np.float64)
-        ms = np.asarray(raw["ms"], dtype=np.float64)
+        try:
+            c_in = np.asarray(raw["c_in"], dtype=np.float64)
+            c_out = np.asarray(raw["c_out"], dtype=np.float64)
+            ms = np.asarray(raw["ms"], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"entry {key!r} has widths or latencies that are not numbers") from exc
         expected = (len(c_out),) if kind in ONE_WIDTH_KINDS else (len(c_in), len(c_out))
-        if ms.shape != expected or len(c_in) == 0 or len(c_out) == 0 or \
+        if c_in.ndim != 1 or c_out.ndim != 1 or ms.shape != expected or len(c_in) == 0 or len(c_out) == 0 or \
                 (kind in ONE_WIDTH_KINDS and len(c_in) != len(c_out)):
             raise ValueError(f"entry {key!r} has {ms.shape} latencies for a {expected} grid")
-        if np.any(np.diff(c_in) <= 0) or np.any(np.diff(c_out) <= 0):
-            raise ValueError(f"entry {key!r} has widths that are not strictly ascending")
+        if np.any(np.diff(c_in) <= 0) or np.any(np.diff(c_out) <= 0) or np.any(c_in <= 0) or np.any(c_out <= 0):
+            raise ValueError(f"entry {key!r} has widths that are not positive and strictly ascending")
         if not np.all(np.isfinite(ms)) or np.any(ms < 0):
             raise ValueError(f"entry {key!r} has non-finite or negative latencies")
-        entries[key] = Entry(kind, c_in, c_out, ms)
-    raw_rem = data["remainder"]
-    remainder = Remainder(float(raw_rem["entry_scale"]), float(raw_rem["fixed_ms"]), float(raw_rem["activation_ms"]),
-                          list(raw_rem.get("calibration", [])))
+        entries[str(key)] = Entry(kind, c_in, c_out, ms)
+    raw_rem = data.get("remainder")
+    if not isinstance(raw_rem, dict):
+        raise TypeError("remainder should be an object")
+    calibration = raw_rem.get("calibration", [])
+    if not isinstance(calibration, list):
+        raise TypeError("remainder.calibration should be a list")
+    remainder = Remainder(_number(raw_rem["entry_scale"], "remainder.entry_scale", positive=True, allow_zero=False),
+                          _number(raw_rem["fixed_ms"], "remainder.fixed_ms"),
+                          _number(raw_rem["activation_ms"], "remainder.activation_ms"), list(calibration))
     return LatencyTable(header, entries, remainder)

@@ -10,7 +10,6 @@ safetensors, everything else to JSON, so resuming never executes code from disk.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from kpc.artifact import sha256_file
-from kpc.atomic import atomic_dir, write_text_atomic
+from kpc.atomic import append_line, atomic_dir, write_bytes_atomic, write_text_atomic
 from kpc.errors import KpcError
 
 FORMAT = "kpc-train-checkpoint/1"
@@ -59,12 +58,14 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 def save_checkpoint(work: Path, epoch: int, student: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> Path:
     """Write epoch `epoch` (completed epochs) and point LATEST at it; older checkpoints are removed."""
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
+
+    from kpc.weights import save_weights
 
     work.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
     with atomic_dir(work / name, overwrite=True) as tmp:
-        save_model(student, str(tmp / "student.safetensors"))
+        save_weights(student, tmp / "student.safetensors")
         tensors, meta = _split_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         record = {"format": FORMAT, "epoch": epoch, **state, "optimizer": meta,
@@ -79,7 +80,9 @@ def save_checkpoint(work: Path, epoch: int, student: nn.Module, optimizer: torch
 
 def load_checkpoint(work: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the newest checkpoint into `student` and `optimizer`; return its state record."""
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file
+
+    from kpc.weights import load_weights_file
 
     hint = f"delete {work} to start over"
     try:
@@ -91,7 +94,7 @@ def load_checkpoint(work: Path, student: nn.Module, optimizer: torch.optim.Optim
         for file, digest in record["sha256"].items():
             if sha256_file(folder / file) != digest:
                 raise ValueError(f"{file} does not match its sha256")
-        load_model(student, str(folder / "student.safetensors"), strict=True)
+        load_weights_file(student, folder / "student.safetensors")
         optimizer.load_state_dict(_join_optimizer(load_file(str(folder / "optimizer.safetensors")),
                                                   record["optimizer"]))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -102,16 +105,13 @@ def load_checkpoint(work: Path, student: nn.Module, optimizer: torch.optim.Optim
 
 def save_best(work: Path, model: nn.Module) -> None:
     """The best-so-far weights of the plain model, replaced atomically."""
-    from safetensors.torch import save_model
+    from kpc.weights import weights_bytes
 
-    tmp = work / ".best.safetensors.tmp"
-    save_model(model, str(tmp))
-    os.replace(tmp, work / "best.safetensors")
+    write_bytes_atomic(work / "best.safetensors", weights_bytes(model))
 
 
 def append_metrics(work: Path, row: dict[str, Any]) -> None:
-    with open(work / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_line(work / "metrics.jsonl", json.dumps(row))
 
 
 def rewrite_metrics(work: Path, rows: list[dict[str, Any]]) -> None:
@@ -124,3 +124,12 @@ def finish(work: Path) -> None:
     (work / LATEST).unlink(missing_ok=True)
     for old in work.glob("epoch-*"):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_if_empty(work: Path) -> None:
+    """A failed run that never completed an epoch leaves no empty working directory behind."""
+    try:
+        if work.is_dir() and not any(p for p in work.iterdir() if not p.name.startswith(".")):
+            shutil.rmtree(work, ignore_errors=True)
+    except OSError:
+        pass

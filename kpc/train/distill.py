@@ -31,14 +31,16 @@ def check_teacher(child: LoadedModel, teacher: LoadedModel) -> None:
     Inner distillation compares features stage by stage, which only means something when
     the teacher is the network the child was cut from (or an earlier round of it).
     """
-    child_spec, teacher_spec = child.spec.to_json(), teacher.spec.to_json()
+    child_spec = {k: v for k, v in child.plan.model.items() if k != "pretrained"}
+    teacher_spec = {k: v for k, v in teacher.plan.model.items() if k != "pretrained"}
     if child_spec != teacher_spec:
         diffs = [f"{key} {teacher_spec.get(key)!r} vs {child_spec.get(key)!r}"
                  for key in sorted(set(child_spec) | set(teacher_spec)) if child_spec.get(key) != teacher_spec.get(key)]
         raise KpcError(f"teacher {teacher.source} is not the parent of {child.source}: their base models differ "
                        f"({'; '.join(diffs)})")
     rounds = len(teacher.rounds)
-    if [r.get("groups") for r in child.rounds[:rounds]] != [r.get("groups") for r in teacher.rounds]:
+    kept = [[g.to_json() for g in r.groups] for r in child.rounds[:rounds]]
+    if kept != [[g.to_json() for g in r.groups] for r in teacher.rounds]:
         raise KpcError(f"teacher {teacher.source} is not the parent of {child.source}: its pruning rounds are not "
                        "the ones the child was cut from")
 
@@ -187,3 +189,52 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     log_student = F.log_softmax(student_logits.float() / t, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)
+
+
+class InnerDistillation(nn.Module):
+    """Inner distillation for a user's own training loop: `logits, inner_loss = ikd(images)`.
+
+    The parent runs frozen in eval mode (whatever `train()` is called with); the child runs
+    in the module's mode, and a 1x1 projection maps each of its stage outputs to the
+    parent's width where they differ. The projections are trained with the child and are
+    not part of it: `ikd.child` is the plain pruned model to save. Call
+    `fit_projections(batches)` once before training to start them at the least-squares
+    map from the child's features to the parent's (random projections undo what pruning
+    kept before they learn anything).
+
+        ikd = kpc.InnerDistillation(parent, child, example_inputs)
+        logits, inner = ikd(images)
+        loss = F.cross_entropy(logits, labels) + 5.0 * inner
+    """
+
+    def __init__(self, parent: nn.Module, child: nn.Module, example_inputs: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(example_inputs, torch.Tensor) or example_inputs.ndim != 4:
+            raise KpcError("example_inputs should be one image batch of shape (N, C, H, W)")
+        example = example_inputs.detach()[:1]
+        self.stages, projections = build_projections(child, parent, example)
+        self.student = Student(child, projections)
+        self.parent = parent.eval().requires_grad_(False)
+
+    @property
+    def child(self) -> nn.Module:
+        return self.student.model
+
+    def train(self, mode: bool = True) -> InnerDistillation:
+        super().train(mode)
+        self.parent.eval()
+        return self
+
+    def fit_projections(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        """Least-squares start for the projections; returns the unexplained fraction of the parent's features."""
+        images = (b[0] if isinstance(b, (tuple, list)) else b for b in batches)
+        return fit_projections(self.student, self.parent, self.stages, images)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), tapped(self.parent, self.stages) as tap:
+            self.parent(images)
+            parent_features = tap.take()
+        with tapped(self.child, self.stages) as tap:
+            logits = self.student(images)
+            child_features = tap.take()
+        return logits, inner_loss(self.student, child_features, parent_features, self.stages)

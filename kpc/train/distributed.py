@@ -10,6 +10,7 @@ all-reduce BatchNorm below), and (3) DDP averages gradients over equal per-rank 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -36,7 +37,14 @@ class Context:
         return self.world > 1
 
 
+def check_device(preference: str) -> None:
+    """auto, cpu, cuda or cuda:N; anything else is one line."""
+    if not isinstance(preference, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", preference):
+        raise KpcError(f"--device {preference!r} is not a device: use auto, cpu, cuda or cuda:N")
+
+
 def pick_device(preference: str) -> torch.device:
+    check_device(preference)
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference.startswith("cuda") and not torch.cuda.is_available():

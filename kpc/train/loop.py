@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kpc.artifact import LoadedModel, base_plan, save_artifact
+from kpc.artifact import LoadedModel, derived_plan, save_artifact
+from kpc.atomic import check_dir_target, check_writable, output_lock
 from kpc.data import DataSpec, TrainingData, training_data
 from kpc.errors import KpcError
+from kpc.plan import Plan
 from kpc.train import checkpoint as ckpt
 from kpc.train.distill import (
     Student,
@@ -40,12 +45,16 @@ from kpc.train.distributed import (
     all_sum,
     barrier,
     broadcast_flag,
+    check_device,
     globalize_batchnorm,
     localize_batchnorm,
     setup,
     teardown,
 )
 from kpc.train.optim import OPTIMIZERS, build_optimizer, lr_at, set_lr
+from kpc.train.threads import CoreWatch, apply_threads
+
+log = logging.getLogger(__name__)
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 PROJECTION_IMAGES = 256  # images whose features fit the child->parent projections before training
@@ -53,9 +62,13 @@ PROJECTION_IMAGES = 256  # images whose features fit the child->parent projectio
 
 @dataclass
 class TrainSettings:
-    """Everything that defines a run (the resume check compares these, minus `RUNTIME_ONLY`)."""
+    """Everything that defines a run (the resume check compares these, minus `RUNTIME_ONLY`).
 
-    data: DataSpec
+    The defaults are those of `kpc train`; `DISTILL_DEFAULTS` holds `kpc distill`'s. The CLI
+    options and the recipe's `train:`/`distill:` sections take their defaults from these two.
+    """
+
+    data: DataSpec | None = None
     epochs: int = 10
     batch_size: int = 128  # global: split over DDP processes
     lr: float = 0.1
@@ -72,34 +85,68 @@ class TrainSettings:
     amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU
     device: str = "auto"
     workers: int | None = None  # None: 2 for imagefolder, 0 for in-memory arrays
+    threads: int | None = None  # intra-op threads; None: see kpc.train.threads.default_threads
 
-    RUNTIME_ONLY = ("workers", "device")
+    RUNTIME_ONLY = ("workers", "device", "threads")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["data"] = self.data.label()
+        data["data"] = self.data.label() if self.data is not None else None
         return data
 
     def fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_json().items() if k not in self.RUNTIME_ONLY}
 
     def check(self) -> None:
-        if self.epochs < 1:
-            raise KpcError(f"--epochs must be at least 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            raise KpcError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.lr <= 0:
-            raise KpcError(f"--lr must be positive (got {self.lr})")
+        """Every number at the boundary: one line naming the option, before any data or model is touched."""
+        if self.data is None:
+            raise KpcError("training needs labelled data: pass --data")
+        _integer(self.epochs, "--epochs", 1)
+        _integer(self.batch_size, "--batch-size", 2, "BatchNorm needs two images per batch")
+        _integer(self.seed, "--seed", 0, high=2**63 - 1)
+        if self.subset is not None:
+            _integer(self.subset, "--subset", 2, "a training split needs two images at least")
+        if self.workers is not None:
+            _integer(self.workers, "--workers", 0)
+        if self.threads is not None:
+            _integer(self.threads, "--threads", 1)
+        _number(self.lr, "--lr", low=0.0, strict=True)
+        _number(self.weight_decay, "--weight-decay", low=0.0)
+        _number(self.warmup_epochs, "--warmup-epochs", low=0.0)
+        _number(self.label_smoothing, "--label-smoothing", low=0.0, high=1.0)
+        _number(self.ikd_weight, "--ikd-weight", low=0.0)
+        _number(self.kd_weight, "--kd-weight", low=0.0)
+        _number(self.temperature, "--temperature", low=0.0, strict=True)
         if self.optimizer not in OPTIMIZERS:
             raise KpcError(f"unknown optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
         if self.amp not in AMP_MODES:
             raise KpcError(f"unknown --amp {self.amp!r}: use {', '.join(AMP_MODES)}")
         if self.keep not in ("last", "best"):
             raise KpcError(f"unknown --keep {self.keep!r}: use last or best")
-        if self.temperature <= 0:
-            raise KpcError(f"--temperature must be positive (got {self.temperature})")
-        if min(self.ikd_weight, self.kd_weight, self.warmup_epochs, self.label_smoothing) < 0:
-            raise KpcError("--ikd-weight, --kd-weight, --warmup-epochs and --label-smoothing cannot be negative")
+        check_device(self.device)
+
+
+def _integer(value: Any, name: str, low: int, why: str = "", high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise KpcError(f"{name} must be an integer {bound}{f' ({why})' if why else ''}, got {value!r}")
+
+
+def _number(value: Any, name: str, *, low: float, high: float | None = None, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > low if strict else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"in [{low:g}, {high:g})" if high is not None else f"{'>' if strict else '>='} {low:g}"
+        raise KpcError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def default_lr(optimizer: str, defaults: TrainSettings) -> float:
+    """The peak learning rate when none is given: the defaults' for SGD, a hundredth of it for AdamW."""
+    return defaults.lr / 100 if optimizer == "adamw" else defaults.lr
+
+
+DISTILL_DEFAULTS = TrainSettings(epochs=5, lr=0.01, warmup_epochs=0.0, ikd_weight=5.0, kd_weight=1.0)
+TRAIN_DEFAULTS = TrainSettings()
 
 
 class Reporter(Protocol):
@@ -113,7 +160,7 @@ class Reporter(Protocol):
 @dataclass
 class FitResult:
     model: nn.Module
-    plan: dict[str, Any]
+    plan: Plan
     history: list[dict[str, Any]] = field(default_factory=list)
     out: Path | None = None
 
@@ -146,11 +193,13 @@ class _Run:
     """State of one fit() call; methods are the loop's steps."""
 
     def __init__(self, loaded: LoadedModel, settings: TrainSettings, out: Path, teacher: LoadedModel | None,
-                 context: Context, reporter: Reporter | None, log: Callable[[str], None]) -> None:
+                 context: Context, reporter: Reporter | None) -> None:
         self.loaded, self.settings, self.out, self.teacher = loaded, settings, Path(out), teacher
-        self.context, self.reporter, self.log = context, reporter, log
+        self.context, self.reporter = context, reporter
         self.work = ckpt.work_dir_for(self.out)
         self.device = context.device
+        self.threads = apply_threads(settings.threads)
+        self.watch: CoreWatch | None = CoreWatch(self.threads) if self.device.type == "cpu" else None
         self.dtype, scaled = _autocast(settings, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         self.data = self._open_data()
@@ -170,7 +219,7 @@ class _Run:
     # ------------------------------------------------------------ set-up
     def _open_data(self) -> TrainingData:
         s = self.settings
-        data = training_data(s.data, self.loaded.spec.input_size, subset=s.subset, seed=s.seed)
+        data = training_data(s.data, self.loaded.input_size, subset=s.subset, seed=s.seed)
         outputs = model_outputs(self.loaded.model, self.loaded.example_input())
         if outputs != data.num_classes:
             raise KpcError(f"the model has {outputs} outputs but {data.label} has {data.num_classes} classes: "
@@ -198,7 +247,7 @@ class _Run:
             residuals = fit_projections(student, self.teacher.model, self.stages, self._projection_batches())
             if self.context.is_main:
                 shown = ", ".join(f"{stage} {100 * r:.1f}%" for stage, r in residuals.items())
-                self.log(f"projections start at the least-squares fit; parent feature energy left unexplained: {shown}")
+                log.info(f"projections start at the least-squares fit; parent feature energy left unexplained: {shown}")
         globalize_batchnorm(student, self.context)
         if self.device.type == "cuda":
             student = student.to(memory_format=torch.channels_last)
@@ -247,7 +296,7 @@ class _Run:
                 self.scaler.load_state_dict(record["scaler"])
             if self.context.is_main:
                 ckpt.rewrite_metrics(self.work, self.history)
-                self.log(f"resuming {self.out} from {self.work} after epoch {self.start_epoch}")
+                log.info(f"resuming {self.out} from {self.work} after epoch {self.start_epoch}")
         elif self.context.is_main:
             self.work.mkdir(parents=True, exist_ok=True)
             (self.work / "metrics.jsonl").unlink(missing_ok=True)
@@ -316,6 +365,8 @@ class _Run:
             else:
                 total.backward()
                 self.optimizer.step()
+            if self.watch is not None and self.context.is_main:
+                self.watch.step()
             if not torch.isfinite(total):
                 raise KpcError(f"the loss became {float(total)} in epoch {epoch + 1}: lower --lr")
             loss_value = float(total.detach())
@@ -390,47 +441,56 @@ class _Run:
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.contiguous_format)
         if s.keep == "best" and (self.work / "best.safetensors").is_file():
-            from safetensors.torch import load_model
+            from kpc.weights import load_weights_file
 
             model = copy.deepcopy(model)
-            load_model(model, str(self.work / "best.safetensors"), strict=True)
-        plan = base_plan(self.loaded, kind)
-        plan["normalization"] = self.data.normalization.to_json()
-        plan["data"] = self.data.label
+            load_weights_file(model, self.work / "best.safetensors")
+        plan = derived_plan(self.loaded, kind)
+        plan.normalization = self.data.normalization.to_json()
+        plan.data = self.data.label
         last = self.history[-1] if self.history else {}
-        plan["metrics"] = {"epochs": len(self.history), "best_val_acc": self.best.get("val_acc"),
-                           "best_epoch": self.best.get("epoch"), "last_val_acc": last.get("val_acc"),
-                           "last_val_loss": last.get("val_loss"), "kept": s.keep}
-        plan["training"] = {**s.to_json(), "world_size": self.context.world, "device": self.device.type,
-                            "autocast": str(self.dtype).replace("torch.", "") if self.dtype else None}
+        plan.metrics = {"epochs": len(self.history), "best_val_acc": self.best.get("val_acc"),
+                        "best_epoch": self.best.get("epoch"), "last_val_acc": last.get("val_acc"),
+                        "last_val_loss": last.get("val_loss"), "kept": s.keep}
+        plan.training = {**s.to_json(), "world_size": self.context.world, "device": self.device.type,
+                         "autocast": str(self.dtype).replace("torch.", "") if self.dtype else None}
         if self.teacher is not None:
-            plan["teacher"] = {"source": self.teacher.source, "stages": self.stages,
-                               "weights_sha256": (self.teacher.plan or {}).get("weights", {}).get("sha256")}
-        plan["history"] = self.history
+            plan.teacher = {"source": self.teacher.source, "stages": self.stages,
+                            "weights_sha256": self.teacher.plan.weights.get("sha256")}
+        plan.history = self.history
         if self.context.is_main:
-            save_artifact(self.out, model, plan, overwrite=overwrite)
+            save_artifact(self.out, model, plan, overwrite=overwrite, factory=self.loaded.factory)
             ckpt.finish(self.work)
         barrier(self.context)
         return FitResult(model, plan, self.history, self.out)
 
 
 def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teacher: LoadedModel | None = None,
-        resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
-        log: Callable[[str], None] = print) -> FitResult:
+        resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> FitResult:
     """Train `loaded` (under `teacher` when given) and write the artifact to `out`.
 
-    Runs in one process, or under torchrun (WORLD_SIZE > 1) with DDP; only rank 0 writes.
+    Runs in one process, or under torchrun (WORLD_SIZE > 1) with DDP; only rank 0 writes,
+    and holds the lock of `out` (and so of its `OUT.work/` checkpoints) for the whole run.
     """
     settings.check()
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise KpcError(f"output directory {out} already exists and is not empty: remove it or pass --overwrite")
-    context = setup(settings.device)
-    try:
-        run = _Run(loaded, settings, out, teacher, context, reporter, log)
-        run.prepare_work_dir(resume, overwrite)
-        for epoch in range(run.start_epoch, settings.epochs):
-            run.end_epoch(epoch, run.train_epoch(epoch))
-        return run.result("distilled" if teacher is not None else "trained", overwrite)
-    finally:
-        teardown(context)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        check_dir_target(out, overwrite=overwrite)
+        check_writable(out, need_bytes=3 * sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
+    work = ckpt.work_dir_for(out)
+    had_work = work.exists()
+    with output_lock(out) if main else contextlib.nullcontext():
+        context = setup(settings.device)
+        try:
+            run = _Run(loaded, settings, out, teacher, context, reporter)
+            run.prepare_work_dir(resume, overwrite)
+            for epoch in range(run.start_epoch, settings.epochs):
+                run.end_epoch(epoch, run.train_epoch(epoch))
+            return run.result("distilled" if teacher is not None else "trained", overwrite)
+        except BaseException:
+            if main and not had_work:
+                ckpt.remove_if_empty(work)
+            raise
+        finally:
+            teardown(context)

@@ -13,9 +13,9 @@ The report is a plain dict with a stable schema (`BENCH_SCHEMA`, documented in
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import platform
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ INPUT_NAME = "input"
 DEFAULT_WARMUP = 10
 DEFAULT_ITERS = 100  # two small CNNs on 2 CPU cores: a few seconds
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 # The JSON report, key by key; kept next to the code that writes it and checked by the tests.
 REPORT_SCHEMA: dict[str, str] = {
@@ -64,7 +64,7 @@ class BenchSettings:
 
     runtime: str = "ort-cpu"
     batch: int = 1
-    threads: int | None = None
+    threads: int | None = 2  # pinned and recorded; None: torch's default (the physical cores)
     precision: str = "fp32"
     channels_last: bool = False
     warmup: int = DEFAULT_WARMUP
@@ -74,13 +74,60 @@ class BenchSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.batch < 1:
-            raise KpcError(f"--batch must be at least 1, got {self.batch}")
-        if self.threads is not None and self.threads < 1:
-            raise KpcError(f"--threads must be at least 1, got {self.threads}")
-        if self.warmup < 0 or self.iters < 2:
-            raise KpcError(f"need --warmup >= 0 and --iters >= 2 (the interval needs pairs), got "
-                           f"{self.warmup} and {self.iters}")
+        from exporters import runner_class
+
+        for name, low in (("batch", 1), ("warmup", 0), ("iters", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                why = " (the interval needs pairs)" if name == "iters" else ""
+                raise KpcError(f"need an integer --{name} >= {low}{why}, got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise KpcError(f"--threads must be a positive integer, got {self.threads!r}")
+        if self.channels_last and not runner_class(self.runtime).supports_channels_last:
+            raise KpcError(f"--channels-last applies to torch runtimes; {self.runtime} chooses its own memory layout, "
+                           "so the flag would be recorded but ignored: drop it")
+
+
+@dataclass
+class ModelSide:
+    """A plain module as one side of a benchmark (what `kpc.bench` wraps a user's model in)."""
+
+    model: Any
+    input_size: tuple[int, ...]
+    source: str
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return self.source
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        from kpc.apply import example_input
+
+        return example_input(self.input_size, batch, seed)
+
+
+def bench(baseline: Any, candidate: Any, example_inputs: torch.Tensor, *, runtime: str = "ort-cpu",
+          threads: int | None = None, precision: str = "fp32", warmup: int = DEFAULT_WARMUP,
+          iters: int = DEFAULT_ITERS, min_speedup: float | None = None) -> dict[str, Any]:
+    """`kpc.bench`: time two modules interleaved on one runtime; the report holds the speedup and its interval.
+
+    The batch is `example_inputs`' batch; the gate (`min_speedup`) is recorded in the
+    report, never raised (see `check_gate`).
+    """
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.ndim < 2:
+        raise KpcError("example_inputs should be one input batch, e.g. torch.randn(1, 3, 224, 224)")
+    size = tuple(int(d) for d in example_inputs.shape[1:])
+    settings = BenchSettings(runtime=runtime, batch=int(example_inputs.shape[0]), threads=threads,
+                             precision=precision, warmup=warmup, iters=iters)
+    check_runtime(settings)
+    sides = [ModelSide(m, size, _describe(m, name)) for m, name in ((baseline, "baseline"), (candidate, "candidate"))]
+    return run_bench(sides[0], sides[1], settings, min_speedup=min_speedup)
+
+
+def _describe(model: Any, role: str) -> str:
+    return f"{role} ({type(model).__module__}.{type(model).__qualname__})"
 
 
 def check_runtime(settings: BenchSettings) -> None:
@@ -91,17 +138,17 @@ def check_runtime(settings: BenchSettings) -> None:
     _runner(exporters, settings).close()
 
 
-def open_side(text: str, *, num_classes: int | None = None,
-              input_size: tuple[int, int, int] | None = None) -> LoadedModel:
+def open_side(text: str, *, num_classes: int | None = None, input_size: tuple[int, int, int] | None = None,
+              model_file: str | None = None) -> LoadedModel:
     """Open one side; --num-classes/--input-size shape a spec but are ignored for an artifact, which records its own."""
     if is_artifact(text):
-        return open_model(text)
+        return open_model(text, model_file=model_file)
     return open_model(text, num_classes=num_classes, input_size=input_size)
 
 
-def check_same_input(baseline: LoadedModel, candidate: LoadedModel) -> tuple[int, int, int]:
+def check_same_input(baseline: Any, candidate: Any) -> tuple[int, ...]:
     """Both models must eat the same tensor, or the comparison times two different tasks."""
-    a, b = tuple(baseline.spec.input_size), tuple(candidate.spec.input_size)
+    a, b = tuple(baseline.input_size), tuple(candidate.input_size)
     if a != b:
         raise KpcError(f"the models take different inputs: baseline {_shape(a)}, candidate {_shape(b)}; "
                        f"pass --input-size {_shape(b)} for the spec side, or compare models built for one size")
@@ -112,8 +159,8 @@ def _shape(size: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in size)
 
 
-def run_bench(baseline: LoadedModel, candidate: LoadedModel, settings: BenchSettings, *,
-              min_speedup: float | None = None, log: Log = lambda _m: None) -> dict[str, Any]:
+def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
+              min_speedup: float | None = None) -> dict[str, Any]:
     """Prepare both models on the runtime, time them interleaved, return the report (never raises on the gate).
 
     Call `check_gate` afterwards: the report must be written before a failed gate exits.
@@ -126,11 +173,11 @@ def run_bench(baseline: LoadedModel, candidate: LoadedModel, settings: BenchSett
                                                                                 dtype=np.float32)}
     with tempfile.TemporaryDirectory(prefix="kpc-bench-") as workdir, \
             _runner(exporters, settings) as runner_a, _runner(exporters, settings) as runner_b:
-        log(f"preparing {baseline.source} and {candidate.source} on {settings.runtime} "
+        log.info(f"preparing {baseline.source} and {candidate.source} on {settings.runtime} "
             f"({settings.precision}, batch {settings.batch})")
         _prepare(runner_a, baseline, inputs, settings, Path(workdir) / "baseline.onnx")
         _prepare(runner_b, candidate, inputs, settings, Path(workdir) / "candidate.onnx")
-        log(f"timing interleaved: {settings.warmup} warm-up + {settings.iters} timed runs each")
+        log.info(f"timing interleaved: {settings.warmup} warm-up + {settings.iters} timed runs each")
         stats_a, stats_b = exporters.interleaved(runner_a, inputs, runner_b, inputs,
                                                  warmup=settings.warmup, iters=settings.iters)
         described = runner_a.describe()
@@ -166,7 +213,7 @@ def _runner(exporters: Any, settings: BenchSettings) -> Any:
                                 channels_last=settings.channels_last)
 
 
-def _prepare(runner: Any, loaded: LoadedModel, inputs: dict[str, np.ndarray], settings: BenchSettings,
+def _prepare(runner: Any, loaded: Any, inputs: dict[str, np.ndarray], settings: BenchSettings,
              onnx_path: Path) -> None:
     """Hand the runner the module; ONNX Runtime at fp16 needs an fp16 graph, exported here."""
     model = loaded.model.eval()
@@ -179,11 +226,11 @@ def _prepare(runner: Any, loaded: LoadedModel, inputs: dict[str, np.ndarray], se
         runner.prepare(model, inputs)
 
 
-def _side(loaded: LoadedModel, stats: Any) -> dict[str, Any]:
+def _side(loaded: Any, stats: Any) -> dict[str, Any]:
     from kpc.costs import count_macs
 
     macs, params = count_macs(loaded.model, loaded.example_input())
-    return {"source": loaded.source, "label": loaded.spec.label(), "artifact": loaded.path is not None,
+    return {"source": loaded.source, "label": loaded.label, "artifact": loaded.path is not None,
             "params": int(params), "gmacs": macs / 1e9, "latency": stats.to_dict()}
 
 

@@ -1,0 +1,92 @@
+"""Apply a plan to a model: remove every channel a group does not keep, physically.
+
+Used by the prune (on a copy, to check and count the candidate), by `kpc.load` (replaying
+every recorded round onto a freshly built architecture) and by the safety probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from kpc import tp_compat
+from kpc.errors import KpcError
+from kpc.groups import build_graph, is_grouped_conv_input
+
+
+def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: Sequence[int]) -> None:
+    """Physically remove every channel of one group except `kept` (indices into the root's outputs)."""
+    keep = {int(i) for i in kept}
+    removed = [i for i in range(width) if i not in keep]
+    if not removed:
+        return
+    pruner = graph.get_pruner_of_module(module)
+    group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
+    grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
+    if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
+        group = tp_compat.group_with_items(group, [item for item in group if item not in grouped_inputs])
+    group.prune()
+    for item in grouped_inputs:
+        _remove_conv_groups(item.dep.target.module, item.idxs)
+
+
+def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:
+    """Remove whole conv groups from a grouped conv's input side.
+
+    torch-pruning slices a grouped conv's per-group input weights and leaves `groups`
+    as it was, which breaks the conv. kpc removes a grouped conv's channels only as
+    whole conv groups, the same ones on its input side (the group feeding it) and on
+    its output side (its weight rows, pruned as usual with the group it roots). On the
+    input side each kept conv group keeps all its inputs: the weight stays as it is,
+    `in_channels` and `groups` shrink.
+    """
+    per_group = conv.in_channels // conv.groups
+    removed = {int(i) for i in removed_inputs}
+    blocks = {i // per_group for i in removed}
+    if len(removed) != len(blocks) * per_group:
+        raise KpcError(f"internal error: pruning part of a conv group of a grouped conv ({len(removed)} "
+                       f"input channels over {len(blocks)} groups of {per_group}); please report this")
+    conv.in_channels -= len(removed)
+    conv.groups -= len(blocks)
+
+
+def apply_kept(model: nn.Module, example: torch.Tensor, kept: dict[str, tuple[int, Sequence[int]]], *,
+               graph: tp.DependencyGraph | None = None) -> nn.Module:
+    """Prune `model` in place: `kept` maps a group's root name to (full width, kept indices)."""
+    graph = graph if graph is not None else build_graph(model, example)
+    for root, (width, indices) in kept.items():
+        try:
+            module = model.get_submodule(root)
+        except AttributeError as exc:
+            raise KpcError(f"the plan names a layer {root!r} that this model does not have: the plan belongs "
+                           "to another model") from exc
+        pruner = graph.get_pruner_of_module(module)
+        actual = pruner.get_out_channels(module) if pruner is not None else None
+        if actual is None or int(actual) != int(width):
+            raise KpcError(f"the plan prunes {root} from {width} channels but this model's {root} has "
+                           f"{actual}: the plan belongs to another model")
+        prune_group(graph, module, width, indices)
+    return model
+
+
+def example_input(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """The fixed random input graph tracing and checks use (seeded, so every replay traces alike)."""
+    return torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed))
+
+
+def replay(model: nn.Module, rounds: Sequence, input_size: Sequence[int]) -> nn.Module:
+    """Re-apply recorded pruning rounds (`kpc.plan.PruneRound`) to a freshly built architecture."""
+    example = example_input(input_size)
+    for number, plan_round in enumerate(rounds, 1):
+        try:
+            apply_kept(model, example, plan_round.kept_by_root())
+        except KpcError as exc:
+            raise KpcError(f"replaying pruning round {number}: {exc}") from exc
+        except Exception as exc:  # torch-pruning or the model fails on a foreign plan: one line, not a traceback
+            raise KpcError(f"replaying pruning round {number} failed ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}): the plan belongs to another model") \
+                from exc
+    return model

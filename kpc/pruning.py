@@ -1,0 +1,415 @@
+"""`kpc.prune`: groups -> importance -> costs -> knapsack -> closed loop -> a pruned copy and its plan.
+
+Model first: any `nn.Module` and an example input, calibration from any iterable of
+batches. The model passed in is left untouched; the result holds the pruned copy and a
+typed `Plan` that `kpc.save` writes and `kpc.load` replays.
+
+Every step that can break a network is checked: unsafe groups are found before the
+solve (by pruning copies), a group whose importance cannot be computed is left whole,
+and every candidate the closed loop builds is run before it is counted or timed; a group
+that still breaks is left whole and the loop continues. The plan records each attempt.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kpc.apply import apply_kept
+from kpc.budget import Budget
+from kpc.channels import ChannelGroup, leave_whole, tie_of
+from kpc.cost_model import CostModel
+from kpc.costs import FlopsModel
+from kpc.errors import KpcError
+from kpc.groups import build_graph, discover_groups, find_classifier
+from kpc.importance import METHODS, accumulate_gradients, score_groups
+from kpc.landing import ClosedLoop, Realised
+from kpc.plan import GroupDecision, Plan, PruneRound
+from kpc.planner import (
+    SOLVERS,
+    GroupChoices,
+    Solution,
+    kept_by_group,
+    kept_by_root,
+    make_choices,
+    minimum_cost,
+    solve_widths,
+)
+from kpc.safety import check_forward, find_unsafe_groups, first_line, probe_kept
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROUND_TO = 8  # width step when no runtime says otherwise
+
+
+@dataclass
+class PruneSettings:
+    """How to prune. The CLI's options and the recipe's `prune:` section take their defaults from here."""
+
+    importance: str = "taylor"  # taylor (needs calibration data) or magnitude
+    calib_batches: int = 8  # batches of the calibration data the importance pass reads
+    calib_batch_size: int = 32  # batch size when kpc reads a data spec itself
+    solver: str = "exact"  # exact (DP) or greedy (the paper code's value/cost ratio)
+    round_to: int | None = None  # kept widths are multiples of this; None: the runtime's step, else 8
+    min_channels: int = 8  # no group keeps fewer channels
+    ignore: tuple[str, ...] = ()  # layer names or globs left whole
+    seed: int = 0
+    bins: int = 10_000  # cost bins of the exact knapsack
+
+    def check(self) -> None:
+        if self.importance not in METHODS:
+            raise KpcError(f"unknown importance {self.importance!r}: use one of {', '.join(METHODS)}")
+        if self.solver not in SOLVERS:
+            raise KpcError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+        for name in ("calib_batches", "calib_batch_size", "min_channels", "bins"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KpcError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            raise KpcError(f"--round-to must be a positive integer (got {self.round_to!r})")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise KpcError(f"--seed must be an integer in 0..2**63-1 (got {self.seed!r})")
+
+
+@dataclass
+class PruneResult:
+    """The pruned copy, its plan (this round appended to what the input model already carried), its groups."""
+
+    model: nn.Module
+    plan: Plan
+    groups: list[ChannelGroup] = field(default_factory=list)
+    parent: nn.Module | None = field(default=None, repr=False)  # the model pruned (untouched), for kpc.save's check
+
+    @property
+    def round(self) -> PruneRound:
+        return self.plan.rounds[-1]
+
+
+def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibration: Iterable[Any] | None = None,
+          *, importance: str | None = None, round_to: int | None = None, min_channels: int | None = None,
+          ignore: Sequence[str] | None = None, solver: str | None = None, seed: int | None = None,
+          settings: PruneSettings | None = None, data_label: str | None = None,
+          progress: Callable[[], None] | None = None) -> PruneResult:
+    """Prune a copy of `model` to `budget`; `model` itself is left untouched.
+
+    `example_inputs` is one input batch (N, C, H, W) the model accepts; `calibration` any
+    iterable of image batches or (images, labels) pairs (a DataLoader). Without
+    calibration data, Taylor importance falls back to weight magnitude. Keyword arguments
+    override `settings` (a `PruneSettings`).
+    """
+    chosen = settings or PruneSettings()
+    overrides = {k: v for k, v in {"importance": importance, "round_to": round_to, "min_channels": min_channels,
+                                   "ignore": tuple(ignore) if ignore is not None else None, "solver": solver,
+                                   "seed": seed}.items() if v is not None}
+    chosen = replace(chosen, **overrides)
+    chosen.check()
+    if not isinstance(budget, Budget):
+        raise KpcError(f"budget should be a kpc.Budget, got {type(budget).__name__}")
+    if not isinstance(model, nn.Module):
+        raise KpcError(f"model should be a torch.nn.Module, got {type(model).__name__}")
+    example = _example(example_inputs)
+    if chosen.importance == "taylor" and calibration is None:
+        log.info("no calibration data: scoring channels by weight magnitude instead of Taylor importance")
+        chosen = replace(chosen, importance="magnitude")
+    return _Pruner(model, example, budget, chosen, calibration, data_label, progress).run()
+
+
+def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, min_channels: int,
+                   ignore: Sequence[str] = ()) -> tuple[Any, list[ChannelGroup]]:
+    """Build the graph, list the groups and mark the ones that cannot be pruned safely (left whole, with why)."""
+    graph = build_graph(model, example)
+    groups = discover_groups(model, graph, ignore=ignore, never_prune=find_classifier(model, example),
+                             min_channels=min_channels)
+    candidates = [g for g in groups if g.prunable]
+    unsafe = find_unsafe_groups(model, example, candidates, probe_kept(round_to, min_channels))
+    for index, reason in unsafe.items():
+        for group in leave_whole(groups, index, f"unsafe to prune: {reason}"):
+            log.info("group %s is left whole: %s", group.root, group.reason)
+    return graph, groups
+
+
+def _example(example_inputs: Any) -> torch.Tensor:
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.ndim != 4 or 0 in example_inputs.shape:
+        shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
+        raise KpcError(f"example_inputs should be one image batch of shape (N, C, H, W), got {shape}")
+    return example_inputs.detach()[:1].float()
+
+
+class _Pruner:
+    """One prune; methods are its steps."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, budget: Budget, settings: PruneSettings,
+                 calibration: Iterable[Any] | None, data_label: str | None,
+                 progress: Callable[[], None] | None) -> None:
+        from kpc.artifact import provenance
+
+        self.source_model = model
+        self.work = copy.deepcopy(model).eval()
+        self.example = example
+        self.budget, self.settings = budget, settings
+        self.calibration, self.progress = calibration, progress
+        self.data_label = data_label or ("user data" if calibration is not None else "none")
+        self.input_size = tuple(int(d) for d in example.shape[1:])
+        self.earlier = provenance(model)
+        try:
+            with torch.no_grad():
+                reference = self.work(example)
+        except Exception as exc:
+            raise KpcError(f"the model fails on an input of shape {tuple(example.shape)} ({first_line(exc)}): give "
+                           "example inputs (--input-size) the model accepts") from exc
+        if not isinstance(reference, torch.Tensor):
+            raise KpcError(f"the model returns a {type(reference).__name__}; kpc prunes models that return one "
+                           "tensor")
+        self.output_shape = reference.shape
+
+    # ------------------------------------------------------------ steps
+
+    def run(self) -> PruneResult:
+        graph, groups = self.analyse()
+        scores = self.score(groups)
+        make_cost, round_to = self.cost_factory()
+        cost: CostModel = make_cost(self.work, self.example, graph, groups)
+        round_to = math.lcm(round_to, int(cost.width_step))
+        state = _State(groups, scores, round_to, self.settings.min_channels)
+        full_widths = np.array([g.width for g in groups], dtype=np.float64)
+        full_cost = cost.total(full_widths)
+        floor = minimum_cost(cost, full_widths, state.choices)
+        limit = self.limit(full_cost, cost)
+        self.check_reachable(limit, floor, full_cost, cost, state, full_widths, round_to)
+        loop = ClosedLoop(cost.landing, limit, floor, full_cost, unit=cost.unit, scale=cost.scale,
+                          confirm=cost.unit == "ms")
+
+        def solve(target: float) -> Solution:
+            low = minimum_cost(cost, full_widths, state.choices)
+            return solve_widths(cost, full_widths, state.choices, min(max(target, low), full_cost),
+                                solver=self.settings.solver, bins=self.settings.bins)
+
+        def realise(solution: Solution) -> Realised:
+            return self.build(solution, state)
+
+        outcome = loop.run(solve, realise, cost.measure)
+        kept = outcome.kept
+        if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
+            raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
+                           f"{cost.unit} against {limit / cost.scale:.4g}")
+        if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9) \
+                and on_frontier(cost, kept.solution.widths, state.choices, limit):
+            # an exact cost whose steps are coarse (few, wide groups): no group can grow one step within the
+            # budget, so no plan lands closer; that is a landing, not a miss
+            outcome.landed = True
+        plan_round = PruneRound(
+            budget=self.budget.to_json(), cost_unit=cost.unit, full_cost=float(full_cost / cost.scale),
+            limit=float(limit / cost.scale), predicted_cost=float(kept.solution.cost / cost.scale),
+            counted_cost=float(kept.counted / cost.scale),
+            groups=self.decisions(groups, state, kept.solution.widths), input_size=self.input_size,
+            min_cost=float(floor / cost.scale), kept_importance=float(kept.solution.value),
+            total_importance=scores.total(),
+            attempts=[replace(a, target=float(a.target / cost.scale), predicted=float(a.predicted / cost.scale),
+                              counted=None if a.counted is None else float(a.counted / cost.scale))
+                      for a in outcome.attempts],
+            importance={"method": self.settings.importance, "data": self.data_label,
+                        "batches": self.settings.calib_batches, "batch_size": self.settings.calib_batch_size,
+                        "seed": self.settings.seed},
+            solver=self.settings.solver, round_to=round_to, min_channels=self.settings.min_channels,
+            ignore=list(self.settings.ignore), landed=outcome.landed,
+            counted_samples=[float(s / cost.scale) for s in kept.samples],
+            latency_table=self.table_record(),
+        )
+        if not outcome.landed:
+            log.warning("after %d solves the pruned model measures %.4g %s against a budget of %.4g (%+.1f%%, "
+                        "window %s); kept the closest", len(outcome.attempts), plan_round.counted_cost, cost.unit,
+                        plan_round.limit, 100 * plan_round.miss, cost.landing.describe())
+        return PruneResult(kept.model.eval(), self.plan_with(plan_round), groups, self.source_model)
+
+    def analyse(self) -> tuple[Any, list[ChannelGroup]]:
+        s = self.settings
+        return analyse_groups(self.work, self.example, round_to=s.round_to or DEFAULT_ROUND_TO,
+                              min_channels=s.min_channels, ignore=s.ignore)
+
+    def score(self, groups: list[ChannelGroup]) -> Any:
+        s = self.settings
+        torch.manual_seed(s.seed)
+        if s.importance == "taylor":
+            assert self.calibration is not None
+            accumulate_gradients(self.work, self.calibration, limit=s.calib_batches, progress=self.progress)
+        scores = score_groups(groups, s.importance)
+        self.work.zero_grad(set_to_none=True)
+        if s.importance == "taylor" and scores.values and len(scores.empty) == len(scores.values):
+            log.warning("Taylor importance is zero on every group (no gradient reaches the layers, e.g. through a "
+                        "zero-initialised classifier): scoring channels by weight magnitude instead")
+            self.settings = replace(s, importance="magnitude")
+            s = self.settings
+            scores = score_groups(groups, s.importance)
+        for index, reason in scores.failed.items():
+            for group in leave_whole(groups, index, reason):
+                log.warning("group %s is left whole: %s", group.root, group.reason)
+        for index in scores.empty:
+            if not groups[index].prunable:
+                continue
+            reason = (f"its {s.importance} importance is zero on every channel (no gradient reaches it from the "
+                      "calibration data): kept whole rather than cut to the minimum")
+            for group in leave_whole(groups, index, reason):
+                log.warning("group %s is left whole: %s", group.root, group.reason)
+        return scores
+
+    def cost_factory(self) -> tuple[Callable[..., CostModel], int]:
+        s = self.settings
+        if not self.budget.latency:
+            return (lambda m, x, g, gs: FlopsModel(m, x, g, gs)), (s.round_to or DEFAULT_ROUND_TO)
+        from kpc.latency import check_table, latency_cost_factory, table_width_step
+
+        table = self.budget.table
+        for problem in check_table(table, self.input_size, force=self.budget.force_table, target=self.budget.target):
+            log.warning("--force-lut: using a table measured for another target: %s", problem)
+        round_to = table_width_step(table, s.round_to)
+        return latency_cost_factory(table, self.work, self.input_size, round_to=round_to,
+                                    min_channels=s.min_channels, target=self.budget.target), round_to
+
+    def limit(self, full_cost: float, cost: CostModel) -> float:
+        b = self.budget
+        if b.ratio is not None:
+            limit = b.ratio * full_cost
+        elif b.gflops is not None:
+            limit = b.gflops * 1e9
+        else:
+            limit = float(b.ms)  # type: ignore[arg-type]
+        if limit >= full_cost:
+            raise KpcError(f"budget {b.describe()} is at or above the model's current cost "
+                           f"({full_cost / cost.scale:.4g} {cost.unit}): nothing to prune; ask for less")
+        return limit
+
+    def check_reachable(self, limit: float, floor: float, full_cost: float, cost: CostModel, state: _State,
+                        full_widths: np.ndarray, round_to: int) -> None:
+        """Refuse a budget below the smallest cost any plan reaches, naming that minimum.
+
+        A latency table's prediction near the floor can be far off (or even negative after
+        the remainder fit), so when the budget is near it the all-minimum plan is built and
+        timed: the refusal quotes a measured minimum.
+        """
+        smallest = _smallest_width(self.settings.min_channels, round_to)
+        unit = cost.unit
+        if limit < floor:
+            raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost "
+                           f"{max(floor, 0.0) / cost.scale:.4g} {unit} (every group at its smallest width, "
+                           f"{smallest}); ask for at least that")
+        if unit != "ms" or limit > 1.5 * max(floor, 0.0):
+            return
+        widths = full_widths.copy()
+        for choice in state.choices:
+            widths[choice.index] = choice.widths[0]
+            for index, width in choice.follower_widths(choice.widths[0]).items():
+                widths[index] = width
+        built = self.build(Solution(widths, floor, 0.0, 0), state)
+        if built.model is None:
+            return
+        measured = cost.measure(built.model)
+        if measured > limit * (1 + cost.landing.window[1]):
+            raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost: {measured:.4g} ms "
+                           f"measured on the table's target with every group at its smallest width ({smallest}); "
+                           "ask for at least that")
+
+    def build(self, solution: Solution, state: _State) -> Realised:
+        """The pruned copy for a solution, run once; a failure leaves the guilty groups whole."""
+        kept = kept_by_root(state.groups, state.choices, solution.widths)
+        pruned = copy.deepcopy(self.work)
+        try:
+            apply_kept(pruned, self.example, kept)
+            error = check_forward(pruned, self.example, self.output_shape)
+        except KpcError:
+            raise
+        except Exception as exc:  # torch-pruning fails on this plan: find the group to blame below
+            error = first_line(exc)
+        if error is None:
+            return Realised(model=pruned.eval())
+        chosen = [g for g in state.groups if g.root in kept]
+        all_kept = kept_by_group(state.choices, solution.widths)
+        bad = find_unsafe_groups(self.work, self.example, chosen, lambda g: all_kept[g.index])
+        if not bad:
+            raise KpcError(f"the pruned model fails its forward pass ({error}) and no single group is to blame")
+        for index, reason in bad.items():
+            for group in leave_whole(state.groups, index, f"unsafe to prune: {reason}"):
+                log.info("group %s is left whole: %s", group.root, group.reason)
+        state.rebuild()
+        return Realised(error=error, restart=True)
+
+    def decisions(self, groups: list[ChannelGroup], state: _State, widths: np.ndarray) -> list[GroupDecision]:
+        kept = kept_by_group(state.choices, widths)
+        records = []
+        for group in groups:
+            indices = kept.get(group.index, list(range(group.width))) if group.prunable else list(range(group.width))
+            record = GroupDecision(root=group.root, width=group.width, kept=sorted(indices),
+                                   prunable=group.prunable, layers=list(group.layers), reason=group.reason)
+            if group.blocks > 1:
+                record.conv_groups, record.tied_to = group.blocks, group.tied_to
+            records.append(record)
+        return records
+
+    def table_record(self) -> dict[str, Any] | None:
+        table = self.budget.table
+        if table is None:
+            return None
+        return {k: table.header.get(k) for k in ("device", "runtime", "runtime_version", "precision", "batch",
+                                                 "threads", "model", "date", "full_model_ms")}
+
+    def plan_with(self, plan_round: PruneRound) -> Plan:
+        """This round appended to the plan the input model carried (kpc.load), or a fresh plan."""
+        if self.earlier is not None:
+            base = self.earlier.plan
+            return Plan(kind="pruned", model=dict(base.model), input_size=self.input_size,
+                        rounds=[*base.rounds, plan_round],
+                        parent={"source": self.earlier.source, "weights_sha256": base.weights.get("sha256")},
+                        normalization=base.normalization, data=base.data)
+        cls = type(self.source_model)
+        return Plan(kind="pruned", model={"source": "user", "class": f"{cls.__module__}.{cls.__qualname__}"},
+                    input_size=self.input_size, rounds=[plan_round])
+
+
+@dataclass
+class _State:
+    """The groups and the knapsack's choices over them; rebuilt when a group is left whole."""
+
+    groups: list[ChannelGroup]
+    scores: Any
+    round_to: int
+    min_channels: int
+    choices: list[GroupChoices] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        self.choices = [make_choices(tie_of(self.groups, g), self.scores.values, self.round_to, self.min_channels)
+                        for g in self.groups if g.prunable and g.tied_to is None]
+
+
+def on_frontier(cost: CostModel, widths: np.ndarray, choices: Sequence[GroupChoices], limit: float) -> bool:
+    """Whether no single choice can take its next wider option without the cost exceeding `limit`."""
+    for choice in choices:
+        current = int(np.searchsorted(choice.widths, widths[choice.index]))
+        if current + 1 >= len(choice.widths):
+            continue
+        wider = widths.copy()
+        step = choice.widths[current + 1]
+        wider[choice.index] = step
+        for index, width in choice.follower_widths(step).items():
+            wider[index] = width
+        if cost.total(wider) <= limit:
+            return False
+    return True
+
+
+def _smallest_width(min_channels: int, round_to: int) -> str:
+    """--min-channels as the prune applies it: rounded up to a multiple of the width step."""
+    smallest = -(-max(1, min_channels) // round_to) * round_to
+    if smallest == min_channels:
+        return f"--min-channels {min_channels}"
+    return f"{smallest} channels: --min-channels {min_channels} in steps of {round_to}"

@@ -1,0 +1,96 @@
+"""Every use of torch-pruning's private internals, in one place, applied explicitly, checked loudly.
+
+kpc relies on torch-pruning's dependency graph (public API: `DependencyGraph`,
+`get_pruning_group`, `Group.prune`, the importance classes). Three things it needs are
+not public:
+
+1. **Tolerant index mapping.** torch-pruning maps channel indices through every
+   concat/split/reshape/slice of the graph at once, and one exotic node (a channel
+   shuffle, GhostNet's concat-then-slice) raises and kills the whole graph. kpc wraps the
+   module-level `update_*_index_mapping` functions so that a failing node is recorded and
+   only the groups through it are left whole (`unmappable_nodes`).
+2. **A group minus some items.** kpc removes grouped convs' input channels itself (whole
+   conv groups), so those items are dropped from a group before it is scored or pruned;
+   a `Group` holds its items in `_group` and its graph in `_DG`.
+3. Nothing else: every other call goes through the public API.
+
+`install()` applies (1); it is called by `kpc.groups.build_graph`, never on import. Each
+function checks that the installed torch-pruning still has what it touches and fails with
+one line naming the tested versions when it does not.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kpc.errors import KpcError
+
+TESTED_VERSIONS = ("1.6.1",)  # pyproject pins torch-pruning>=1.6,<1.7
+INDEX_MAPPERS = ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
+                 "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
+
+_failures: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
+_installed = False
+
+
+def _incompatible(what: str) -> KpcError:
+    import torch_pruning
+
+    version = getattr(torch_pruning, "__version__", "unknown")
+    return KpcError(f"the installed torch-pruning {version} lacks {what}, which kpc relies on (tested with "
+                    f"{', '.join(TESTED_VERSIONS)}): install torch-pruning=={TESTED_VERSIONS[-1]}")
+
+
+def install() -> None:
+    """Make channel index mapping tolerant of nodes it cannot map (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    try:
+        from torch_pruning.dependency import index_mapping
+    except ImportError as exc:
+        raise _incompatible("torch_pruning.dependency.index_mapping") from exc
+    if not callable(getattr(index_mapping, "update_index_mapping", None)):
+        raise _incompatible("index_mapping.update_index_mapping")
+    for name in INDEX_MAPPERS:
+        function = getattr(index_mapping, name, None)
+        if function is None:
+            if name == "update_expand_index_mapping":  # optional in some 1.x releases
+                continue
+            raise _incompatible(f"index_mapping.{name}")
+        if not getattr(function, "__kpc_tolerant__", False):
+            setattr(index_mapping, name, _tolerant(function))
+    _installed = True
+
+
+def _tolerant(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def wrapper(graph: Any, node: Any) -> Any:
+        try:
+            return update(graph, node)
+        except Exception as exc:  # any failure of one node's mapping spoils only the groups through it
+            _failures.setdefault(graph, {})[node] = (f"{type(exc).__name__} mapping channels through "
+                                                     f"{getattr(node, 'name', node)}")
+            return None
+
+    wrapper.__kpc_tolerant__ = True  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = update  # type: ignore[attr-defined]
+    return wrapper
+
+
+def unmappable_nodes(graph: Any) -> dict[Any, str]:
+    """Nodes of `graph` whose channel index mapping failed, with what failed."""
+    return dict(_failures.get(graph, {}))
+
+
+def group_with_items(group: Any, items: Iterable[Any]) -> Any:
+    """A torch-pruning Group holding `items` (a subset of `group`'s), bound to the same graph."""
+    import torch_pruning as tp
+
+    subset = tp.dependency.Group()
+    if not hasattr(subset, "_group") or not hasattr(group, "_DG"):
+        raise _incompatible("Group._group and Group._DG")
+    subset._group = list(items)
+    subset._DG = group._DG
+    return subset

@@ -1,0 +1,70 @@
+"""Spec-level workflows, wired once: what `kpc prune`/`export`/`bench` and `kpc run` all do.
+
+The CLI commands and the recipe pipeline are thin views over these functions, which are
+thin views over the model-first library (`kpc.prune`, `kpc.save`, `kpc.export`,
+`kpc.bench`): open the model a spec or artifact names, read calibration data from a data
+spec, check the output can be written before the long work starts, and write it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kpc.artifact import LoadedModel, save_artifact
+from kpc.atomic import check_dir_target, check_writable, output_lock
+from kpc.budget import Budget
+from kpc.data import DataSpec, calibration_batches
+from kpc.errors import VerificationFailed
+from kpc.pruning import PruneResult, PruneSettings, prune
+
+log = logging.getLogger(__name__)
+
+
+def make_budget(*, gflops: float | None = None, ratio: float | None = None, ms: float | None = None,
+                lut: str | Path | None = None, force_lut: bool = False,
+                target: dict[str, Any] | None = None) -> Budget:
+    """A Budget from command-line values: the table is read (and schema-checked) here."""
+    table = None
+    if lut is not None:
+        from kpc.latency.table import load_table
+
+        table = load_table(lut)
+    return Budget(gflops=gflops, ratio=ratio, ms=ms, table=table, force_table=force_lut,
+                  target={k: v for k, v in (target or {}).items() if v is not None})
+
+
+def weights_bytes_estimate(loaded: LoadedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+
+
+def prune_to_artifact(loaded: LoadedModel, budget: Budget, settings: PruneSettings, data: DataSpec, out: Path, *,
+                      overwrite: bool = False, progress: Callable[[], None] | None = None) -> PruneResult:
+    """Prune `loaded` with calibration from `data`, and write the verified artifact to `out`.
+
+    Returns the result whether or not the budget landed: callers decide (the CLI exits 1
+    after writing, `kpc run` records it in the report's gate).
+    """
+    check_writable(out, need_bytes=weights_bytes_estimate(loaded))
+    with output_lock(out):
+        check_dir_target(out, overwrite=overwrite)
+        calibration = None
+        if settings.importance == "taylor":
+            calibration = calibration_batches(data, loaded.input_size, batches=settings.calib_batches,
+                                              batch_size=settings.calib_batch_size, seed=settings.seed)
+        result = prune(loaded.model, loaded.example_input(), budget, calibration, settings=settings,
+                       data_label=data.label(), progress=progress)
+        save_artifact(out, result.model, result.plan, overwrite=overwrite, factory=loaded.factory)
+    return result
+
+
+def landing_failure(result: PruneResult, out: Path) -> VerificationFailed | None:
+    """The verification failure of a prune whose measured cost missed its window (None when it landed)."""
+    r = result.round
+    if r.landed is not False:
+        return None
+    return VerificationFailed(f"the pruned model measures {r.counted_cost:.4g} {r.cost_unit} against a budget of "
+                              f"{r.limit:.4g} {r.cost_unit} ({100 * r.miss:+.1f}%, outside the landing window); the "
+                              f"artifact was written to {out} with the miss recorded in its plan")
