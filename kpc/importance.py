@@ -140,6 +140,10 @@ def score_groups(groups: Sequence[ChannelGroup], method: str) -> Scores:
             scores.failed[group.index] = f"importance failed ({type(exc).__name__} in torch-pruning)"
             continue
         values = np.zeros(group.width) if value is None else value.detach().double().cpu().numpy().reshape(-1)
+        if values.size > group.width and not np.any(values[group.width:]):
+            # torch-pruning sizes its sum by the first member's length, which through a concat (GhostNet's
+            # primary+cheap halves) is longer than the root; scores land at root indices, the rest stays zero
+            values = values[:group.width]
         if values.shape != (group.width,):
             scores.failed[group.index] = (f"importance maps to {values.size} channels for a group of {group.width} "
                                           "(a concat or slice torch-pruning cannot follow)")

@@ -1,0 +1,238 @@
+"""Zoo sweep: every torchvision classifier and one model of every timm family, as a new user would run them.
+
+For each model, in its own subprocess with a time limit, at a small input the model
+accepts (64x64, else the model's own size):
+
+    kpc prune SPEC --budget-ratio 0.5 --data synthetic ...   then   kpc.load + forward   then   kpc export --onnx
+
+Verdicts:
+
+- pruned: exit 0, the counted MACs within 1% under the budget, no group left whole except
+  the network output and groups at or below --min-channels; loads, runs, exports with parity
+- partial: as pruned, but some groups left whole for another reason (the reasons are listed)
+- refused: exit 2 with one line on stderr (a model kpc cannot prune at this budget says so)
+- broken: anything else (a traceback, exit 1 or 3, over budget, an artifact that does not load or
+  computes something else, an export that fails its parity check)
+- hang: the time limit ran out
+
+timm families are the names' leading letters (resnet50 and resnet18d are both "resnet"); the
+smallest model of each family by parameter count is taken (counted on the meta device, so no
+weights are allocated). Seconds are the prune subprocess's CPU time (user + sys), which a
+busy machine inflates less than wall time.
+
+    .venv/bin/python benchmarks/zoo.py                  # the whole sweep; appends to benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/zoo.py --only torchvision:mnasnet1_0,timm:ghostnet_100 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _record import append_results
+
+ROOT = Path(__file__).resolve().parents[1]
+KPC = [sys.executable, "-m", "kpc"]
+WHOLE_BY_DESIGN = ("network output", "at or below --min-channels")
+CHECK = r'''
+import sys, torch, kpc
+from kpc.artifact import load_artifact
+path, c, h, w = sys.argv[1], *map(int, sys.argv[2:5])
+loaded = load_artifact(path)
+x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(3))
+with torch.no_grad():
+    out = loaded.model(x)
+assert isinstance(out, torch.Tensor) and torch.isfinite(out).all(), "non-finite or non-tensor output"
+print("shape", tuple(out.shape))
+'''
+
+
+@dataclass
+class Outcome:
+    spec: str
+    verdict: str
+    size: int
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    detail: str = ""
+    whole: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated specs instead of the whole zoo")
+    parser.add_argument("--limit-s", type=int, default=300, help="time limit per subprocess")
+    parser.add_argument("--size", type=int, default=64, help="input height and width tried first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write every outcome here")
+    return parser.parse_args(argv)
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return [f"torchvision:{n}" for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+
+
+def timm_families() -> list[str]:
+    """The smallest model (by parameters, counted on the meta device) of every timm family."""
+    import timm
+    import torch
+
+    by_family: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        family = re.match(r"[a-z]+", name)
+        by_family.setdefault(family.group(0) if family else name, []).append(name)
+    chosen = []
+    for family, names in sorted(by_family.items()):
+        best, best_params = None, None
+        for name in names:
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name, pretrained=False)
+                params = sum(p.numel() for p in model.parameters())
+            except Exception:  # a model that cannot be built on the meta device: try it only if nothing else
+                params = None
+            if params is not None and (best_params is None or params < best_params):
+                best, best_params = name, params
+        chosen.append(f"timm:{best or sorted(names)[0]}")
+    return chosen
+
+
+def run(command: list[str], limit_s: int, env: dict[str, str]) -> tuple[int | None, str, str, float, float]:
+    """(exit code or None on timeout, stdout, stderr, CPU seconds of the child, wall seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, env=env, cwd=ROOT)
+        code, out, err = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        code = None
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return code, out, err, cpu, time.perf_counter() - started
+
+
+def one_line_error(err: str) -> bool:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("kpc: error:")]
+    return "Traceback" not in err and len(errors) == 1
+
+
+def sweep_one(spec: str, args: argparse.Namespace, env: dict[str, str], work: Path) -> Outcome:
+    size = args.size
+    for attempt in range(2):
+        out = work / f"{re.sub(r'[^a-z0-9]+', '-', spec.lower())}-{size}"
+        prune = [*KPC, "prune", spec, "--budget-ratio", "0.5", "--data", "synthetic", "--calib-batches", "1",
+                 "--calib-batch-size", "2", "--num-classes", "10", "--input-size", f"3x{size}x{size}", "--out", str(out)]
+        code, _stdout, err, cpu, wall = run(prune, args.limit_s, env)
+        outcome = Outcome(spec, "", size, cpu, wall)
+        if code is None:
+            outcome.verdict, outcome.detail = "hang", f"prune ran past {args.limit_s} s"
+            return outcome
+        if code == 2 and attempt == 0 and "fails on an input of shape" in err:
+            size = native_size(spec)  # the model needs its own input size (a fixed patch grid, a large stride)
+            if size != args.size:
+                continue
+        if code == 2 and one_line_error(err):
+            outcome.verdict, outcome.detail = "refused", err.strip().splitlines()[-1].removeprefix("kpc: error: ")
+            return outcome
+        if code != 0:
+            outcome.verdict = "broken"
+            outcome.detail = f"prune exit {code}: {last_line(err)}"
+            return outcome
+        return check_artifact(outcome, out, args, env)
+    raise AssertionError("unreachable")
+
+
+def native_size(spec: str) -> int:
+    from kpc.specs import _default_input_size
+
+    source, _, name = spec.partition(":")
+    return _default_input_size(source, name)[1]
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def check_artifact(outcome: Outcome, out: Path, args: argparse.Namespace, env: dict[str, str]) -> Outcome:
+    plan = json.loads((out / "plan.json").read_text())
+    last = plan["rounds"][-1]
+    limit, counted = last["limit"], last["counted_cost"]
+    if counted > limit * (1 + 1e-9):
+        outcome.verdict, outcome.detail = "broken", f"over budget: {counted:.4g} > {limit:.4g} GFLOPs"
+        return outcome
+    outcome.whole = sorted({g["reason"] for g in last["groups"] if not g["prunable"]
+                            and not any(k in (g["reason"] or "") for k in WHOLE_BY_DESIGN)})
+    landed = counted >= limit * 0.99 or last.get("landed") is True
+    size = outcome.size
+    code, stdout, err, _cpu, _wall = run([sys.executable, "-c", CHECK, str(out), "3", str(size), str(size)],
+                                         args.limit_s, env)
+    if code != 0:
+        outcome.verdict, outcome.detail = "broken", f"reload: {last_line(err) if code is not None else 'hang'}"
+        return outcome
+    code, _stdout, err, _cpu, _wall = run([*KPC, "export", str(out), "--onnx", "--samples", "1", "--out",
+                                           str(out) + "-onnx"], args.limit_s, env)
+    if code is None:
+        outcome.verdict, outcome.detail = "hang", "export ran past the limit"
+        return outcome
+    if code != 0:
+        exporter = code == 2 and one_line_error(err) and "ONNX export failed" in err
+        outcome.verdict = "partial" if exporter and landed else "broken"
+        outcome.detail = f"export exit {code}: {last_line(err)}"
+        return outcome
+    if not landed:
+        outcome.verdict, outcome.detail = "partial", f"under budget by {100 * (1 - counted / limit):.1f}%"
+    else:
+        outcome.verdict = "partial" if outcome.whole else "pruned"
+    if outcome.whole:
+        outcome.detail = "; ".join(outcome.whole)[:300]
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    specs = args.only.split(",") if args.only else [*torchvision_models(), *timm_families()]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="kpc-zoo-") as tmp:
+        for index, spec in enumerate(specs, 1):
+            outcome = sweep_one(spec, args, env, Path(tmp))
+            outcomes.append(outcome)
+            print(f"[{index}/{len(specs)}] {spec}: {outcome.verdict} ({outcome.cpu_s:.0f} CPU-s) {outcome.detail}",
+                  flush=True)
+            for child in Path(tmp).iterdir():  # artifacts of big models add up: keep the disk free
+                subprocess.run(["rm", "-rf", str(child)], check=False)
+    counts = {v: sum(1 for o in outcomes if o.verdict == v) for v in ("pruned", "partial", "refused", "broken",
+                                                                      "hang")}
+    rows = [[o.spec, o.verdict, f"{o.size}", f"{o.cpu_s:.1f}", f"{o.wall_s:.1f}", o.detail or "-"] for o in outcomes]
+    summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(summary)
+    slow = [o for o in outcomes if o.cpu_s > 60]
+    if args.json:
+        args.json.write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
+    if not args.no_record:
+        append_results("Zoo sweep: prune 0.5, reload, export (issue 12)",
+                       ["model", "verdict", "input", "prune CPU s", "prune wall s", "detail"], rows,
+                       threads=args.threads,
+                       notes=[f"{len(outcomes)} models: {summary}",
+                              f"prune over 60 CPU-s: {len(slow)} ({', '.join(o.spec for o in slow) or 'none'})"])
+    return 0 if counts["broken"] == 0 and counts["hang"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
