@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -103,6 +104,25 @@ def fashion_mnist_arrays(directory: Path, split: str) -> tuple[np.ndarray, np.nd
     return images, labels
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR-10 python batches hold: dicts, lists, bytes and numpy arrays.
+
+    A pickle can name any callable to run on load; a crafted "batch" would run code the
+    moment it is read. Everything outside numpy's array reconstruction is refused.
+    """
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not something a CIFAR-10 batch holds")
+
+
 def cifar10_arrays(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read the CIFAR-10 'python version' batches (data_batch_1..5, test_batch)."""
     root = directory / "cifar-10-batches-py" if (directory / "cifar-10-batches-py").is_dir() else directory
@@ -114,11 +134,13 @@ def cifar10_arrays(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]
             raise KpcError(f"{root} has no {name}: not a CIFAR-10 python-batches directory")
         try:
             with open(file, "rb") as handle:
-                batch = pickle.load(handle, encoding="latin1")  # the format itself is pickled numpy
+                batch = _CifarUnpickler(handle, encoding="latin1").load()  # the format is pickled numpy
+            if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+                raise ValueError("it holds no 'data' and 'labels'")
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch["labels"], dtype=np.int64))
-        except Exception as exc:
-            raise KpcError(f"{file} is not a readable CIFAR-10 batch ({exc})") from exc
+        except Exception as exc:  # a corrupt or crafted file: one line, nothing run
+            raise KpcError(f"{file} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
     return np.concatenate(images), np.concatenate(labels)
 
 

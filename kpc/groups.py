@@ -142,6 +142,8 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
                     never_prune: set[str] = frozenset(), min_channels: int = 1) -> list[ChannelGroup]:
     """List every coupled group rooted at a conv or linear layer, marking the unsafe ones whole."""
     names = _module_names(model)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    param_dims = {id(p): int(dim) for p, dim in getattr(graph, "unwrapped_parameters", [])}
     ignored = {n for n in names.values() if n and any(fnmatch.fnmatchcase(n, p) or n == p or
                                                       n.startswith(p + ".") for p in ignore)}
     groups: list[ChannelGroup] = []
@@ -165,7 +167,9 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
                 if isinstance(module, nn.Parameter):
-                    layers.append("<parameter>")
+                    name, problem = _bare_parameter(module, param_names, param_dims, len(tp_group[0].idxs))
+                    layers.append(name)
+                    reason = reason or problem
                 continue
             name = names[module]
             if _is_attention(module):
@@ -191,8 +195,6 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             group.prunable, group.reason = False, f"ignored by --ignore ({touched_ignored[0]})"
         elif reason is not None:
             group.prunable, group.reason = False, reason
-        elif "<parameter>" in layers:
-            group.prunable, group.reason = False, "coupled to a bare parameter (e.g. position embedding)"
         elif width <= min_channels:
             group.prunable, group.reason = False, f"only {width} channels (at or below --min-channels)"
         groups.append(group)
@@ -200,6 +202,20 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
         raise KpcError("found no prunable convolution or linear layers in this model")
     _tie_grouped_convs(groups, grouped)
     return groups
+
+
+def _bare_parameter(parameter: nn.Parameter, names: dict[int, str], dims: dict[int, int], width: int
+                    ) -> tuple[str, str | None]:
+    """A per-channel parameter outside any layer (ConvNeXt's layer scale, a position embedding): its name, and
+    why the group must stay whole (None: torch-pruning prunes it along a dimension of the group's width)."""
+    name = names.get(id(parameter), "<parameter>")
+    dim = dims.get(id(parameter))
+    if dim is None:
+        return name, f"coupled to the bare parameter {name}, which torch-pruning does not prune"
+    if parameter.shape[dim] != width:
+        return name, (f"coupled to the bare parameter {name} of shape {tuple(parameter.shape)}, which would be "
+                      f"pruned along a dimension of {parameter.shape[dim]}, not the group's {width} channels")
+    return name, None
 
 
 def _tie_grouped_convs(groups: list[ChannelGroup], grouped: dict[str, dict[str, int | None]]) -> None:

@@ -10,17 +10,19 @@ stage whose inputs did not change is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from kpc.artifact import LoadedModel, open_model, read_plan, sha256_file
-from kpc.atomic import write_text_atomic
+from kpc.artifact import LoadedModel, is_artifact, open_model, read_plan, sha256_file
+from kpc.atomic import check_writable, output_lock, write_text_atomic
 from kpc.data import parse_data_spec
 from kpc.errors import KpcError, VerificationFailed
 from kpc.recipe import Recipe
@@ -36,7 +38,57 @@ def _digest(data: Any) -> str:
 
 
 def _artifact_digest(path: Path) -> str:
-    return str(read_plan(path).weights.get("sha256"))
+    """An artifact by content: its plan file (which carries the weights' sha256) hashed whole."""
+    plan = read_plan(path)
+    return _digest([sha256_file(Path(path) / "plan.json"), plan.weights.get("sha256")])
+
+
+def _source_digest(text: str | None) -> str | None:
+    """A model or weights named by the recipe, by content: an artifact, a file spec's .py, a weights file."""
+    if text is None:
+        return None
+    if is_artifact(text):
+        return _artifact_digest(Path(text))
+    source = text.rpartition(":")[0] if ":" in text else text
+    path = Path(source).expanduser()
+    if path.is_file():
+        return sha256_file(path)
+    return text  # a registry name: the name is the content
+
+
+def output_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file a stage wrote (its record, checkpoints and hidden files aside)."""
+    digests: dict[str, str] = {}
+    if not directory.is_dir():
+        return digests
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if not path.is_file() or path.name in (RECORD, PENDING) or any(
+                part.startswith(".") or part.endswith(".work") for part in relative.parts):
+            continue
+        digests[str(relative)] = sha256_file(path)
+    return digests
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
+
+
+class StageUI(Protocol):
+    """How a long stage shows progress (the CLI renders it; the default shows nothing)."""
+
+    def trainer(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def counter(self, description: str, total: int | None = None) -> contextlib.AbstractContextManager[Any]: ...
+
+
+class QuietUI:
+    def trainer(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(None)
+
+    def counter(self, description: str, total: int | None = None) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(lambda *_args: None)
 
 
 @dataclass
@@ -47,9 +99,10 @@ class StageStatus:
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, out: Path) -> None:
+    def __init__(self, recipe: Recipe, out: Path, ui: StageUI | None = None) -> None:
         self.recipe = recipe
         self.out = Path(out)
+        self.ui: StageUI = ui or QuietUI()
         self.data = parse_data_spec(recipe["data"])
         model = recipe["model"]
         # the recipe names its model: a file spec there is trusted, and artifacts built from it are rebuilt with it
@@ -102,7 +155,8 @@ class Pipeline:
         upstream: dict[str, str] = {}
         if stage != "train":
             upstream["teacher"] = (_artifact_digest(Path(self.teacher_path())) if self.active("train")
-                                   else _digest([r["model"], r["weights"], r["num_classes"], r["input_size"]]))
+                                   else _digest([_source_digest(r["model"]), _source_digest(r["weights"]),
+                                                 r["num_classes"], r["input_size"]]))
         lut = self.lut_path()
         if stage in ("prune", "distill", "export", "verify") and lut is not None and r.budget_kind in ("ms",
                                                                                                      "latency_ratio"):
@@ -113,7 +167,8 @@ class Pipeline:
             upstream["final"] = _artifact_digest(self.final_path())
         config: dict[str, Any] = {"data": r["data"], "seed": r["seed"]}
         config.update({
-            "train": {"model": [r["model"], r["weights"], r["num_classes"], r["input_size"]], **(r["train"] or {})},
+            "train": {"model": [_source_digest(r["model"]), _source_digest(r["weights"]), r["num_classes"],
+                                r["input_size"]], **(r["train"] or {})},
             "profile": {**r["profile"], "target": r["target"], "prune": r["prune"]},
             "prune": {**r["prune"], "budget": r["budget"], "target": r["target"]},
             "distill": r["distill"] or {},
@@ -151,6 +206,8 @@ class Pipeline:
             record = self.record(stage)
             if record is None:
                 statuses.append(StageStatus(stage, "run", "no finished output"))
+            elif record.get("output_digests") != output_digests(self.stage_dir(stage)):
+                statuses.append(StageStatus(stage, "run", "its outputs are missing or changed"))
             elif record.get("inputs_hash") != _digest(self.inputs(stage)):
                 statuses.append(StageStatus(stage, "run", "its inputs changed"))
             else:
@@ -160,29 +217,43 @@ class Pipeline:
     # ------------------------------------------------------------ running
 
     def run(self, start_from: str | None = None) -> dict[str, Any]:
-        """Run every stage that is not up to date, then write the report; raise on a failed gate."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Run every stage that is not up to date, then write the report; raise on a failed gate.
+
+        The run directory is locked for the whole run: a second `kpc run` into it is refused.
+        """
+        check_writable(self.out)
+        with output_lock(self.out, what="run directory"):
+            self.out.mkdir(parents=True, exist_ok=True)
+            return self._run_locked(start_from)
+
+    def _run_locked(self, start_from: str | None) -> dict[str, Any]:
         statuses = self.status(start_from)
+        run_started = time.perf_counter()
         for status in statuses:
             if status.action == "absent":
                 continue
             if status.action == "skip":
-                log.info(f"[{status.name}] up to date, skipped")
+                log.info("[%s] up to date, skipped", status.name)
                 continue
-            log.info(f"[{status.name}] running ({status.reason})")
+            log.info("[%s] running (%s)", status.name, status.reason)
             directory = self.stage_dir(status.name)
             inputs = self.inputs(status.name)  # upstream outputs are final by now: fingerprint once
             self._prepare(directory, _digest(inputs))
             started = _dt.datetime.now(_dt.UTC)
+            clock = time.perf_counter()
             outputs = getattr(self, f"_run_{status.name}")(directory)
+            seconds = time.perf_counter() - clock
             record = {"stage": status.name, "inputs": inputs, "inputs_hash": _digest(inputs), "outputs": outputs,
+                      "output_digests": output_digests(directory), "seconds": round(seconds, 1),
                       "started": started.isoformat(timespec="seconds"),
                       "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
             write_text_atomic(directory / RECORD, json.dumps(record, indent=1, default=str) + "\n")
             (directory / PENDING).unlink(missing_ok=True)
+            log.info("[%s] done in %s", status.name, _duration(seconds))
         from kpc.report import build_report, write_report
 
-        report = build_report(self, {s.name: s.action for s in statuses})
+        report = build_report(self, {s.name: s.action for s in statuses},
+                              run_seconds=time.perf_counter() - run_started)
         write_report(self.out, report)
         gate = report["gate"]
         if gate["passed"] is False:
@@ -215,7 +286,9 @@ class Pipeline:
         settings = replace(defaults, data=self.data, seed=self.recipe["seed"],
                            threads=self.recipe["target"]["threads"] if defaults.threads is None else defaults.threads,
                            **{k: v for k, v in section.items() if v is not None})
-        result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True)
+        with self.ui.trainer() as reporter:
+            result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True,
+                         reporter=reporter)
         metrics = result.plan.metrics or {}
         return {"artifact": str(directory / "artifact"), "metrics": metrics}
 
@@ -241,7 +314,9 @@ class Pipeline:
                                    precision=t["precision"], round_to=p["round_to"], min_channels=p["min_channels"],
                                    ignore=tuple(p["ignore"]), iters=r["profile"]["iters"])
         teacher = self.open_teacher()
-        table = profile(teacher.model, teacher.example_input(), settings, directory / "lut.json", label=teacher.label)
+        with self.ui.counter(f"profiling on {t['runtime']}") as tick:
+            table = profile(teacher.model, teacher.example_input(), settings, directory / "lut.json",
+                            label=teacher.label, progress=tick)
         return {"lut": str(directory / "lut.json"), "full_model_ms": table.header["full_model_ms"]}
 
     def _run_prune(self, directory: Path) -> dict[str, Any]:
@@ -264,7 +339,9 @@ class Pipeline:
             budget = make_budget(ms=ms, lut=lut, target=target)
         else:
             budget = make_budget(gflops=b["gflops"]) if kind == "gflops" else make_budget(ratio=b["ratio"])
-        result = prune_to_artifact(teacher, budget, settings, self.data, directory / "artifact", overwrite=True)
+        with self.ui.counter("calibrating importance", settings.calib_batches) as tick:
+            result = prune_to_artifact(teacher, budget, settings, self.data, directory / "artifact", overwrite=True,
+                                       progress=tick)
         landed = result.round.landed
         return {"artifact": str(directory / "artifact"), "budget": budget.describe(), "landed": landed,
                 "miss": result.round.miss}
@@ -295,6 +372,7 @@ class Pipeline:
         accuracy = {}
         if self.data.kind != "synthetic":
             for name, loaded in (("teacher", teacher), ("pruned", child), ("final", final)):
+                log.info("[verify] top-1 of the %s on %s", name, self.data.label())
                 accuracy[name] = evaluate_accuracy(loaded.model, self.data, loaded.spec.input_size,
                                                    subset=v["eval_subset"])
         write_text_atomic(directory / "bench.json", json.dumps(bench, indent=1) + "\n")

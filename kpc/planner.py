@@ -215,3 +215,8 @@ def kept_by_root(groups: Sequence[ChannelGroup], choices: Sequence[GroupChoices]
     """Groups that lose channels: root name -> (full width, kept indices)."""
     return {groups[index].root: (groups[index].width, indices)
             for index, indices in kept_by_group(choices, widths).items() if len(indices) < groups[index].width}
+
+
+def value_of(choices: Sequence[GroupChoices], widths: np.ndarray) -> float:
+    """Kept importance of a width assignment."""
+    return float(sum(c.values[int(np.searchsorted(c.widths, widths[c.index]))] for c in choices))

@@ -42,12 +42,15 @@ from kpc.planner import (
     make_choices,
     minimum_cost,
     solve_widths,
+    value_of,
 )
 from kpc.safety import check_forward, find_unsafe_groups, first_line, probe_kept
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROUND_TO = 8  # width step when no runtime says otherwise
+FILL_BUILDS = 24  # candidate models built (and counted) while growing a FLOPs plan to the budget's frontier
+FILL_SLACK = 0.02  # steps predicted up to this much over the budget are still built and counted
 
 
 @dataclass
@@ -201,11 +204,11 @@ class _Pruner:
         if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
             raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
                            f"{cost.unit} against {limit / cost.scale:.4g}")
-        if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9) \
-                and on_frontier(cost, kept.solution.widths, state.choices, limit):
-            # an exact cost whose steps are coarse (few, wide groups): no group can grow one step within the
-            # budget, so no plan lands closer; that is a landing, not a miss
-            outcome.landed = True
+        if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
+            kept, frontier = self.fill(kept, cost, state, limit)
+            # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the
+            # budget, no plan lands closer; that is a landing, not a miss
+            outcome.landed = cost.landing.lands(kept.counted, limit) or frontier
         plan_round = PruneRound(
             budget=self.budget.to_json(), cost_unit=cost.unit, full_cost=float(full_cost / cost.scale),
             limit=float(limit / cost.scale), predicted_cost=float(kept.solution.cost / cost.scale),
@@ -229,6 +232,37 @@ class _Pruner:
                         "window %s); kept the closest", len(outcome.attempts), plan_round.counted_cost, cost.unit,
                         plan_round.limit, 100 * plan_round.miss, cost.landing.describe())
         return PruneResult(kept.model.eval(), self.plan_with(plan_round), groups, self.source_model)
+
+    def fill(self, kept: Any, cost: CostModel, state: _State, limit: float) -> tuple[Any, bool]:
+        """Grow the kept plan, one option at a time, while its counted cost fits (exact costs only).
+
+        Returns the grown plan and whether it is on the budget's frontier: every single step
+        up was built and counted over the budget (the cost model's prediction is close but
+        not exact after pruning, so each step is counted).
+        """
+        from kpc.landing import Candidate
+
+        current, builds = kept, 0
+        while builds < FILL_BUILDS:
+            steps = sorted(grow_steps(cost, current.solution.widths, state.choices, limit * (1 + FILL_SLACK)),
+                           key=lambda step: -step[0])
+            if not steps:
+                return current, True
+            for _ratio, widths in steps:
+                builds += 1
+                solution = Solution(widths, cost.total(widths), value_of(state.choices, widths),
+                                    current.solution.iterations)
+                built = self.build(solution, state)
+                counted = float(cost.measure(built.model)) if built.model is not None else math.inf
+                if counted <= limit * (1 + 1e-9):
+                    current = Candidate(tuple(float(w) for w in widths), built.model, solution, [counted],
+                                        current.attempt)
+                    break
+                if builds >= FILL_BUILDS:
+                    return current, False
+            else:
+                return current, True  # every step up counted over the budget
+        return current, False
 
     def analyse(self) -> tuple[Any, list[ChannelGroup]]:
         s = self.settings
@@ -391,20 +425,25 @@ class _State:
                         for g in self.groups if g.prunable and g.tied_to is None]
 
 
-def on_frontier(cost: CostModel, widths: np.ndarray, choices: Sequence[GroupChoices], limit: float) -> bool:
-    """Whether no single choice can take its next wider option without the cost exceeding `limit`."""
+def grow_steps(cost: CostModel, widths: np.ndarray, choices: Sequence[GroupChoices], ceiling: float
+               ) -> list[tuple[float, np.ndarray]]:
+    """Every single-option step up whose predicted cost stays within `ceiling`, with its importance per cost."""
+    total = cost.total(widths)
+    steps = []
     for choice in choices:
-        current = int(np.searchsorted(choice.widths, widths[choice.index]))
-        if current + 1 >= len(choice.widths):
+        at = int(np.searchsorted(choice.widths, widths[choice.index]))
+        if at + 1 >= len(choice.widths):
             continue
         wider = widths.copy()
-        step = choice.widths[current + 1]
+        step = choice.widths[at + 1]
         wider[choice.index] = step
         for index, width in choice.follower_widths(step).items():
             wider[index] = width
-        if cost.total(wider) <= limit:
-            return False
-    return True
+        grown = cost.total(wider)
+        if grown <= ceiling:
+            gain = float(choice.values[at + 1] - choice.values[at])
+            steps.append((gain / max(grown - total, 1e-12), wider))
+    return steps
 
 
 def _smallest_width(min_channels: int, round_to: int) -> str:

@@ -20,8 +20,11 @@ from torch import nn
 
 from kpc.errors import KpcError
 
-STATE_METADATA_KEY = "kpc.state_metadata"  # json: state_dict()._metadata (module prefix -> {"version": n})
-ALIASES_KEY = "kpc.aliases"  # json: name -> the name whose tensor it shares
+# One header entry, a JSON object: safetensors writes several entries in an order that varies between saves,
+# which would make two saves of the same weights differ byte for byte (and in their sha256).
+HEADER_KEY = "kpc"
+STATE_METADATA = "state_metadata"  # state_dict()._metadata (module prefix -> {"version": n})
+ALIASES = "aliases"  # name -> the name whose tensor it shares
 
 
 def tensors_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -44,7 +47,7 @@ def tensors_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors.values() if t.numel())
     tensors = {k: (v.clone() if v.numel() and storages[v.untyped_storage().data_ptr()] > 1 else v)
                for k, v in tensors.items()}
-    metadata = {STATE_METADATA_KEY: json.dumps(_plain_metadata(state)), ALIASES_KEY: json.dumps(aliases)}
+    metadata = {HEADER_KEY: json.dumps({STATE_METADATA: _plain_metadata(state), ALIASES: aliases}, sort_keys=True)}
     return tensors, metadata
 
 
@@ -88,12 +91,13 @@ def read_state(path: str | Path, model: nn.Module | None = None) -> collections.
                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     state: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict(tensors)
     try:
-        aliases = json.loads(header[ALIASES_KEY]) if ALIASES_KEY in header else {
+        ours = json.loads(header[HEADER_KEY]) if HEADER_KEY in header else None
+        aliases = ours[ALIASES] if ours is not None else {
             k: v for k, v in header.items() if v in tensors and k not in tensors}
         for name, source in aliases.items():
             state[name] = state[source]
-        if STATE_METADATA_KEY in header:
-            meta = json.loads(header[STATE_METADATA_KEY])
+        if ours is not None:
+            meta = ours[STATE_METADATA]
         else:
             meta = _plain_metadata(model.state_dict()) if model is not None else {}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -23,7 +23,9 @@ def _execute(recipe_path: Path, out: Path, start_from: str | None, dry_run: bool
     from kpc.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    pipeline = Pipeline(recipe, out)
+    from kpc.cli.progress import RichStageUI
+
+    pipeline = Pipeline(recipe, out, ui=RichStageUI())
     statuses = pipeline.status(start_from)
     if dry_run:
         table = Table(title=f"kpc run {recipe_path} -> {out}")
@@ -63,6 +65,10 @@ def _summary(out: Path) -> None:
         if acc.get(name) is not None:
             table.add_row(f"top-1 {name}", f"{acc[name]:.2f}%")
     verdict = {True: "PASSED", False: "FAILED", None: "no gate"}[gate["passed"]]
+    wall = report.get("wall_seconds") or {}
+    if wall.get("this_run") is not None:
+        minutes, seconds = divmod(round(wall["this_run"]), 60)
+        table.add_row("wall time of this run", f"{minutes} min {seconds:02d} s")
     table.add_row("verification", verdict)
     out_console.print(table)
     out_console.print(f"report: {out / 'report.md'}")
@@ -86,7 +92,7 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("kpc-demo"),
     data: Annotated[str | None, typer.Option("--data", help="Fashion-MNIST directory (default: the Debian "
                                              "package's).")] = None,
-    dry_run: Annotated[bool, flag("--dry-run")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Print what would run and why, and stop.")] = False,
 ) -> None:
     """The embedded default: train, profile, prune to half the latency, distill, export and verify on Fashion-MNIST."""
     import yaml
@@ -100,9 +106,10 @@ def demo_command(
     if data:
         values = yaml.safe_load(recipe_path.read_text())
         values["data"] = spec
+        from kpc.atomic import write_text_atomic
+
         out.mkdir(parents=True, exist_ok=True)
-        recipe_path = out / "demo.yaml"
-        recipe_path.write_text(yaml.safe_dump(values, sort_keys=False))
+        recipe_path = write_text_atomic(out / "demo.yaml", yaml.safe_dump(values, sort_keys=False))
     log(f"kpc demo: recipe {recipe_path}, writing {out}/")
     _execute(recipe_path, out, None, dry_run)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kpc.cli._common import (
     InputSizeOpt,
@@ -16,7 +15,6 @@ from kpc.cli._common import (
     NumClassesOpt,
     PretrainedOpt,
     WeightsOpt,
-    err_console,
     flag,
     handle_errors,
     log,
@@ -153,42 +151,14 @@ def distill_command(
 
 
 def _run(loaded: Any, settings: Any, out: Path, teacher: Any, resume: bool, overwrite: bool) -> None:
+    from kpc.cli.progress import training
     from kpc.train import fit
 
     main = int(os.environ.get("RANK", "0")) == 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err_console,
-                  transient=True, disable=not main) as progress:
-        result = fit(loaded, settings, out, teacher=teacher, resume=resume, overwrite=overwrite,
-                     reporter=_RichReporter(progress))
+    with training(enabled=main) as reporter:
+        result = fit(loaded, settings, out, teacher=teacher, resume=resume, overwrite=overwrite, reporter=reporter)
     if main:
         m = result.plan.metrics or {}
         log(f"{'distilled' if teacher is not None else 'trained'} {loaded.source}: val accuracy "
             f"{m['last_val_acc']:.4f} (best {m['best_val_acc']:.4f} at epoch {m['best_epoch']}) after "
             f"{m['epochs']} epochs; wrote {out}")
-
-
-class _RichReporter:
-    """Progress bar per epoch with loss, accuracy and throughput; one summary line per epoch (stderr)."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task: Any = None
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, status="")
-
-    def step(self, loss: float, accuracy: float, images_per_s: float) -> None:
-        self.progress.update(self.task, advance=1,
-                             status=f"loss {loss:.4f}  acc {accuracy:.3f}  {images_per_s:.0f} img/s")
-
-    def epoch_end(self, row: dict[str, Any]) -> None:
-        parts = "  ".join(f"{k.removeprefix('train_')} {row[k]:.4f}" for k in ("train_ce", "train_ikd", "train_kd")
-                          if k in row)
-        extra = f"  val_ikd {row['val_ikd']:.4f}" if "val_ikd" in row else ""
-        self.progress.console.print(
-            f"epoch {row['epoch']}: {parts}  train_acc {row['train_acc']:.4f}  val_acc {row['val_acc']:.4f}  "
-            f"val_loss {row['val_loss']:.4f}{extra}  lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s",
-            markup=False, highlight=False)
