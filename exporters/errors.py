@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 # pyproject extras are edited in one place.
 INSTALL_HINTS: dict[str, str] = {
     "ort-cpu": "pip install onnxruntime",
-    "ort-cuda": 'pip install "kpc[gpu]" (brings onnxruntime-gpu)',
-    "trt": 'pip install "kpc[trt]" (brings tensorrt)',
+    # onnxruntime-gpu provides the same module as onnxruntime (plus the CUDA provider): the two must not be
+    # installed together, or the CPU wheel can shadow the CUDA provider. So there is no "gpu" extra.
+    "ort-cuda": "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu",
+    "trt": 'pip install "kpc[trt]" (brings tensorrt and polygraphy)',
 }
 
 

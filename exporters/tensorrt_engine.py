@@ -1,8 +1,8 @@
-"""Build TensorRT engines from ONNX files (TensorRT 10 Python API).
+"""Build TensorRT engines from ONNX files with NVIDIA's Polygraphy (its loaders over the TensorRT 10 API).
 
-TensorRT is imported only inside :func:`build_engine` and :func:`import_tensorrt`. The
-decisions that do not need it (optimisation-profile shapes, engine file names, argument
-checks) are plain functions so they are tested on machines without a GPU.
+TensorRT and Polygraphy are imported only when an engine is built. The decisions that
+do not need them (optimisation-profile shapes, engine file names, argument checks, whether
+a graph is quantised or dynamic) are plain functions, tested on machines without a GPU.
 
 Engines are specific to the GPU model and the TensorRT version, so both are part of the
 engine file name: a cached engine is never silently reused on the wrong device.
@@ -11,6 +11,7 @@ engine file name: a cached engine is never silently reused on the wrong device.
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -103,9 +104,40 @@ def engine_filename(
     return f"{Path(onnx_path).stem}.{precision}.{batch}.{device}.trt{trt_version}.engine"
 
 
-def build_engine(
+def import_polygraphy(runtime: str = "trt") -> Any:
+    """Polygraphy's TensorRT backend (pure Python; it imports TensorRT itself, lazily)."""
+    try:
+        from polygraphy.backend import trt as polygraphy_trt
+    except ImportError as exc:
+        raise RuntimeNotInstalled(runtime, "polygraphy cannot be imported") from exc
+    return polygraphy_trt
+
+
+def has_quantization_nodes(onnx_path: str | Path) -> bool:
+    """Whether the graph carries explicit quantisation (Q/DQ nodes): what a real int8 engine is built from."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
+
+
+def dynamic_inputs(onnx_path: str | Path) -> bool:
+    """Whether any graph input has a free (symbolic or unknown) dimension: then the engine needs a profile."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    for tensor in graph.input:
+        if tensor.name in initializers:
+            continue
+        dims = tensor.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+            return True
+    return False
+
+
+def build_engine_bytes(
     onnx_path: str | Path,
-    engine_path: str | Path,
     *,
     input_shapes: Mapping[str, Sequence[int]],
     precision: str = "fp32",
@@ -114,61 +146,53 @@ def build_engine(
     max_batch: int | None = None,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     timing_cache: str | Path | None = None,
-) -> Path:
-    """Parse ``onnx_path``, build a serialized engine and write it to ``engine_path``.
+) -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine with Polygraphy's loaders.
 
-    ``opt_batch`` and ``max_batch`` default to the example batch. A ``timing_cache`` file
-    is read if present and written back after the build, which makes rebuilding pruned
-    variants of the same network much faster.
+    ``opt_batch`` and ``max_batch`` default to the example batch. A ``timing_cache`` file is
+    read if present and written back (atomically) after the build, which makes rebuilding
+    pruned variants of the same network much faster. int8 needs Q/DQ nodes in the graph:
+    implicit calibration is deprecated in TensorRT 10 and not offered.
     """
     example_batch = int(next(iter(input_shapes.values()))[0])
     opt_batch = example_batch if opt_batch is None else opt_batch
     max_batch = max(opt_batch, example_batch) if max_batch is None else max_batch
     check_build_args(precision, workspace_mb, min_batch, opt_batch, max_batch)
+    if precision == "int8" and not has_quantization_nodes(onnx_path):
+        raise ExporterError(f"{Path(onnx_path).name} has no QuantizeLinear/DequantizeLinear nodes: an int8 engine "
+                            "built from it would run in fp16; quantize the model first (e.g. with NVIDIA ModelOpt)")
     trt = import_tensorrt()
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # Explicit batch is the only mode in TensorRT 10; the flag exists only in older versions.
-    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    flags = 1 << int(explicit) if explicit is not None and int(trt.__version__.split(".")[0]) < 10 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExporterError(f"TensorRT could not parse {Path(onnx_path).name}: {errors}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-
-    network_inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    if any(needs_profile(tuple(t.shape)) for t in network_inputs):
-        profile = builder.create_optimization_profile()
+    polygraphy_trt = import_polygraphy()
+    profiles = None
+    if dynamic_inputs(onnx_path):
+        profile = polygraphy_trt.Profile()
         wanted = profile_shapes(input_shapes, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
-        for tensor in network_inputs:
-            if tensor.name not in wanted:
-                raise ExporterError(
-                    f"no example input for network input {tensor.name!r}; name inputs to match"
-                )
-            profile.set_shape(tensor.name, *wanted[tensor.name])
-        config.add_optimization_profile(profile)
-
+        for name, shape in wanted.items():
+            profile.add(name, min=shape.min, opt=shape.opt, max=shape.max)
+        profiles = [profile]
     cache_path = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)
-
-    serialized = builder.build_serialized_network(network, config)
+    config = polygraphy_trt.CreateConfig(
+        fp16=precision in ("fp16", "int8") or None, bf16=precision == "bf16" or None, int8=precision == "int8" or None,
+        profiles=profiles, memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20},
+        load_timing_cache=str(cache_path) if cache_path is not None and cache_path.is_file() else None,
+    )
+    with tempfile.TemporaryDirectory(prefix="exporters-trt-cache-") as tmp:
+        new_cache = Path(tmp) / "timing.cache" if cache_path is not None else None
+        try:
+            serialized = polygraphy_trt.EngineBytesFromNetwork(
+                polygraphy_trt.NetworkFromOnnxPath(str(onnx_path)), config=config,
+                save_timing_cache=str(new_cache) if new_cache is not None else None)()
+        except Exception as exc:  # Polygraphy raises its own error types for a parse or build failure
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExporterError(f"TensorRT could not build {Path(onnx_path).name}: {first}") from exc
+        if cache_path is not None and new_cache is not None and new_cache.is_file():
+            write_bytes_atomic(cache_path, new_cache.read_bytes())
     if serialized is None:
         raise ExporterError(f"TensorRT failed to build {Path(onnx_path).name}; rerun with a verbose logger")
-    engine_path = Path(engine_path)
-    write_bytes_atomic(engine_path, bytes(serialized))
-    if cache_path is not None:
-        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    return engine_path
+    return bytes(serialized)
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, **options: Any) -> Path:
+    """`build_engine_bytes`, written to ``engine_path`` through the atomic writer."""
+    data = build_engine_bytes(onnx_path, **options)
+    return write_bytes_atomic(Path(engine_path), data)

@@ -17,7 +17,7 @@ import json
 import logging
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,16 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
         log.info(f"checking ONNX Runtime against PyTorch on {len(samples)} inputs of shape "
             f"{tuple(samples[0][INPUT_NAME].shape)}")
         record["parity"] = _verify(model, onnx_path, samples, settings, "ort-cpu", "fp16" if onnx_fp16 else "fp32")
+        if dynamic:  # a free batch dimension is a promise: check it at another batch than the one exported
+            other = settings.batch + 2
+            log.info(f"checking the dynamic batch: ONNX Runtime against PyTorch at batch {other}")
+            others = parity_inputs(loaded, other, 1, settings.seed + 1)
+            record["parity_second_batch"] = _verify(model, onnx_path, others, replace(settings, batch=other),
+                                                    "ort-cpu", "fp16" if onnx_fp16 else "fp32")
+        if settings.int8 and not exporters.tensorrt_engine.has_quantization_nodes(onnx_path):
+            raise KpcError("--int8 needs a graph with QuantizeLinear/DequantizeLinear nodes and this export has none "
+                           "(an int8 engine built from it would run in fp16): quantize the model first (e.g. with "
+                           "NVIDIA ModelOpt), or build fp16 with --fp16")
         if settings.trt:
             record["trt"] = _build_trt(model, onnx_path, tmp, samples, settings)
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -95,10 +95,19 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
                 ) -> tp.DependencyGraph:
     """Trace the dependency graph; if tracing runs over the limit, retry with attention blocks left out.
 
-    Tracing follows autograd, so it runs with gradients on even when the caller is under no_grad.
+    Tracing follows autograd, so it runs with gradients on even when the caller is under no_grad,
+    and with every parameter requiring a gradient even when the model is frozen (a parent
+    under distillation); the parameters' flags are restored afterwards.
     """
-    with torch.enable_grad():
-        return _build_graph(model, example, time_limit_s)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        with torch.enable_grad():
+            return _build_graph(model, example, time_limit_s)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:

@@ -283,9 +283,8 @@ class Pipeline:
         from kpc.train.loop import DISTILL_DEFAULTS, TRAIN_DEFAULTS, fit
 
         defaults = TRAIN_DEFAULTS if teacher is None else DISTILL_DEFAULTS
-        settings = replace(defaults, data=self.data, seed=self.recipe["seed"],
-                           threads=self.recipe["target"]["threads"] if defaults.threads is None else defaults.threads,
-                           **{k: v for k, v in section.items() if v is not None})
+        values = {"threads": self.recipe["target"]["threads"], **{k: v for k, v in section.items() if v is not None}}
+        settings = replace(defaults, data=self.data, seed=self.recipe["seed"], **values)
         with self.ui.trainer() as reporter:
             result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True,
                          reporter=reporter)

@@ -156,7 +156,7 @@ class _Pruner:
         from kpc.artifact import provenance
 
         self.source_model = model
-        self.work = copy.deepcopy(model).eval()
+        self.work = copy.deepcopy(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
         self.example = example
         self.budget, self.settings = budget, settings
         self.calibration, self.progress = calibration, progress

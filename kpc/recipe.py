@@ -10,6 +10,7 @@ line, before any work starts.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,52 +40,75 @@ class Section:
 
 
 NUMBER = (int, float)
-SCHEMA: Schema = {
-    "model": Field(str, True, help="model spec or artifact directory"),
-    "weights": Field(str, help="state dict for a model spec"),
-    "num_classes": Field(int),
-    "input_size": Field(str, help="CxHxW"),
-    "data": Field(str, True, help="data spec: fashion-mnist[:PATH], cifar10:PATH, imagefolder:PATH"),
-    "seed": Field(int, default=0),
-    "train": Section(stage=True, fields={  # optional: train the teacher first
-        "epochs": Field(int, default=5), "batch_size": Field(int, default=128), "lr": Field(NUMBER, default=0.1),
-        "optimizer": Field(str, default="sgd"), "weight_decay": Field(NUMBER, default=5e-4),
-        "warmup_epochs": Field(NUMBER, default=1.0), "subset": Field(int),
-        "label_smoothing": Field(NUMBER, default=0.0),
-    }),
-    "target": Section({
-        "runtime": Field(str, default="ort-cpu"), "batch": Field(int, default=1),
-        "precision": Field(str, default="fp32"), "threads": Field(int, default=2),
-    }),
-    "budget": Section({
-        "ms": Field(NUMBER, help="latency budget in milliseconds"),
-        "latency_ratio": Field(NUMBER, help="fraction of the unpruned model's measured latency"),
-        "gflops": Field(NUMBER), "ratio": Field(NUMBER, help="fraction of the unpruned FLOPs"),
-    }, required=True),
-    "lut": Field(str, help="latency table; absent: the run profiles one"),
-    "profile": Section({"iters": Field(int, default=15)}),
-    "prune": Section({
-        "calib_batches": Field(int, default=8), "calib_batch_size": Field(int, default=32),
-        "importance": Field(str, default="taylor"), "solver": Field(str, default="exact"),
-        "round_to": Field(int, default=8), "min_channels": Field(int, default=8), "ignore": Field(list, default=[]),
-    }),
-    "distill": Section(stage=True, fields={
-        # lr and ikd_weight: the fine-tune sweep in benchmarks/RESULTS.md (KD and inner losses add to the step,
-        # so a distilled child wants a lower lr than cross-entropy alone; ikd 5 beat ikd 1 at 2x and 4x)
-        "epochs": Field(int, default=5), "batch_size": Field(int, default=128), "lr": Field(NUMBER, default=0.01),
-        "optimizer": Field(str, default="sgd"), "weight_decay": Field(NUMBER, default=5e-4),
-        "warmup_epochs": Field(NUMBER, default=0.5), "subset": Field(int), "ikd_weight": Field(NUMBER, default=5.0),
-        "kd_weight": Field(NUMBER, default=1.0), "temperature": Field(NUMBER, default=4.0),
-    }),
-    "export": Section({
-        "onnx": Field(bool, default=True), "trt": Field(bool, default=False), "fp16": Field(bool, default=False),
-        "opset": Field(int, default=17), "dynamic_batch": Field(bool, default=False),
-    }),
-    "verify": Section({
-        "min_speedup": Field(NUMBER), "max_accuracy_drop": Field(NUMBER, help="points of top-1"),
-        "iters": Field(int, default=200), "warmup": Field(int, default=20), "eval_subset": Field(int),
-    }),
-}
+
+
+@functools.cache
+def schema() -> Schema:
+    """The recipe's keys; every default comes from the settings dataclass the stage runs with.
+
+    (Built on first use: the settings live in modules that import torch.)
+    """
+    from kpc.benchmark import BenchSettings
+    from kpc.export import ExportSettings
+    from kpc.latency.profiler import ProfileSettings
+    from kpc.pruning import PruneSettings
+    from kpc.train.loop import DISTILL_DEFAULTS, TRAIN_DEFAULTS
+
+    prune, profile, bench, export = PruneSettings(), ProfileSettings(), BenchSettings(), ExportSettings()
+    train, distill = TRAIN_DEFAULTS, DISTILL_DEFAULTS
+
+    def training(defaults: Any, *extra: str) -> dict[str, Field]:
+        fields: dict[str, Field] = {
+            "epochs": Field(int, default=defaults.epochs), "batch_size": Field(int, default=defaults.batch_size),
+            "lr": Field(NUMBER, default=defaults.lr), "optimizer": Field(str, default=defaults.optimizer),
+            "weight_decay": Field(NUMBER, default=defaults.weight_decay),
+            "warmup_epochs": Field(NUMBER, default=defaults.warmup_epochs), "subset": Field(int),
+            "label_smoothing": Field(NUMBER, default=defaults.label_smoothing),
+            "threads": Field(int, help="training threads (default: target.threads)"),
+        }
+        fields.update({key: Field(NUMBER, default=getattr(defaults, key)) for key in extra})
+        return fields
+
+    return {
+        "model": Field(str, True, help="model spec or artifact directory"),
+        "weights": Field(str, help="state dict for a model spec"),
+        "num_classes": Field(int),
+        "input_size": Field(str, help="CxHxW"),
+        "data": Field(str, True, help="data spec: fashion-mnist[:PATH], cifar10:PATH, imagefolder:PATH"),
+        "seed": Field(int, default=prune.seed),
+        "train": Section(stage=True, fields=training(train)),  # optional: train the teacher first
+        "target": Section({
+            "runtime": Field(str, default=profile.runtime), "batch": Field(int, default=profile.batch),
+            "precision": Field(str, default=profile.precision), "threads": Field(int, default=profile.threads),
+        }),
+        "budget": Section({
+            "ms": Field(NUMBER, help="latency budget in milliseconds"),
+            "latency_ratio": Field(NUMBER, help="fraction of the unpruned model's measured latency"),
+            "gflops": Field(NUMBER), "ratio": Field(NUMBER, help="fraction of the unpruned FLOPs"),
+        }, required=True),
+        "lut": Field(str, help="latency table; absent: the run profiles one"),
+        "profile": Section({"iters": Field(int, default=profile.iters)}),
+        "prune": Section({
+            "calib_batches": Field(int, default=prune.calib_batches),
+            "calib_batch_size": Field(int, default=prune.calib_batch_size),
+            "importance": Field(str, default=prune.importance), "solver": Field(str, default=prune.solver),
+            "round_to": Field(int, default=prune.round_to), "min_channels": Field(int, default=prune.min_channels),
+            "ignore": Field(list, default=list(prune.ignore)),
+        }),
+        "distill": Section(stage=True, fields=training(distill, "ikd_weight", "kd_weight", "temperature")),
+        "export": Section({
+            "onnx": Field(bool, default=export.onnx), "trt": Field(bool, default=export.trt),
+            "fp16": Field(bool, default=export.fp16), "opset": Field(int, default=export.opset),
+            "dynamic_batch": Field(bool, default=export.dynamic_batch),
+        }),
+        "verify": Section({
+            "min_speedup": Field(NUMBER), "max_accuracy_drop": Field(NUMBER, help="points of top-1"),
+            "iters": Field(int, default=bench.iters), "warmup": Field(int, default=bench.warmup),
+            "eval_subset": Field(int),
+        }),
+    }
+
+
 BUDGET_KEYS = ("ms", "latency_ratio", "gflops", "ratio")
 
 
@@ -147,7 +171,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raw = _build(node, "", lines)
     except KpcError as exc:
         raise KpcError(f"{source} {exc}") from None
-    values = _validate(raw, SCHEMA, "", lines, source)
+    values = _validate(raw, schema(), "", lines, source)
     budget = values["budget"]
     given = [k for k in BUDGET_KEYS if budget.get(k) is not None]
     if len(given) != 1:

@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import importlib.util
 import math
+import os
 import re
 import socket
 from dataclasses import asdict, dataclass, field
@@ -275,12 +276,26 @@ def _torchvision_cached_weights(name: str) -> Any:
 def _build_timm(spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
-    return _with_timeout(lambda: timm.create_model(spec.name, pretrained=spec.pretrained, in_chans=spec.in_chans,
-                                                   **kwargs), spec)
+    def build() -> nn.Module:
+        return timm.create_model(spec.name, pretrained=spec.pretrained, in_chans=spec.in_chans, **kwargs)
+
+    if spec.pretrained and os.environ.get("KPC_OFFLINE"):  # the Hugging Face cache only, no download
+        previous = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            return _with_timeout(build, spec)
+        finally:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
+    return _with_timeout(build, spec)
 
 
 def _check_online(what: str) -> None:
-    """Fail in one line, quickly, when a download is needed and no network is reachable."""
+    """Fail in one line, quickly, when a download is needed and no network is reachable (or KPC_OFFLINE is set)."""
+    if os.environ.get("KPC_OFFLINE"):
+        raise KpcError(f"{what} and KPC_OFFLINE is set: copy the file there, or drop --pretrained")
     try:
         socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
     except OSError:
@@ -296,7 +311,9 @@ def _with_timeout(build: Any, spec: ModelSpec) -> nn.Module:
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         return build()
-    except (OSError, RuntimeError, ValueError) as exc:
+    except KpcError:
+        raise
+    except Exception as exc:  # urllib, huggingface_hub and torch raise their own types for a missing download
         where = "torch hub's cache" if spec.source == "torchvision" else "the Hugging Face cache"
         raise KpcError(f"pretrained weights for {spec.label()} are not in {where} and could not be downloaded "
                        f"({_first_line(exc)}); drop --pretrained or bring the weights with --weights FILE") from exc

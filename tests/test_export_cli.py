@@ -91,6 +91,7 @@ def test_dynamic_batch_and_opset_are_honoured(artifacts, tmp_path):
     assert session.run(None, {"input": np.zeros((5, *SMALL), np.float32)})[0].shape == (5, 10)
     record = json.loads((out / "export.json").read_text())
     assert record["onnx"]["dynamic_batch"] and record["parity"]["batch"] == 2
+    assert record["parity_second_batch"]["ok"] and record["parity_second_batch"]["batch"] == 4  # checked at 2 + 2
 
 
 def test_parity_check_catches_a_perturbed_model(artifacts, tmp_path):

@@ -80,7 +80,7 @@ def test_runner_contract(runtime: str) -> None:
         if refusal is DeviceUnavailable:
             assert "GPU" in message and "ort-cpu" in message
         else:
-            assert "pip install" in message and ("kpc[gpu]" in message or "kpc[trt]" in message)
+            assert "pip install" in message and ("onnxruntime-gpu" in message or "kpc[trt]" in message)
         return
 
     model, inputs = small_cnn(), image()
@@ -204,7 +204,8 @@ def test_missing_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_install_hints_name_the_extras() -> None:
-    assert 'pip install "kpc[gpu]"' in str(RuntimeNotInstalled("ort-cuda"))
-    assert "onnxruntime-gpu" in str(RuntimeNotInstalled("ort-cuda"))
+    # onnxruntime-gpu replaces onnxruntime (same module): the hint removes both, then installs the GPU wheel
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in \
+        str(RuntimeNotInstalled("ort-cuda"))
     assert 'pip install "kpc[trt]"' in str(RuntimeNotInstalled("trt"))
     assert "tensorrt" in str(RuntimeNotInstalled("trt"))

@@ -106,3 +106,34 @@ def test_trt_engine_matches_torch(tmp_path: Path) -> None:
             want = model(torch.from_numpy(inputs["input"])).numpy()
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
         assert runner.infer_timed(inputs) > 0
+
+
+def _conv_onnx(path: Path, dynamic: bool) -> Path:
+    from exporters import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    return export_onnx(model, {"input": torch.randn(1, 3, 8, 8)}, path, dynamic_batch=dynamic)
+
+
+def test_int8_is_refused_without_quantization_nodes_before_needing_tensorrt(tmp_path: Path) -> None:
+    from exporters.tensorrt_engine import build_engine_bytes, has_quantization_nodes
+
+    onnx_path = _conv_onnx(tmp_path / "m.onnx", dynamic=False)
+    assert not has_quantization_nodes(onnx_path)
+    with pytest.raises(ExporterError, match="no QuantizeLinear/DequantizeLinear nodes"):
+        build_engine_bytes(onnx_path, input_shapes={"input": (1, 3, 8, 8)}, precision="int8")
+
+
+def test_a_profile_is_made_only_for_dynamic_graphs(tmp_path: Path) -> None:
+    from exporters.tensorrt_engine import dynamic_inputs
+
+    assert not dynamic_inputs(_conv_onnx(tmp_path / "static.onnx", dynamic=False))
+    assert dynamic_inputs(_conv_onnx(tmp_path / "dynamic.onnx", dynamic=True))
+
+
+def test_engines_are_built_and_run_through_polygraphy() -> None:
+    from exporters.tensorrt_engine import import_polygraphy
+
+    backend = import_polygraphy()  # pure Python: importable without TensorRT, which it loads lazily
+    assert all(hasattr(backend, name) for name in ("TrtRunner", "EngineBytesFromNetwork", "NetworkFromOnnxPath",
+                                                   "CreateConfig", "Profile", "EngineFromBytes"))

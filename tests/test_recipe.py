@@ -20,7 +20,8 @@ budget:
 def test_defaults_fill_sections_and_optional_stages_stay_absent():
     recipe = parse_recipe(GOOD)
     assert recipe["target"] == {"runtime": "ort-cpu", "batch": 1, "precision": "fp32", "threads": 2}
-    assert recipe["export"]["onnx"] is True and recipe["prune"]["round_to"] == 8
+    assert recipe["export"]["onnx"] is True
+    assert recipe["prune"]["round_to"] is None  # the target runtime's width step
     assert recipe.section("train") is None and recipe.section("distill") is None
     assert recipe.budget_kind == "latency_ratio" and recipe.needs_profile
     with_lut = parse_recipe(GOOD.replace("latency_ratio: 0.5", "ms: 2.0") + "lut: table.json\n")

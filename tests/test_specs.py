@@ -63,3 +63,40 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     assert torch.equal(fresh.fc.weight, model.fc.weight)
     with pytest.raises(KpcError, match="does not exist"):
         load_weights(model, tmp_path / "missing.pt")
+
+
+def test_timm_pretrained_tags_are_model_names():
+    spec = parse_model_spec("timm:resnet18.a1_in1k", num_classes=10, input_size=(3, 32, 32))
+    assert spec.name == "resnet18.a1_in1k"
+    assert build_model(spec)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(KpcError, match=r"unknown timm tag 'no_such_tag' for resnet18; its tags: .*a1_in1k"):
+        parse_model_spec("timm:resnet18.no_such_tag")
+
+
+@pytest.mark.parametrize("text", ["torchvision:resnet18", "timm:resnet18.a1_in1k"])
+def test_pretrained_without_a_cache_is_one_line(text, tmp_path, monkeypatch):
+    monkeypatch.setenv("KPC_OFFLINE", "1")  # never download in a test: the local cache only
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(KpcError) as info:
+        build_model(parse_model_spec(text, pretrained=True))
+    message = str(info.value)
+    assert "pretrained weights" in message and "cache" in message and "\n" not in message
+
+
+def test_bad_numbers_and_factories_are_one_line(tmp_path):
+    for classes in (0, -5):
+        with pytest.raises(KpcError, match="--num-classes must be a positive integer"):
+            parse_model_spec("torchvision:resnet18", num_classes=classes)
+    file = tmp_path / "boom.py"
+    file.write_text("def make(num_classes=10):\n    raise ValueError('no GPU here')\n")
+    with pytest.raises(KpcError, match=r"make\(\) raised ValueError: no GPU here"):
+        build_model(parse_model_spec(f"{file}:make"))
+    weights = tmp_path / "w.pt"
+    model = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
+    state = dict(model.state_dict())
+    state["fc.weight"] = "not a tensor"
+    torch.save(state, weights)
+    with pytest.raises(KpcError, match="not a tensor"):
+        load_weights(model, weights)

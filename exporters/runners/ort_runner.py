@@ -158,6 +158,24 @@ class _OrtRunner(Runner):
         }
 
 
+def _missing_cuda_provider() -> str:
+    """Why ONNX Runtime offers no CUDA provider: the CPU wheel alone, or both wheels with the CPU one in front."""
+    from importlib import metadata
+
+    installed = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+            installed.add(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if installed == {"onnxruntime", "onnxruntime-gpu"}:
+        return "onnxruntime and onnxruntime-gpu are both installed and the CPU wheel hides the CUDA provider"
+    if "onnxruntime-gpu" in installed:
+        return "onnxruntime-gpu is installed but cannot load CUDA (check the CUDA and cuDNN libraries it needs)"
+    return "this onnxruntime is the CPU build, which has no CUDAExecutionProvider"
+
+
 class OrtCpuRunner(_OrtRunner):
     name = "ort-cpu"
     kernel_timing = True
@@ -210,7 +228,7 @@ class OrtCudaRunner(_OrtRunner):
             raise DeviceUnavailable(cls.name, "torch.cuda.is_available() is False")
         ort = import_onnxruntime(cls.name)
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeNotInstalled(cls.name, "this onnxruntime build has no CUDAExecutionProvider")
+            raise RuntimeNotInstalled(cls.name, _missing_cuda_provider())
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "device": gpu_name(self.device_index)}
