@@ -276,28 +276,43 @@ def _torchvision_cached_weights(name: str) -> Any:
 def _build_timm(spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
-    def build() -> nn.Module:
-        return timm.create_model(spec.name, pretrained=spec.pretrained, in_chans=spec.in_chans, **kwargs)
-
-    if spec.pretrained and os.environ.get("KPC_OFFLINE"):  # the Hugging Face cache only, no download
-        previous = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            return _with_timeout(build, spec)
-        finally:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
-    return _with_timeout(build, spec)
+    if spec.pretrained:
+        _timm_cached_or_online(spec.name)
+    return _with_timeout(lambda: timm.create_model(spec.name, pretrained=spec.pretrained, in_chans=spec.in_chans,
+                                                   **kwargs), spec)
 
 
-def _check_online(what: str) -> None:
+def _timm_cached_or_online(name: str) -> None:
+    """timm weights come from the Hugging Face hub or a URL: one line when neither cache nor network has them."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise KpcError(f"timm:{name} has no pretrained weights")
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        filenames = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in filenames if f):
+            return
+        _check_online(f"pretrained weights for timm:{name} are not in the Hugging Face cache", "huggingface.co")
+        return
+    url = getattr(cfg, "url", None)
+    if url:
+        import torch
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if not cached.is_file():
+            _check_online(f"pretrained weights for timm:{name} are not in the local cache ({cached})")
+
+
+def _check_online(what: str, host: str = "download.pytorch.org") -> None:
     """Fail in one line, quickly, when a download is needed and no network is reachable (or KPC_OFFLINE is set)."""
     if os.environ.get("KPC_OFFLINE"):
         raise KpcError(f"{what} and KPC_OFFLINE is set: copy the file there, or drop --pretrained")
     try:
-        socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
+        socket.create_connection((host, 443), timeout=5).close()
     except OSError:
         raise KpcError(f"{what} and this machine has no network to download them: copy the file there, or drop "
                        "--pretrained") from None
