@@ -1,0 +1,215 @@
+"""Bad input of every kind: one line on stderr, exit 2, nothing written, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import kpc
+from kpc.budget import Budget
+from kpc.cli import app
+from kpc.plan import digest_of
+
+from .conftest import needs_fashion_mnist, prune_spec, write_tiny
+
+runner = CliRunner()
+SPEC = "torchvision:resnet18"
+SMALL = ["--num-classes", "10", "--input-size", "3x32x32"]
+
+
+def one_line_exit_2(result, *fragments: str) -> None:
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output and len(output.splitlines()) == 1, output
+    assert output.startswith("kpc: error:"), output
+    for fragment in fragments:
+        assert fragment in output, output
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    _loaded, result = prune_spec(SPEC, Budget(ratio=0.5), input_size=(3, 32, 32), calib_batches=1)
+    return kpc.save(result, tmp_path_factory.mktemp("artifact") / "child")
+
+
+def _edited_plan(artifact: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for file in artifact.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    plan = json.loads((copy / "plan.json").read_text())
+    edit(plan)
+    plan["plan_sha256"] = digest_of(plan)  # consistent digest: the schema check itself must refuse it
+    (copy / "plan.json").write_text(json.dumps(plan))
+    return copy
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--budget-ratio", "nan"], "--budget-ratio is nan"),
+    (["--budget-gflops", "nan"], "--budget-gflops is nan"),
+    (["--budget-ratio", "inf"], "--budget-ratio is inf"),
+    (["--budget-ratio", "-0.5"], "must be positive"),
+    (["--budget-ratio", "1.5"], "above 1"),
+    (["--budget-ratio", "0.5", "--num-classes", "0"], "--num-classes must be a positive integer"),
+    (["--budget-ratio", "0.5", "--num-classes", "-5"], "--num-classes must be a positive integer"),
+    (["--budget-ratio", "0.5", "--round-to", "0"], "--round-to"),
+    (["--budget-ratio", "0.5", "--round-to", "abc"], "--round-to"),
+    (["--budget-ratio", "0.5", "--calib-batches", "0"], "--calib-batches"),
+    (["--budget-ratio", "0.5", "--seed", str(2**70)], "--seed"),
+    (["--budget-ratio", "0.5", "--importance", "random"], "unknown importance 'random'"),
+])
+def test_bad_prune_numbers(args, fragment, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", SPEC, "--input-size", "3x32x32", *args, "--out", str(out)])
+    one_line_exit_2(result, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_weights_file_with_a_non_tensor_and_a_factory_that_raises(tmp_path):
+    weights = tmp_path / "w.pt"
+    state = dict(torch.nn.Linear(2, 2).state_dict())
+    state["note"] = "hello"
+    torch.save(state, weights)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--weights", str(weights),
+                                 "--out", str(out)])
+    one_line_exit_2(result, "not a tensor")
+    factory = tmp_path / "boom.py"
+    factory.write_text("def make(num_classes=10):\n    raise RuntimeError('out of memory in the factory')\n")
+    result = runner.invoke(app, ["prune", f"{factory}:make", "--budget-ratio", "0.5", "--out", str(out)])
+    one_line_exit_2(result, "make() raised RuntimeError: out of memory in the factory")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["file", "devnull"])
+def test_out_naming_a_file_or_a_device(target, tmp_path):
+    out = tmp_path / "taken.txt" if target == "file" else Path("/dev/null")
+    if target == "file":
+        out.write_text("mine")
+    result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--out", str(out)])
+    one_line_exit_2(result, str(out))
+    if target == "file":
+        assert out.read_text() == "mine"
+
+
+def test_bench_json_naming_a_directory(artifact, tmp_path):
+    result = runner.invoke(app, ["bench", SPEC, str(artifact), *SMALL, "--iters", "4", "--json", str(tmp_path)])
+    one_line_exit_2(result, "is a directory")
+
+
+def _table(header: dict | None = None, **fields) -> dict:
+    table = {
+        "schema": "kpc-latency-table/1",
+        "header": {"device": "cpu", "runtime": "ort-cpu", "runtime_version": "onnxruntime 1", "precision": "fp32",
+                   "batch": 1, "threads": 1, "date": "2026-11-30", "kpc_version": "0.1.0", "model": "m",
+                   "input_size": [3, 32, 32], "full_model_ms": 1.0, "round_to": 16, **(header or {})},
+        "remainder": {"entry_scale": 1.0, "fixed_ms": 0.1, "activation_ms": 0.0, "calibration": []},
+        "entries": {"conv k1x1 s1x1 p0x0 d1x1 in8x8 g1 c16->16": {"kind": "conv", "c_in": [8, 16], "c_out": [8, 16],
+                                                                  "ms": [[0.1, 0.2], [0.2, 0.3]]}},
+    }
+    table.update(fields)
+    return table
+
+
+@pytest.mark.parametrize(("table", "fragment"), [
+    (_table(entries=[]), "entries should be an object"),
+    (_table({"full_model_ms": math.nan}), "full_model_ms should be a finite number"),
+    (_table({"full_model_ms": -3.0}), "full_model_ms should be positive"),
+    (_table({"round_to": 0}), "round_to should be a positive integer"),
+    (_table({"round_to": "16"}), "round_to should be a positive integer"),
+    (_table({"threads": 0}), "threads should be at least 1"),
+])
+def test_corrupt_latency_tables(table, fragment, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ms", "1", "--lut", str(path), "--out", str(out)])
+    one_line_exit_2(result, fragment)
+    shown = runner.invoke(app, ["profile", "--show", str(path)])
+    one_line_exit_2(shown, fragment)
+    assert not out.exists() and not path.with_suffix(".png").exists()
+
+
+def test_a_plot_into_a_missing_folder_is_made(tmp_path):
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps(_table()))
+    png = tmp_path / "missing_dir" / "x.png"
+    result = runner.invoke(app, ["profile", "--show", str(table), "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda p: p.update(input_size="3x32x32"), "input_size"),
+    (lambda p: p["model"].update(kwargs={"no_such_argument": 1}), "building torchvision:resnet18 failed"),
+    (lambda p: p["model"].update(name="resnet_nineteen"), "unknown torchvision model"),
+    (lambda p: p.update(rounds=1), "rounds should be a list"),
+    (lambda p: p["rounds"][0]["groups"][0].pop("prunable"), "prunable is missing"),
+    (lambda p: p["rounds"][0]["groups"][0].update(kept=[10_000]), "kept should list distinct channel indices"),
+    (lambda p: p.update(format="kpc-artifact/99"), "not a kpc plan"),
+])
+def test_malformed_plans(artifact, tmp_path, edit, fragment):
+    broken = _edited_plan(artifact, tmp_path, edit)
+    for command in (["inspect", str(broken)], ["export", str(broken), "--onnx", "--out", str(tmp_path / "x")]):
+        one_line_exit_2(runner.invoke(app, command), fragment)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_plan_that_is_not_json(artifact, tmp_path):
+    broken = _edited_plan(artifact, tmp_path, lambda p: None)
+    (broken / "plan.json").write_text('{"format": "kpc-artifact/2", "model": ')
+    one_line_exit_2(runner.invoke(app, ["inspect", str(broken)]), "not valid JSON")
+
+
+@pytest.mark.parametrize(("partial", "fragment"), [
+    ({"schema": "kpc-latency-partial/2", "target": None, "points": []}, "another target"),
+    ("[1, 2, 3]", "another kpc version"),
+])
+def test_resume_of_a_malformed_partial_profile(partial, fragment, tmp_path):
+    from exporters.device import cpu_name
+
+    out = tmp_path / "t.json"
+    if isinstance(partial, dict):
+        partial["target"] = None
+    (tmp_path / "t.json.partial").write_text(json.dumps(partial) if isinstance(partial, dict) else partial)
+    result = runner.invoke(app, ["profile", SPEC, *SMALL, "--out", str(out), "--resume", "--iters", "3"])
+    one_line_exit_2(result, fragment)
+    assert not out.exists()
+    good_target = {"device": cpu_name(), "runtime": "ort-cpu", "precision": "fp32", "batch": 1, "threads": 2}
+    (tmp_path / "t.json.partial").write_text(json.dumps({"schema": "kpc-latency-partial/2", "target": good_target,
+                                                         "points": {"x": [1, 2]}, "reference_ms": []}))
+    result = runner.invoke(app, ["profile", SPEC, *SMALL, "--out", str(out), "--resume", "--iters", "3"])
+    one_line_exit_2(result, "malformed")
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--label-smoothing", "1.5"], "--label-smoothing must be a finite number in [0, 1)"),
+    (["--workers", "-1"], "--workers must be an integer at least 0"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),
+    (["--device", "foo"], "--device 'foo' is not a device"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--subset", "1"], "--subset must be an integer at least 2"),
+    (["--threads", "0"], "--threads must be an integer at least 1"),
+    (["--threads", "-2"], "--threads must be an integer at least 1"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--batch-size", "1"], "--batch-size"),
+])
+def test_bad_training_settings(args, fragment, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", write_tiny(tmp_path), "--subset", "64", "--epochs", "1", *args,
+                                 "--out", str(out)])
+    one_line_exit_2(result, fragment)
+    assert not out.exists() and not (tmp_path / "out.work").exists()
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_must_be_positive_everywhere(threads, tmp_path):
+    for command in (["bench", SPEC, SPEC, *SMALL, "--threads", threads],
+                    ["profile", SPEC, *SMALL, "--threads", threads, "--out", str(tmp_path / "t.json")]):
+        one_line_exit_2(runner.invoke(app, command), "--threads")
