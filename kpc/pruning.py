@@ -163,6 +163,7 @@ class _Pruner:
         self.data_label = data_label or ("user data" if calibration is not None else "none")
         self.input_size = tuple(int(d) for d in example.shape[1:])
         self.earlier = provenance(model)
+        self.substituted: list[str] = []  # groups ranked by magnitude: Taylor found no gradient there
         try:
             with torch.no_grad():
                 reference = self.work(example)
@@ -221,7 +222,8 @@ class _Pruner:
                       for a in outcome.attempts],
             importance={"method": self.settings.importance, "data": self.data_label,
                         "batches": self.settings.calib_batches, "batch_size": self.settings.calib_batch_size,
-                        "seed": self.settings.seed},
+                        "seed": self.settings.seed,
+                        **({"magnitude_for_groups": self.substituted} if self.substituted else {})},
             solver=self.settings.solver, round_to=round_to, min_channels=self.settings.min_channels,
             ignore=list(self.settings.ignore), landed=outcome.landed,
             counted_samples=[float(s / cost.scale) for s in kept.samples],
@@ -283,17 +285,43 @@ class _Pruner:
             self.settings = replace(s, importance="magnitude")
             s = self.settings
             scores = score_groups(groups, s.importance)
+        elif s.importance == "taylor" and scores.empty:
+            self.substitute_magnitude(groups, scores)
         for index, reason in scores.failed.items():
             for group in leave_whole(groups, index, reason):
                 log.warning("group %s is left whole: %s", group.root, group.reason)
         for index in scores.empty:
             if not groups[index].prunable:
                 continue
-            reason = (f"its {s.importance} importance is zero on every channel (no gradient reaches it from the "
-                      "calibration data): kept whole rather than cut to the minimum")
+            reason = (f"its {s.importance} importance is zero on every channel (its weights are all zero): kept "
+                      "whole rather than cut to the minimum")
             for group in leave_whole(groups, index, reason):
                 log.warning("group %s is left whole: %s", group.root, group.reason)
         return scores
+
+    def substitute_magnitude(self, groups: list[ChannelGroup], scores: Any) -> None:
+        """Rank the channels of groups no gradient reaches by weight magnitude, in Taylor's units.
+
+        In an untrained network whose residual branches end in a zero-initialised BatchNorm
+        (timm's RegNet and ResNet defaults), no gradient reaches a branch's inner layers: their
+        Taylor score is zero everywhere and the knapsack would cut them to the minimum whatever
+        the budget. Their magnitude scores, times the median Taylor/magnitude ratio of the
+        groups that have both, keep them in the trade.
+        """
+        magnitude = score_groups(groups, "magnitude")
+        ratios = [scores.values[i].sum() / magnitude.values[i].sum() for i in scores.values
+                  if i not in scores.empty and i in magnitude.values and magnitude.values[i].sum() > 0]
+        if not ratios:
+            return
+        factor = float(np.median(ratios))
+        substituted = [i for i in scores.empty if i in magnitude.values and magnitude.values[i].sum() > 0]
+        for index in substituted:
+            scores.values[index] = magnitude.values[index] * factor
+        scores.empty = [i for i in scores.empty if i not in substituted]
+        self.substituted = [groups[i].root for i in substituted]
+        log.warning("%d groups get no gradient from the calibration data (e.g. zero-initialised residual branches "
+                    "of an untrained model): their channels are ranked by weight magnitude, scaled to Taylor's "
+                    "units", len(substituted))
 
     def cost_factory(self) -> tuple[Callable[..., CostModel], int]:
         s = self.settings
