@@ -18,7 +18,7 @@ from exporters.onnx_export import check_onnx, export_onnx
 from exporters.parity import OutputCheck, compare_outputs, raise_on_failures, validate_onnx
 from exporters.runners import RUNTIMES, Runner, get_runner, runner_class
 from exporters.tensorrt_engine import ProfileShape, build_engine, engine_filename, profile_shapes
-from exporters.timing import TimingStats, bootstrap_ratio_ci, interleaved, measure
+from exporters.timing import TimingStats, blocked, bootstrap_ratio_ci, interleaved, measure
 
 __all__ = [
     "RUNTIMES",
@@ -33,6 +33,7 @@ __all__ = [
     "RuntimeNotInstalled",
     "TimingStats",
     "UnknownRuntime",
+    "blocked",
     "bootstrap_ratio_ci",
     "build_engine",
     "check_onnx",

@@ -91,6 +91,41 @@ def interleaved(
     return TimingStats.from_seconds(a), TimingStats.from_seconds(b)
 
 
+def blocked(
+    runner_a: Runner,
+    inputs_a: Mapping[str, np.ndarray],
+    runner_b: Runner,
+    inputs_b: Mapping[str, np.ndarray],
+    *,
+    blocks: int,
+    per_block: int,
+    warmup: int,
+    block_warmup: int = 3,
+) -> tuple[TimingStats, TimingStats]:
+    """Time A and B in alternating blocks (A B, B A, A B, ...), each block one model alone, as a server runs it.
+
+    Why blocks and not run-by-run interleaving: a runtime's idle workers spin for a while
+    after a run (ONNX Runtime's default, what a serving process gets), which slows whatever
+    runs next. In a block, the model runs back to back as it would when served; untimed
+    runs open every block (`warmup` for each model's first, `block_warmup` after) and absorb
+    what the previous block left behind. Alternating the order of each pair cancels drift, as interleaving does. Sample
+    ``i`` of A pairs with sample ``i`` of B (the same position in the same pair of blocks)
+    for :func:`bootstrap_ratio_ci`.
+    """
+    if blocks < 1 or per_block < 1 or warmup < 0 or block_warmup < 0:
+        raise ExporterError(f"need blocks >= 1, per_block >= 1 and warmups >= 0, got {blocks}, {per_block}, "
+                            f"{warmup}, {block_warmup}")
+    a: list[float] = []
+    b: list[float] = []
+    for index in range(blocks):
+        order = [(runner_a, inputs_a, a), (runner_b, inputs_b, b)]
+        for runner, inputs, sink in order if index % 2 == 0 else order[::-1]:
+            for _ in range(warmup if index < 2 else block_warmup):
+                runner.infer_timed(inputs)
+            sink.extend(runner.infer_timed(inputs) for _ in range(per_block))
+    return TimingStats.from_seconds(a), TimingStats.from_seconds(b)
+
+
 def bootstrap_ratio_ci(
     samples_a: Sequence[float],
     samples_b: Sequence[float],

@@ -1,7 +1,9 @@
 """Measure the speedup of a candidate over a baseline on one runtime, with an interval, not a hope.
 
-Both models are prepared on the same runtime in one process and timed interleaved
-(A B B A ...), so drift in clock speed or background load hits both alike; the speedup is
+Both models are prepared on the same runtime in one process, each in the session a server
+would run (ONNX Runtime's defaults), and timed in alternating blocks (A, B, B, A, ...), each
+block one model alone, so drift in clock speed or background load hits both alike and
+neither runs right after the other's spinning workers; the speedup is
 the ratio of medians with a paired bootstrap confidence interval. A gate (`min_speedup`)
 passes only when the interval's lower bound clears the threshold, so a noisy run that
 merely *might* be fast enough fails instead of passing by luck.
@@ -46,7 +48,7 @@ REPORT_SCHEMA: dict[str, str] = {
     "channels_last": "bool",
     "input_shape": "list[int], [batch, C, H, W] fed to both models",
     "warmup": "int, untimed runs per model",
-    "iters": "int, timed runs per model (paired rounds)",
+    "iters": "int, timed runs per model (in alternating blocks, each model alone in its block)",
     "device": "str, CPU model or GPU name as the runner describes it",
     "versions": "dict[str, str], python, torch and the runtime's packages",
     "baseline": "side: {source: str, label: str, artifact: bool, params: int, gmacs: float, "
@@ -69,6 +71,7 @@ class BenchSettings:
     channels_last: bool = False
     warmup: int = DEFAULT_WARMUP
     iters: int = DEFAULT_ITERS
+    blocks: int = 10  # alternating blocks the timed runs are split into (see exporters.blocked)
     confidence: float = 0.95
     resamples: int = 2000
     seed: int = 0
@@ -177,9 +180,12 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
             f"({settings.precision}, batch {settings.batch})")
         _prepare(runner_a, baseline, inputs, settings, Path(workdir) / "baseline.onnx")
         _prepare(runner_b, candidate, inputs, settings, Path(workdir) / "candidate.onnx")
-        log.info(f"timing interleaved: {settings.warmup} warm-up + {settings.iters} timed runs each")
-        stats_a, stats_b = exporters.interleaved(runner_a, inputs, runner_b, inputs,
-                                                 warmup=settings.warmup, iters=settings.iters)
+        blocks = max(2, min(settings.blocks, settings.iters // 5))
+        per_block = -(-settings.iters // blocks)
+        log.info(f"timing in alternating blocks: {blocks} blocks of {per_block} runs each ({settings.warmup} warm-up "
+                 "runs first), each model alone in its block as a server runs it")
+        stats_a, stats_b = exporters.blocked(runner_a, inputs, runner_b, inputs, blocks=blocks, per_block=per_block,
+                                             warmup=settings.warmup)
         described = runner_a.describe()
     ratio, low, high = exporters.bootstrap_ratio_ci(stats_a.samples_ms, stats_b.samples_ms,
                                                     confidence=settings.confidence, resamples=settings.resamples,

@@ -363,7 +363,7 @@ class _Pruner:
             raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost "
                            f"{max(floor, 0.0) / cost.scale:.4g} {unit} (every group at its smallest width, "
                            f"{smallest}); ask for at least that")
-        if unit != "ms" or limit > 1.5 * max(floor, 0.0):
+        if unit != "ms" or (floor > 0 and limit > 1.5 * floor):
             return
         widths = full_widths.copy()
         for choice in state.choices:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -221,3 +222,26 @@ def test_kernel_ratio_reports_subject_against_reference(tmp_path: Path) -> None:
     assert 0.5 < timed.ratio / (timed.subject_ms / timed.reference_ms) < 2.0
     with pytest.raises(ExporterError, match="lacks the subject or the reference"):
         ort_cpu_kernel_ratio(path, feed, reference_marker="no-such-node", threads=1, warmup=1, iters=3)
+
+
+def test_blocked_times_each_model_alone_in_alternating_blocks(big: Runner, tiny: Runner) -> None:
+    from exporters import blocked
+
+    calls: list[str] = []
+
+    class Recording:
+        def __init__(self, runner: Runner, name: str) -> None:
+            self.runner, self.name = runner, name
+
+        def infer_timed(self, inputs):
+            calls.append(self.name)
+            return self.runner.infer_timed(inputs)
+
+    a, b = blocked(Recording(big, "a"), image(), Recording(tiny, "b"), image(), blocks=4, per_block=5, warmup=2,
+                   block_warmup=1)
+    assert a.n == b.n == 20
+    # blocks A B | B A | A B | B A: 2 untimed runs open each model's first two blocks, 1 the later ones
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls)]
+    assert runs == [("a", 7), ("b", 7 + 7), ("a", 7 + 6), ("b", 6 + 6), ("a", 6)]
+    ratio, low, _high = bootstrap_ratio_ci(a.samples_ms, b.samples_ms)
+    assert ratio > 1 and low > 1, "the tiny model is faster than resnet18 in blocks too"

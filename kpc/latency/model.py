@@ -97,12 +97,13 @@ class LatencyModel:
 
 
 class RelativeTimer:
-    """Time models against the unpruned baseline, interleaved, and report ratio x reference ms.
+    """Time models against the unpruned baseline, in alternating blocks, and report ratio x reference ms.
 
     Absolute timings taken minutes apart drift by several percent on a shared machine;
-    the ratio of two models timed A B A B in one run does not. Scaling it by the
-    baseline's reference latency (the table's full_model_ms) gives milliseconds that
-    are comparable across the whole profile and prune.
+    the ratio of two models timed in alternating blocks in one run does not. Scaling it
+    by the baseline's reference latency (the table's full_model_ms, timed alone in the
+    session a server runs) gives milliseconds as served, comparable across the whole
+    profile and prune.
 
     The ratio is averaged over several baseline sessions (`sessions`), each paired with its
     own session of the candidate: one ONNX Runtime session of the same model can run a few
@@ -148,18 +149,19 @@ class RelativeTimer:
                 measure(b, self.inputs, warmup=self.warmup, iters=3 * self.iters).median_ms for b in self.baselines))
 
     def ratio(self, model: nn.Module) -> float:
-        """Mean over baseline sessions of median(model) / median(baseline), each pair timed interleaved."""
-        from exporters import get_runner, interleaved
+        """Mean over baseline sessions of median(model) / median(baseline), each pair timed in alternating blocks."""
+        from exporters import blocked, get_runner
 
         source = self._source(model, "candidate")
-        rounds = max(1, -(-self.iters // len(self.baselines)))
+        rounds = max(2, -(-self.iters // len(self.baselines)))
+        blocks = max(2, min(6, rounds // 5))
         ratios = []
         for baseline in self.baselines:
             with get_runner(**self.settings) as runner:
                 runner.prepare(source, self.inputs)
                 with torch.no_grad():
-                    base, candidate = interleaved(baseline, self.inputs, runner, self.inputs, warmup=self.warmup,
-                                                  iters=rounds)
+                    base, candidate = blocked(baseline, self.inputs, runner, self.inputs, blocks=blocks,
+                                              per_block=-(-rounds // blocks), warmup=self.warmup)
             ratios.append(candidate.median_ms / base.median_ms)
         return float(np.mean(ratios))
 

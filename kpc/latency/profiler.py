@@ -355,6 +355,8 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
         "min_channels": settings.min_channels, "warmup": settings.warmup, "iters": settings.iters,
         "layers": len(layers.layers), "signatures": len(grid), "points": total, "call_overhead_ms": overhead,
         "entry_timing": "kernel-relative" if relative else "call",
+        "whole_model_timing": "alone in a serving session (the runtime's default options, pinned threads); "
+                              "pruned variants as ratios to it, in alternating blocks",
         "channel_block": channel_block(settings.runtime, settings.precision),
     }
     table = LatencyTable(header, entries, Remainder())
