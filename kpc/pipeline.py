@@ -328,7 +328,8 @@ class Pipeline:
         teacher = self.open_teacher()
         settings = PruneSettings(calib_batches=p["calib_batches"], calib_batch_size=p["calib_batch_size"],
                                  importance=p["importance"], solver=p["solver"], round_to=p["round_to"],
-                                 min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"])
+                                 min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"],
+                                 bn_recalibrate=p["bn_recalibrate"])
         settings.check()
         kind = r.budget_kind
         target = {k: t[k] for k in ("runtime", "batch", "threads", "precision")}

@@ -12,6 +12,7 @@ that still breaks is left whole and the loop continues. The plan records each at
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import logging
 import math
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from kpc.apply import apply_kept
+from kpc.batchnorm import DEFAULT_BATCHES as DEFAULT_BN_BATCHES
+from kpc.batchnorm import recalibrate_batchnorm
 from kpc.budget import Budget
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.cost_model import CostModel
@@ -66,6 +69,7 @@ class PruneSettings:
     ignore: tuple[str, ...] = ()  # layer names or globs left whole
     seed: int = 0
     bins: int = 10_000  # cost bins of the exact knapsack
+    bn_recalibrate: int | None = None  # batches re-estimating BatchNorm statistics; None: 20 with data, else 0
 
     def check(self) -> None:
         if self.importance not in METHODS:
@@ -79,6 +83,9 @@ class PruneSettings:
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise KpcError(f"--round-to must be a positive integer (got {self.round_to!r})")
+        if self.bn_recalibrate is not None and (isinstance(self.bn_recalibrate, bool) or not isinstance(
+                self.bn_recalibrate, int) or self.bn_recalibrate < 0):
+            raise KpcError(f"--bn-recalibrate must be a non-negative number of batches (got {self.bn_recalibrate!r})")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise KpcError(f"--seed must be an integer in 0..2**63-1 (got {self.seed!r})")
 
@@ -100,19 +107,22 @@ class PruneResult:
 def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibration: Iterable[Any] | None = None,
           *, importance: str | None = None, round_to: int | None = None, min_channels: int | None = None,
           ignore: Sequence[str] | None = None, solver: str | None = None, seed: int | None = None,
+          bn_recalibrate: int | None = None, recalibration: Iterable[Any] | None = None,
           settings: PruneSettings | None = None, data_label: str | None = None,
           progress: Callable[[], None] | None = None) -> PruneResult:
     """Prune a copy of `model` to `budget`; `model` itself is left untouched.
 
     `example_inputs` is one input batch (N, C, H, W) the model accepts; `calibration` any
     iterable of image batches or (images, labels) pairs (a DataLoader). Without
-    calibration data, Taylor importance falls back to weight magnitude. Keyword arguments
-    override `settings` (a `PruneSettings`).
+    calibration data, Taylor importance falls back to weight magnitude. The pruned copy's
+    BatchNorm statistics are re-estimated on `bn_recalibrate` batches (default 20 when
+    calibration data is given, else none) of `recalibration`, else of the calibration data
+    again. Keyword arguments override `settings` (a `PruneSettings`).
     """
     chosen = settings or PruneSettings()
     overrides = {k: v for k, v in {"importance": importance, "round_to": round_to, "min_channels": min_channels,
                                    "ignore": tuple(ignore) if ignore is not None else None, "solver": solver,
-                                   "seed": seed}.items() if v is not None}
+                                   "seed": seed, "bn_recalibrate": bn_recalibrate}.items() if v is not None}
     chosen = replace(chosen, **overrides)
     chosen.check()
     if not isinstance(budget, Budget):
@@ -123,7 +133,40 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
     if chosen.importance == "taylor" and calibration is None:
         log.info("no calibration data: scoring channels by weight magnitude instead of Taylor importance")
         chosen = replace(chosen, importance="magnitude")
-    return _Pruner(model, example, budget, chosen, calibration, data_label, progress).run()
+    if chosen.bn_recalibrate is None:
+        chosen = replace(chosen, bn_recalibrate=DEFAULT_BN_BATCHES if calibration is not None else 0)
+    if chosen.bn_recalibrate and calibration is None and recalibration is None:
+        raise KpcError("--bn-recalibrate needs data: give calibration batches (CLI: --data), or 0")
+    pruner = _Pruner(model, example, budget, chosen, _Replayable(calibration) if calibration is not None else None,
+                     data_label, progress)
+    result = pruner.run()
+    if chosen.bn_recalibrate:
+        source = recalibration if recalibration is not None else pruner.calibration
+        result.round.bn_recalibration = recalibrate_batchnorm(result.model, source, chosen.bn_recalibrate)
+        result.model.eval()
+    return result
+
+
+class _Replayable:
+    """Calibration batches that can be read twice (importance, then BatchNorm recalibration).
+
+    A DataLoader or a list is simply iterated again; a one-shot iterator (a generator) is
+    kept as it is read, so the recalibration sees the same images.
+    """
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self.source = source
+        self.seen: list[Any] = []
+        self.reiterable = not isinstance(source, collections.abc.Iterator)
+
+    def __iter__(self) -> Any:
+        if self.reiterable:
+            yield from self.source
+            return
+        yield from self.seen
+        for item in self.source:
+            self.seen.append(item)
+            yield item
 
 
 def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, min_channels: int,
@@ -326,7 +369,7 @@ class _Pruner:
     def cost_factory(self) -> tuple[Callable[..., CostModel], int]:
         s = self.settings
         if not self.budget.latency:
-            return (lambda m, x, g, gs: FlopsModel(m, x, g, gs)), (s.round_to or DEFAULT_ROUND_TO)
+            return (lambda m, x, g, gs: FlopsModel(m, x, g, gs)), self.flops_width_step()
         from kpc.latency import check_table, latency_cost_factory, table_width_step
 
         table = self.budget.table
@@ -335,6 +378,25 @@ class _Pruner:
         round_to = table_width_step(table, s.round_to)
         return latency_cost_factory(table, self.work, self.input_size, round_to=round_to,
                                     min_channels=s.min_channels, target=self.budget.target), round_to
+
+    def flops_width_step(self) -> int:
+        """A FLOPs prune's width step: the target runtime's channel block when one is named, else 8.
+
+        Widths off a runtime's block fall off its fast kernels (ONNX Runtime's NCHWc convs on
+        AVX-512 take multiples of 16), so a model pruned for FLOPs but served there should
+        keep whole blocks; the figures behind the choice are in benchmarks/RESULTS.md.
+        """
+        from kpc.latency.profiler import channel_block, compatible_step
+
+        runtime = self.budget.target.get("runtime")
+        if runtime is None:
+            return self.settings.round_to or DEFAULT_ROUND_TO
+        precision = self.budget.target.get("precision") or "fp32"
+        block = channel_block(runtime, precision)
+        step = math.lcm(DEFAULT_ROUND_TO, block)
+        if self.settings.round_to is None:
+            return step
+        return compatible_step(self.settings.round_to, block, f"{runtime}'s channel block here")
 
     def limit(self, full_cost: float, cost: CostModel) -> float:
         b = self.budget

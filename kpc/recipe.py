@@ -94,6 +94,8 @@ def schema() -> Schema:
             "importance": Field(str, default=prune.importance), "solver": Field(str, default=prune.solver),
             "round_to": Field(int, default=prune.round_to), "min_channels": Field(int, default=prune.min_channels),
             "ignore": Field(list, default=list(prune.ignore)),
+            "bn_recalibrate": Field(int, default=prune.bn_recalibrate,
+                                    help="batches re-estimating BatchNorm (default: 20 with real data)"),
         }),
         "distill": Section(stage=True, fields=training(distill, "ikd_weight", "kd_weight", "temperature")),
         "export": Section({

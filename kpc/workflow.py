@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kpc.artifact import LoadedModel, save_artifact
 from kpc.atomic import check_dir_target, check_writable, output_lock
+from kpc.batchnorm import DEFAULT_BATCHES as DEFAULT_BN_BATCHES
 from kpc.budget import Budget
 from kpc.data import DataSpec, calibration_batches
-from kpc.errors import VerificationFailed
+from kpc.errors import KpcError, VerificationFailed
 from kpc.pruning import PruneResult, PruneSettings, prune
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,24 @@ def prune_to_artifact(loaded: LoadedModel, budget: Budget, settings: PruneSettin
     after writing, `kpc run` records it in the report's gate).
     """
     check_writable(out, need_bytes=weights_bytes_estimate(loaded))
+    synthetic = data.kind == "synthetic"
+    if settings.bn_recalibrate and synthetic:
+        raise KpcError("--bn-recalibrate needs real data (--data): random images would corrupt the BatchNorm "
+                       "statistics; drop it or give --data")
+    bn_batches = settings.bn_recalibrate if settings.bn_recalibrate is not None else \
+        (0 if synthetic else DEFAULT_BN_BATCHES)
     with output_lock(out):
         check_dir_target(out, overwrite=overwrite)
         calibration = None
         if settings.importance == "taylor":
             calibration = calibration_batches(data, loaded.input_size, batches=settings.calib_batches,
                                               batch_size=settings.calib_batch_size, seed=settings.seed)
-        result = prune(loaded.model, loaded.example_input(), budget, calibration, settings=settings,
-                       data_label=data.label(), progress=progress)
+        recalibration = calibration_batches(data, loaded.input_size, batches=bn_batches,
+                                            batch_size=settings.calib_batch_size, seed=settings.seed + 1) \
+            if bn_batches else None
+        result = prune(loaded.model, loaded.example_input(), budget, calibration, settings=replace(
+            settings, bn_recalibrate=bn_batches), recalibration=recalibration, data_label=data.label(),
+            progress=progress)
         save_artifact(out, result.model, result.plan, overwrite=overwrite, factory=loaded.factory)
     return result
 

@@ -156,3 +156,24 @@ def test_profile_and_bench_take_modules(pruned):
     latency = kpc.prune(model, example, kpc.Budget(ms=0.7 * table.header["full_model_ms"], table=table),
                         calibration=_loader(1), min_channels=16)
     assert latency.round.cost_unit == "ms" and len(latency.round.counted_samples) == 2
+
+
+def test_batchnorm_is_recalibrated_on_the_data_and_recorded(pruned):
+    model, example, _result = pruned
+    loader = _loader(3)
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=loader, bn_recalibrate=3)
+    assert result.round.bn_recalibration == {"batches": 3, "images": 48, "layers": 10}
+    stem = result.model.stem[1]
+    x = next(iter(loader))[0]
+    with torch.no_grad():  # the re-estimated mean is the mean of what the pruned stem conv writes on the data
+        features = result.model.stem[0](x)
+    assert torch.allclose(stem.running_mean, features.mean((0, 2, 3)), atol=0.3)
+    off = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=_loader(1), bn_recalibrate=0)
+    assert off.round.bn_recalibration is None
+    with pytest.raises(kpc.KpcError, match="--bn-recalibrate must be a non-negative"):
+        kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=_loader(1), bn_recalibrate=-1)
+    with pytest.raises(kpc.KpcError, match="needs data"):
+        kpc.prune(model, example, kpc.Budget(ratio=0.5), bn_recalibrate=2)
+    batches = (images for images, _labels in _loader(2))  # a one-shot generator: read once, replayed for BN
+    once = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=batches, bn_recalibrate=2)
+    assert once.round.bn_recalibration["batches"] == 2

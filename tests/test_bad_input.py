@@ -213,3 +213,14 @@ def test_threads_must_be_positive_everywhere(threads, tmp_path):
     for command in (["bench", SPEC, SPEC, *SMALL, "--threads", threads],
                     ["profile", SPEC, *SMALL, "--threads", threads, "--out", str(tmp_path / "t.json")]):
         one_line_exit_2(runner.invoke(app, command), "--threads")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--bn-recalibrate", "-3"], "--bn-recalibrate"),
+    (["--bn-recalibrate", "5", "--data", "synthetic"], "--bn-recalibrate needs real data"),
+])
+def test_bad_bn_recalibration(args, fragment, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", *args, "--out", str(out)])
+    one_line_exit_2(result, fragment)
+    assert not out.exists()

@@ -45,7 +45,8 @@ def prune_command(
     lut: Annotated[Path | None, typer.Option("--lut", help="Latency table from `kpc profile`.")] = None,
     force_lut: Annotated[bool, flag("--force-lut", help="Use a latency table measured on another target.")]
     = False,
-    runtime: Annotated[Runtime | None, typer.Option("--runtime", help="Target runtime for --budget-ms (default: the "
+    runtime: Annotated[Runtime | None, typer.Option("--runtime", help="The runtime that will serve the model: its "
+                                                    "channel block sets the width step (default with --lut: the "
                                                     "table's).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Target batch for --budget-ms.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Target threads for --budget-ms.")] = None,
@@ -67,11 +68,15 @@ def prune_command(
     solver: Annotated[Solver, typer.Option("--solver", help="exact (DP) or greedy (value/cost ratio).")]
     = Solver(DEFAULTS.solver),
     round_to: Annotated[int | None, typer.Option("--round-to", min=1, help="Kept widths are multiples of this "
-                                                 "(default: the table's step, else 8).")] = DEFAULTS.round_to,
+                                                 "(default: the table's or --runtime's step, else 8).")]
+    = DEFAULTS.round_to,
     min_channels: Annotated[int, typer.Option("--min-channels", min=1, help="No group keeps fewer channels.")]
     = DEFAULTS.min_channels,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer name or glob to leave whole "
                                                      "(repeatable).")] = None,
+    bn_recalibrate: Annotated[int | None, typer.Option("--bn-recalibrate", help="Batches of --data that re-estimate "
+                                                       "the pruned model's BatchNorm statistics (default: 20 with real "
+                                                       "data, 0 with synthetic).")] = DEFAULTS.bn_recalibrate,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the calibration sample.")]
     = DEFAULTS.seed,
     overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing --out directory.")] = False,
@@ -92,7 +97,8 @@ def prune_command(
                                  "precision": value(precision)})
     settings = PruneSettings(importance=value(importance), calib_batches=calib_batches,
                              calib_batch_size=calib_batch_size, solver=value(solver), round_to=round_to,
-                             min_channels=min_channels, ignore=tuple(ignore or ()), seed=seed)
+                             min_channels=min_channels, ignore=tuple(ignore or ()), seed=seed,
+                             bn_recalibrate=bn_recalibrate)
     settings.check()
     spec = parse_data_spec(data)
     loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size),
