@@ -64,19 +64,19 @@ def main() -> None:
             table = load_table(path)
             seconds = float(table.header.get("profile_seconds", "nan"))  # how long the reused table took
         else:
-            table = profile(loaded, settings, path, log=lambda m: print(f"  {m}"))
+            table = profile(loaded.model, loaded.example_input(), settings, path, label=loaded.label)
             seconds = time.perf_counter() - started
         round_to, min_channels = int(table.header["round_to"]), int(table.header["min_channels"])  # block-aligned
-        layers = model_layers(loaded, round_to, min_channels, log=lambda _m: None)
+        layers = model_layers(loaded.model, loaded.example_input(), round_to, min_channels)
         model = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
         rng = np.random.default_rng(0)  # the table's own calibration draws use another seed
         errors = []
-        timer = RelativeTimer(loaded.model, loaded.spec.input_size, runtime=args.runtime, batch=args.batch,
+        timer = RelativeTimer(loaded.model, loaded.input_size, runtime=args.runtime, batch=args.batch,
                               threads=args.threads, precision="fp32", reference_ms=table.header["full_model_ms"],
                               iters=args.rounds)
         for _ in range(args.samples):
             widths = random_widths(layers, rng, round_to, min_channels)
-            measured = timer(pruned_copy(loaded, layers, widths))
+            measured = timer(pruned_copy(loaded.model, layers, widths))
             errors.append(model.total(widths) / measured - 1)
         timer.close()
         all_errors += errors
@@ -95,8 +95,8 @@ def main() -> None:
         append_results(f"Latency model: predicted vs measured ({args.runtime}, batch {args.batch}, "
                        f"{args.size}x{args.size}) (issue 4)", headers, rows, threads=args.threads,
                        notes=[f"device: {device}; {args.samples} random width assignments per model (seed 0; the "
-                              "tables calibrate on other draws), each timed interleaved with the unpruned model "
-                              f"(10 warm-up + {args.rounds} rounds), as ratio x the table's full-model ms; "
+                              "tables calibrate on other draws), each timed in alternating blocks with the unpruned "
+                              f"model ({args.rounds} runs each), as ratio x the table's full-model ms; "
                               "tables written to profiles/; layer entries are ONNX Runtime kernel times relative to a "
                               "reference conv in the same session (ort-cpu), "
                               "widths in steps of the table's round_to (the channel block)"])

@@ -25,11 +25,12 @@ from _record import append_results
 
 from kpc import knapsack
 from kpc.artifact import open_model
+from kpc.channels import tie_of
 from kpc.costs import FlopsModel
-from kpc.data import parse_data_spec
-from kpc.groups import tie_of
+from kpc.data import calibration_batches, parse_data_spec
+from kpc.importance import accumulate_gradients, score_groups
 from kpc.planner import make_choices, solve_widths
-from kpc.pruning import PruneSettings, analyse, compute_importance
+from kpc.pruning import analyse_groups
 
 
 def linearised_options(cost, full, choices):
@@ -52,12 +53,15 @@ def main() -> None:
     torch.set_num_threads(1)
 
     loaded = open_model("torchvision:resnet50", num_classes=10, input_size=(3, 224, 224))
-    settings = PruneSettings(data=parse_data_spec("fashion-mnist"), calib_batches=4, calib_batch_size=8)
-    graph, groups, example = analyse(loaded, settings, log=lambda _m: None)
-    scores = compute_importance(loaded, groups, settings)
+    round_to, min_channels = 8, 8
+    example = loaded.example_input()
+    graph, groups = analyse_groups(loaded.model, example, round_to=round_to, min_channels=min_channels)
+    accumulate_gradients(loaded.model, calibration_batches(parse_data_spec("fashion-mnist"), loaded.input_size,
+                                                           batches=4, batch_size=8))
+    scores = score_groups(groups, "taylor").values
     cost = FlopsModel(loaded.model, example, graph, groups)
     full = np.array([g.width for g in groups], dtype=np.float64)
-    choices = [make_choices(tie_of(groups, g), scores, settings.round_to, settings.min_channels)
+    choices = [make_choices(tie_of(groups, g), scores, round_to, min_channels)
                for g in groups if g.prunable and g.tied_to is None]
     instance, shift = linearised_options(cost, full, choices)
     options = sum(len(g) for g in instance)

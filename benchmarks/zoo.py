@@ -94,7 +94,7 @@ def timm_families() -> list[str]:
         family = re.match(r"[a-z]+", name)
         by_family.setdefault(family.group(0) if family else name, []).append(name)
     chosen = []
-    for family, names in sorted(by_family.items()):
+    for _family, names in sorted(by_family.items()):
         best, best_params = None, None
         for name in names:
             try:
@@ -136,7 +136,8 @@ def sweep_one(spec: str, args: argparse.Namespace, env: dict[str, str], work: Pa
     for attempt in range(2):
         out = work / f"{re.sub(r'[^a-z0-9]+', '-', spec.lower())}-{size}"
         prune = [*KPC, "prune", spec, "--budget-ratio", "0.5", "--data", "synthetic", "--calib-batches", "1",
-                 "--calib-batch-size", "2", "--num-classes", "10", "--input-size", f"3x{size}x{size}", "--out", str(out)]
+                 "--calib-batch-size", "2", "--num-classes", "10", "--input-size", f"3x{size}x{size}",
+                 "--out", str(out)]
         code, _stdout, err, cpu, wall = run(prune, args.limit_s, env)
         outcome = Outcome(spec, "", size, cpu, wall)
         if code is None:
@@ -180,7 +181,7 @@ def check_artifact(outcome: Outcome, out: Path, args: argparse.Namespace, env: d
                             and not any(k in (g["reason"] or "") for k in WHOLE_BY_DESIGN)})
     landed = counted >= limit * 0.99 or last.get("landed") is True
     size = outcome.size
-    code, stdout, err, _cpu, _wall = run([sys.executable, "-c", CHECK, str(out), "3", str(size), str(size)],
+    code, _stdout, err, _cpu, _wall = run([sys.executable, "-c", CHECK, str(out), "3", str(size), str(size)],
                                          args.limit_s, env)
     if code != 0:
         outcome.verdict, outcome.detail = "broken", f"reload: {last_line(err) if code is not None else 'hang'}"

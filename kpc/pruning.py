@@ -33,7 +33,7 @@ from kpc.cost_model import CostModel
 from kpc.costs import FlopsModel
 from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
-from kpc.importance import METHODS, accumulate_gradients, score_groups
+from kpc.importance import METHODS, accumulate_gradients, needs_gradients, score_groups
 from kpc.landing import ClosedLoop, Realised
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
@@ -130,7 +130,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
     if not isinstance(model, nn.Module):
         raise KpcError(f"model should be a torch.nn.Module, got {type(model).__name__}")
     example = _example(example_inputs)
-    if chosen.importance == "taylor" and calibration is None:
+    if needs_gradients(chosen.importance) and calibration is None:
         log.info("no calibration data: scoring channels by weight magnitude instead of Taylor importance")
         chosen = replace(chosen, importance="magnitude")
     if chosen.bn_recalibrate is None:
@@ -317,18 +317,18 @@ class _Pruner:
     def score(self, groups: list[ChannelGroup]) -> Any:
         s = self.settings
         torch.manual_seed(s.seed)
-        if s.importance == "taylor":
+        if needs_gradients(s.importance):
             assert self.calibration is not None
             accumulate_gradients(self.work, self.calibration, limit=s.calib_batches, progress=self.progress)
         scores = score_groups(groups, s.importance)
         self.work.zero_grad(set_to_none=True)
-        if s.importance == "taylor" and scores.values and len(scores.empty) == len(scores.values):
+        if needs_gradients(s.importance) and scores.values and len(scores.empty) == len(scores.values):
             log.warning("Taylor importance is zero on every group (no gradient reaches the layers, e.g. through a "
                         "zero-initialised classifier): scoring channels by weight magnitude instead")
             self.settings = replace(s, importance="magnitude")
             s = self.settings
             scores = score_groups(groups, s.importance)
-        elif s.importance == "taylor" and scores.empty:
+        elif needs_gradients(s.importance) and scores.empty:
             self.substitute_magnitude(groups, scores)
         for index, reason in scores.failed.items():
             for group in leave_whole(groups, index, reason):

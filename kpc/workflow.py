@@ -20,6 +20,7 @@ from kpc.batchnorm import DEFAULT_BATCHES as DEFAULT_BN_BATCHES
 from kpc.budget import Budget
 from kpc.data import DataSpec, calibration_batches
 from kpc.errors import KpcError, VerificationFailed
+from kpc.importance import needs_gradients
 from kpc.pruning import PruneResult, PruneSettings, prune
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def prune_to_artifact(loaded: LoadedModel, budget: Budget, settings: PruneSettin
     with output_lock(out):
         check_dir_target(out, overwrite=overwrite)
         calibration = None
-        if settings.importance == "taylor":
+        if needs_gradients(settings.importance):
             calibration = calibration_batches(data, loaded.input_size, batches=settings.calib_batches,
                                               batch_size=settings.calib_batch_size, seed=settings.seed)
         recalibration = calibration_batches(data, loaded.input_size, batches=bn_batches,

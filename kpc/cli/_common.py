@@ -144,6 +144,8 @@ class Runtime(StrEnum):
 class Importance(StrEnum):
     taylor = "taylor"
     magnitude = "magnitude"
+    taylor_signed = "taylor-signed"
+    taylor_normalized = "taylor-normalized"
 
 
 class Solver(StrEnum):

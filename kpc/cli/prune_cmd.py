@@ -24,6 +24,7 @@ from kpc.cli._common import (
     log,
     value,
 )
+from kpc.importance import needs_gradients
 from kpc.pruning import PruneSettings
 
 DEFAULTS = PruneSettings()
@@ -105,7 +106,7 @@ def prune_command(
                         pretrained=pretrained, model_file=model_file)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
-        task = progress.add_task("calibrating importance", total=calib_batches if settings.importance == "taylor"
+        task = progress.add_task("calibrating importance", total=calib_batches if needs_gradients(settings.importance)
                                  else 0)
         result = prune_to_artifact(loaded, budget, settings, spec, out, overwrite=overwrite,
                                    progress=lambda: progress.advance(task))

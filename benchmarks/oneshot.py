@@ -1,0 +1,112 @@
+"""One-shot accuracy: straight after pruning (BatchNorm re-estimated, no fine-tune), at 1.5x, 2x and 4x fewer FLOPs.
+
+Arms, all at the same counted MACs (within 1% under the budget), from one kpc-trained
+ResNet-18 teacher on Fashion-MNIST (see _fmnist.py for the splits):
+
+- tp-uniform-magnitude: Torch-Pruning's MetaPruner, every layer cut by one ratio, weight magnitude
+- tp-global-taylor: Torch-Pruning's MetaPruner with global ranking of Taylor scores
+- kpc-<importance>: kpc's knapsack with each importance it offers (taylor, taylor-signed,
+  taylor-normalized, magnitude), and taylor with 4x more calibration batches
+
+Every arm's BatchNorm statistics are re-estimated on the same training batches; kpc's
+arms are also reported without it. Settings are chosen on the validation split (the
+last 5,000 training images); the test split is only reported. Per-stage widths are printed
+so the allocation can be compared.
+
+    .venv/bin/python benchmarks/oneshot.py --work /tmp/kpc-bench   # appends to benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _fmnist import accuracy, batches, macs, stage_widths, teacher, tp_prune
+from _record import append_results
+from rich.console import Console
+from rich.table import Table
+
+import kpc
+from kpc.batchnorm import recalibrate_batchnorm
+
+REDUCTIONS = (1.5, 2.0, 4.0)
+KPC_ARMS = {"kpc-taylor": ("taylor", 1), "kpc-taylor-signed": ("taylor-signed", 1),
+            "kpc-taylor-normalized": ("taylor-normalized", 1), "kpc-magnitude": ("magnitude", 1),
+            "kpc-taylor-4x-calib": ("taylor", 4)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/kpc-bench"), help="holds the cached teacher")
+    parser.add_argument("--reductions", default=",".join(str(r) for r in REDUCTIONS))
+    parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--bn-batches", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arms", help="comma-separated subset of the arms")
+    parser.add_argument("--no-record", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    parent = teacher(args.work).model.eval()
+    base_macs = macs(parent)
+    teacher_val, teacher_test = accuracy(parent, "val"), accuracy(parent, "test")
+    console.print(f"teacher: val {teacher_val:.2f}%  test {teacher_test:.2f}%  {base_macs / 1e6:.1f} MMACs")
+    bn_data = batches("train", args.bn_batches, seed=1)
+    example = torch.randn(1, 1, 28, 28)
+    arms = ["tp-uniform-magnitude", "tp-global-taylor", *KPC_ARMS]
+    if args.arms:
+        arms = [a for a in arms if a in args.arms.split(",")]
+    rows = []
+    for reduction in (float(r) for r in args.reductions.split(",")):
+        target = base_macs / reduction
+        for arm in arms:
+            started = time.perf_counter()
+            calibration = batches("train", args.calib_batches * KPC_ARMS.get(arm, ("", 1))[1], seed=0)
+            if arm.startswith("tp-"):
+                child = tp_prune(parent, target, importance="taylor" if "taylor" in arm else "magnitude",
+                                 global_pruning="global" in arm, calibration=calibration)
+                before = None
+            else:
+                importance = KPC_ARMS[arm][0]
+                result = kpc.prune(parent, example, kpc.Budget(ratio=1 / reduction), calibration=calibration,
+                                   importance=importance, bn_recalibrate=0)
+                child = result.model
+                before = accuracy(child, "val")
+            recalibrated = copy.deepcopy(child)
+            recalibrate_batchnorm(recalibrated, bn_data, len(bn_data))
+            val, test = accuracy(recalibrated, "val"), accuracy(recalibrated, "test")
+            counted = macs(child)
+            rows.append([f"{reduction:g}x", arm, f"{counted / base_macs:.3f}",
+                         "-" if before is None else f"{before:.2f}", f"{val:.2f}", f"{test:.2f}",
+                         stage_widths(child), f"{time.perf_counter() - started:.0f}"])
+            console.print(" | ".join(rows[-1]), markup=False)
+    table = Table(title=f"one-shot accuracy, teacher val {teacher_val:.2f}% test {teacher_test:.2f}%")
+    headers = ["reduction", "arm", "MACs / teacher", "val before BN", "val after BN", "test after BN",
+               "stage conv widths", "s"]
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if not args.no_record:
+        append_results("One-shot accuracy after pruning, BatchNorm re-estimated (issue 14)", headers, rows,
+                       threads=args.threads,
+                       notes=[f"teacher: torchvision resnet18 at 1x28x28 trained by kpc on the first 55,000 "
+                              f"Fashion-MNIST "
+                              f"training images; val (last 5,000 training images) {teacher_val:.2f}%, test "
+                              f"{teacher_test:.2f}%",
+                              f"calibration {args.calib_batches} batches of 32 training images (x4 for the 4x arm); "
+                              f"BatchNorm re-estimated on {args.bn_batches} other batches of 32; no fine-tune"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
