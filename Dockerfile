@@ -19,8 +19,12 @@ COPY exporters ./exporters
 COPY benchmarks ./benchmarks
 COPY profiles ./profiles
 
-# The container's torch satisfies kpc's requirement and stays; onnxruntime-gpu is the gpu extra, pinned.
-RUN pip install --no-cache-dir . onnxruntime-gpu==1.31.1 \
+# The container's torch and TensorRT satisfy kpc's requirements and stay; Polygraphy drives TensorRT.
+# onnxruntime-gpu must replace onnxruntime (they share one module, and the CPU wheel can hide the CUDA
+# provider): remove both, then install the GPU wheel alone.
+RUN pip install --no-cache-dir . polygraphy==0.53.6 \
+    && pip uninstall -y onnxruntime onnxruntime-gpu \
+    && pip install --no-cache-dir onnxruntime-gpu==1.31.1 \
     && useradd --create-home --uid 1000 kpc \
     && mkdir -p /reports \
     && chown kpc /reports
