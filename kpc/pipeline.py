@@ -284,6 +284,7 @@ class Pipeline:
 
         defaults = TRAIN_DEFAULTS if teacher is None else DISTILL_DEFAULTS
         values = {"threads": self.recipe["target"]["threads"], **{k: v for k, v in section.items() if v is not None}}
+        values["adaptive_threads"] = section.get("threads") is None  # the target's count may drop under load
         settings = replace(defaults, data=self.data, seed=self.recipe["seed"], **values)
         with self.ui.trainer() as reporter:
             result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True,

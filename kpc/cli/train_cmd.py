@@ -94,7 +94,7 @@ def train_command(
     settings = replace(T, data=spec, epochs=epochs, batch_size=batch_size, lr=lr or default_lr(optimizer, T),
                        optimizer=optimizer, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                        label_smoothing=label_smoothing, seed=seed, subset=subset, workers=workers, threads=threads,
-                       amp=amp, device=device, keep=keep)
+                       adaptive_threads=threads is None, amp=amp, device=device, keep=keep)
     settings.check()
     if not is_artifact(model):  # a fresh spec is built for the dataset unless told otherwise
         size = size or native_input_size(spec)
@@ -144,7 +144,7 @@ def distill_command(
                        lr=lr or default_lr(optimizer, D), optimizer=optimizer, weight_decay=weight_decay,
                        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, subset=subset,
                        ikd_weight=ikd_weight, kd_weight=kd_weight, temperature=temperature, workers=workers,
-                       threads=threads, amp=amp, device=device, keep=keep)
+                       threads=threads, adaptive_threads=threads is None, amp=amp, device=device, keep=keep)
     settings.check()
     _run(open_model(child, model_file=model_file), settings, out, open_model(teacher, model_file=model_file),
          resume, overwrite)

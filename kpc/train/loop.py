@@ -86,8 +86,9 @@ class TrainSettings:
     device: str = "auto"
     workers: int | None = None  # None: 2 for imagefolder, 0 for in-memory arrays
     threads: int | None = None  # intra-op threads; None: see kpc.train.threads.default_threads
+    adaptive_threads: bool = True  # drop to 1 thread when the cores are oversubscribed (off when --threads is given)
 
-    RUNTIME_ONLY = ("workers", "device", "threads")
+    RUNTIME_ONLY = ("workers", "device", "threads", "adaptive_threads")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -199,7 +200,8 @@ class _Run:
         self.work = ckpt.work_dir_for(self.out)
         self.device = context.device
         self.threads = apply_threads(settings.threads)
-        self.watch: CoreWatch | None = CoreWatch(self.threads) if self.device.type == "cpu" else None
+        self.watch: CoreWatch | None = CoreWatch(self.threads, adaptive=settings.adaptive_threads) \
+            if self.device.type == "cpu" else None
         self.dtype, scaled = _autocast(settings, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         self.data = self._open_data()
