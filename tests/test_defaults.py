@@ -72,3 +72,26 @@ def test_recipe_target_and_verify_defaults():
     assert bench.threads == profile.threads, "kpc bench and kpc profile pin the same threads by default"
     verify = _recipe_defaults("verify")
     assert (verify["iters"], verify["warmup"]) == (bench.iters, bench.warmup)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_has_help_that_renders_whole(command):
+    """Rich reads square brackets as markup: a help text must come out of --help as it was written."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "2000", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    rendered = _squash(result.output)
+    for param in COMMANDS[command].params:
+        if getattr(param, "hidden", False):
+            continue
+        text = getattr(param, "help", None)
+        if param.param_type_name == "option":
+            assert text, f"kpc {command} {param.opts[0]} has no help"
+        if text:
+            written = _squash(text.replace("\\[", "["))  # \[ is rich's escape for a literal bracket
+            assert written in rendered, f"kpc {command} {param.opts[0]}: help text garbled in --help"

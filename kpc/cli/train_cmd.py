@@ -28,6 +28,12 @@ def register(app: typer.Typer) -> None:
 
 
 T = TRAIN_DEFAULTS
+
+
+def _lr_help(defaults: Any) -> str:
+    # parentheses, not square brackets: rich reads "[default: ...]" in a help text as markup and drops it
+    return (f"Peak learning rate (default: {default_lr('sgd', defaults):g} for sgd, "
+            f"{default_lr('adamw', defaults):g} for adamw).")
 D = DISTILL_DEFAULTS
 DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist[:PATH], cifar10:PATH or imagefolder:PATH "
                                       "(with train/ and val/).")]
@@ -65,8 +71,7 @@ def train_command(
     model_file: ModelFileOpt = None,
     epochs: EpochsOpt = T.epochs,
     batch_size: BatchOpt = T.batch_size,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate [default: 0.1 for sgd, 0.001 for "
-                                             "adamw].", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=_lr_help(T), show_default=False)] = None,
     optimizer: OptimizerOpt = T.optimizer,
     weight_decay: WdOpt = T.weight_decay,
     warmup_epochs: WarmupOpt = T.warmup_epochs,
@@ -120,8 +125,7 @@ def distill_command(
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of logit KD.")]
     = D.temperature,
     batch_size: BatchOpt = D.batch_size,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate [default: 0.01 for sgd, 0.0001 for "
-                                             "adamw].", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=_lr_help(D), show_default=False)] = None,
     optimizer: OptimizerOpt = D.optimizer,
     weight_decay: WdOpt = D.weight_decay,
     warmup_epochs: WarmupOpt = D.warmup_epochs,
