@@ -35,6 +35,11 @@ def gpu_name(device_index: int = 0) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
+def tensor_core_block(precision: str) -> int:
+    """Tensor cores take fp16/bf16 convolutions and GEMMs in multiples of 8 channels (NVIDIA's performance guide)."""
+    return 8 if precision in ("fp16", "bf16") else 1
+
+
 @cache
 def cpu_vector_floats() -> int:
     """fp32 lanes of the widest vector unit: 16 with AVX-512, 8 with AVX2, 1 when unknown."""

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from exporters.device import cpu_name, cpu_vector_floats, cuda_available, gpu_name
+from exporters.device import cpu_name, cpu_vector_floats, cuda_available, gpu_name, tensor_core_block
 from exporters.errors import DeviceUnavailable, ExporterError, RuntimeNotInstalled
 from exporters.runners.base import Arrays, ModelLike, Runner, check_input_names
 from exporters.tensors import batch_of
@@ -228,8 +228,7 @@ class OrtCudaRunner(_OrtRunner):
 
     @classmethod
     def channel_block(cls, precision: str = "fp32") -> int:
-        """Tensor cores take fp16/bf16 GEMMs in multiples of 8 channels (NVIDIA's performance guide)."""
-        return 8 if precision in ("fp16", "bf16") else 1
+        return tensor_core_block(precision)
 
     @classmethod
     def check_available(cls, device_index: int = 0) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.device import cpu_name, cuda_available, gpu_name
+from exporters.device import cpu_name, cuda_available, gpu_name, tensor_core_block
 from exporters.errors import DeviceUnavailable, ExporterError
 from exporters.runners.base import Arrays, ModelLike, Runner, check_input_names
 from exporters.tensors import batch_of, name_outputs, to_numpy
@@ -144,8 +144,7 @@ class TorchCudaRunner(_TorchRunner):
 
     @classmethod
     def channel_block(cls, precision: str = "fp32") -> int:
-        """Tensor cores take fp16/bf16 convolutions in multiples of 8 channels (cuDNN's guide)."""
-        return 8 if precision in ("fp16", "bf16") else 1
+        return tensor_core_block(precision)
 
     @classmethod
     def check_available(cls, device_index: int = 0) -> None:
