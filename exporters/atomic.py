@@ -351,8 +351,8 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False, lock: bool = True
         target.parent.mkdir(parents=True, exist_ok=True)
         clean_debris(target)
         tmp = _debris_name(target, TMP_SUFFIX)
-        make_private_dir(tmp)
-        try:
+        try:  # the mkdir inside the try: a signal landing just after it must still remove the directory
+            make_private_dir(tmp)
             yield tmp
             _umask_permissions(tmp)
             _fsync_tree(tmp)
@@ -390,8 +390,8 @@ def atomic_file(target: str | Path, mode: str = "w", *, lock: bool = False) -> I
         target.parent.mkdir(parents=True, exist_ok=True)
         clean_debris(target)
         tmp = _debris_name(target, TMP_SUFFIX)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
-        try:
+        try:  # the open inside the try: a signal landing just after it must still remove the file
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
             with os.fdopen(fd, mode) as handle:
                 yield handle
                 handle.flush()

@@ -67,7 +67,9 @@ def test_export_pruned_model_matches_pytorch_in_onnx_runtime(name, artifacts, tm
                                                 "outputs": ["output"]}
     parity = record["parity"]
     assert parity["ok"] and parity["samples"] == 3 and (parity["atol"], parity["rtol"]) == (1e-4, 1e-3)
-    assert [o["name"] for o in parity["outputs"]] == ["output"] and parity["outputs"][0]["max_abs"] < 1e-4
+    # Logits of a model whose BatchNorm was re-estimated on two images can reach the hundreds, so the
+    # absolute error alone is not the measure: severity is max |d| / (atol + rtol * |reference|).
+    assert [o["name"] for o in parity["outputs"]] == ["output"] and parity["outputs"][0]["severity"] <= 1.0
 
     # Independent of kpc's own check: a bare ONNX Runtime session against the reloaded artifact.
     x = torch.randn(1, *SMALL, generator=torch.Generator().manual_seed(7))
