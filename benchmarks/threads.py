@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                        threads="as in the table",
                        notes=["kpc train torchvision:resnet18 --data fashion-mnist --subset 4096 --epochs 1 "
                               "--batch-size 64 [--threads N]; the busy process: a Python loop on one core; "
-                              "auto = no --threads (1 on machines with 2 cores or fewer, dropping to 1 when "
-                              "oversubscribed)"])
+                              "auto = no --threads (kpc's default: every core, but one above 2 cores, "
+                              "dropping to 1 thread when it sees the cores oversubscribed)"])
     return 0
 
 

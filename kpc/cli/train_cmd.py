@@ -50,8 +50,9 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed
 SubsetOpt = Annotated[int | None, typer.Option("--subset", help="Train on the first N images, validate on N/5.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Loader processes (default 2 for imagefolder, "
                                                 "0 for in-memory datasets).")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads (default: 1 on machines with "
-                                                "2 cores or fewer, else all but one).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads, pinned (default: every core, "
+                                                "but one above 2 cores, dropping to 1 when the cores are "
+                                                "oversubscribed).")]
 AmpOpt = Annotated[str, typer.Option("--amp", help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16 or fp16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 KeepOpt = Annotated[str, typer.Option("--keep", help="Weights the artifact gets: last or best (val accuracy).")]

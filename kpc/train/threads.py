@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -21,9 +22,14 @@ OVERSUBSCRIBED = 0.6  # CPU time / (wall time x threads) below this: the threads
 
 
 def default_threads() -> int:
-    """Threads when none are given: every core but one on machines with more than 2, else 1 (see RESULTS.md)."""
+    """Threads when none are given: every core this process may use, but one on machines with more than 2.
+
+    Idle, two threads train faster than one on two cores; beside a busy process they
+    collapse, which `CoreWatch` sees within seconds and answers by dropping to one thread
+    (figures in benchmarks/RESULTS.md, "training threads").
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1) if cores > 2 else 1
+    return max(1, cores - 1) if cores > 2 else max(1, cores)
 
 
 def apply_threads(threads: int | None) -> int:
@@ -33,29 +39,39 @@ def apply_threads(threads: int | None) -> int:
 
 
 class CoreWatch:
-    """Compares this process's CPU time with wall time x threads over stretches of training steps.
+    """Compares this process's CPU time with wall time x threads over stretches of training.
 
     Well below 1 means the threads spend their time waiting for a core: another process
     competes for them, and an OpenMP team then waits for its slowest thread at every op.
     Warns once with what to do; when the thread count was kpc's choice (not --threads), it
     also drops to one thread, which on a 2-core machine with one competing process trained
     8x faster than two (see benchmarks/RESULTS.md, "training threads").
+
+    A stretch is a few seconds of wall time, not a number of steps: oversubscribed training
+    can run 10x slower, and fifty slow steps would be minutes at the collapsed speed.
     """
 
-    def __init__(self, threads: int, *, adaptive: bool = False, every: int = 50) -> None:
-        self.threads, self.adaptive, self.every = threads, adaptive, every
+    def __init__(self, threads: int, *, adaptive: bool = False, seconds: float = 3.0, min_steps: int = 2,
+                 clocks: tuple[Callable[[], float], Callable[[], float]] = (time.perf_counter, time.process_time),
+                 ) -> None:
+        self.threads, self.adaptive = threads, adaptive
+        self.seconds, self.min_steps = seconds, min_steps
+        self.wall_clock, self.cpu_clock = clocks
         self.steps = 0
         self.warned = False
-        self._start = (time.perf_counter(), time.process_time())
+        self._start = (self.wall_clock(), self.cpu_clock())
 
     def step(self) -> float | None:
         """Call once per training step; returns the utilisation when a stretch ends (and acts if it is low)."""
-        self.steps += 1
-        if self.warned or self.steps % self.every:
+        if self.warned:
             return None
-        wall = time.perf_counter() - self._start[0]
-        cpu = time.process_time() - self._start[1]
-        self._start = (time.perf_counter(), time.process_time())
+        self.steps += 1
+        wall = self.wall_clock() - self._start[0]
+        if self.steps < self.min_steps or wall < self.seconds:
+            return None
+        cpu = self.cpu_clock() - self._start[1]
+        self._start = (self.wall_clock(), self.cpu_clock())
+        self.steps = 0
         utilisation = cpu / max(1e-9, wall * self.threads)
         if utilisation >= OVERSUBSCRIBED:
             return utilisation
