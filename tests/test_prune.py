@@ -132,3 +132,18 @@ def test_closed_loop_bisects_once_the_aim_is_bracketed():
     assert following < next_target(attempts, 1.30, LATENCY_LANDING) < 1.61
     # no bracket yet: the ratio/secant step, strictly below after an overshoot
     assert next_target([Attempt(2.0, 2.0, 2.2)], 2.0, LATENCY_LANDING) < 2.0 * 2.0 / 2.2
+
+
+def test_closed_loop_does_not_extrapolate_past_the_proportional_step():
+    """Two rounds under the aim on a shallow slope (the 28x28 demo): the secant would jump far past the
+    aim; the step is at most the proportional correction of the last round."""
+    from kpc.cost_model import LATENCY_LANDING
+    from kpc.landing import next_target
+    from kpc.plan import Attempt
+
+    attempts = [Attempt(0.347, 0.347, 0.292), Attempt(0.406, 0.406, 0.304)]
+    following = next_target(attempts, 0.3415, LATENCY_LANDING)
+    assert 0.406 < following <= 0.406 * 0.3415 / 0.304 + 1e-12
+    # a steep slope keeps the secant's shorter step
+    steep = [Attempt(1.0, 1.0, 0.80), Attempt(1.05, 1.05, 0.95)]
+    assert 1.05 < next_target(steep, 1.0, LATENCY_LANDING) < 1.05 * 1.0 / 0.95
