@@ -229,8 +229,9 @@ def _widths_figure(plt: Any, report: dict[str, Any]) -> Any:
             axis.text(g["width"], y, "  whole", va="center", fontsize=8, color="#555555")
     axis.set_yticks(ys, [g["root"] for g in groups], fontsize=8)
     axis.set_xlabel("channels")
-    axis.set_title("Width per group, before and after pruning")
-    axis.legend(loc="lower right", fontsize=9)
+    axis.set_title("Width per group, before and after pruning", loc="left")
+    # above the bars, not on them: the widest groups reach the right edge wherever they sit
+    axis.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=9, frameon=False)
     return figure
 
 
