@@ -19,6 +19,32 @@ import torch
 log = logging.getLogger(__name__)
 
 OVERSUBSCRIBED = 0.6  # CPU time / (wall time x threads) below this: the threads wait for cores
+# On-core share of the threads' runnable time below this: they wait on the run queue for a core. Idle,
+# two threads on two cores got 0.97 or more; beside one busy process, two threads get about 2/3.
+CORE_SHARE = 0.85
+
+
+def runqueue_seconds() -> tuple[float, float] | None:
+    """(seconds on a core, seconds runnable but waiting for one) summed over this process's threads.
+
+    From Linux's per-thread schedstat; None where it is missing. CPU time alone cannot see
+    oversubscription: OpenMP threads spin while they wait for a descheduled team mate, and
+    spinning counts as CPU time (beside a busy process, two threads trained at half the speed
+    of one while their CPU time looked full).
+    """
+    on_core = waiting = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as handle:
+                fields = handle.read().split()
+            on_core, waiting = on_core + int(fields[0]), waiting + int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return (on_core / 1e9, waiting / 1e9) if on_core or waiting else None
 
 
 def default_threads() -> int:
@@ -39,10 +65,11 @@ def apply_threads(threads: int | None) -> int:
 
 
 class CoreWatch:
-    """Compares this process's CPU time with wall time x threads over stretches of training.
+    """Watches, over stretches of training, how much of their runnable time the threads got a core.
 
-    Well below 1 means the threads spend their time waiting for a core: another process
-    competes for them, and an OpenMP team then waits for its slowest thread at every op.
+    Well below all of it means the threads wait for cores: another process competes for
+    them, and an OpenMP team then waits for its slowest thread at every op. Where Linux's
+    schedstat is missing, CPU time against wall time x threads stands in for it.
     Warns once with what to do; when the thread count was kpc's choice (not --threads), it
     also drops to one thread, which on a 2-core machine with one competing process trained
     8x faster than two (see benchmarks/RESULTS.md, "training threads").
@@ -53,13 +80,26 @@ class CoreWatch:
 
     def __init__(self, threads: int, *, adaptive: bool = False, seconds: float = 3.0, min_steps: int = 2,
                  clocks: tuple[Callable[[], float], Callable[[], float]] = (time.perf_counter, time.process_time),
-                 ) -> None:
+                 runqueue: Callable[[], tuple[float, float] | None] = runqueue_seconds) -> None:
         self.threads, self.adaptive = threads, adaptive
         self.seconds, self.min_steps = seconds, min_steps
         self.wall_clock, self.cpu_clock = clocks
+        self.runqueue = runqueue
         self.steps = 0
         self.warned = False
         self._start = (self.wall_clock(), self.cpu_clock())
+        self._queue = self.runqueue()
+
+    def _share(self, wall: float) -> tuple[float, float]:
+        """(the measure of this stretch, the threshold below which the cores are oversubscribed)."""
+        queue = self.runqueue()
+        previous, self._queue = self._queue, queue
+        if queue is not None and previous is not None:
+            on_core, waiting = queue[0] - previous[0], queue[1] - previous[1]
+            if on_core + waiting > 0:
+                return on_core / (on_core + waiting), CORE_SHARE
+        cpu = self.cpu_clock() - self._start[1]
+        return cpu / max(1e-9, wall * self.threads), OVERSUBSCRIBED
 
     def step(self) -> float | None:
         """Call once per training step; returns the utilisation when a stretch ends (and acts if it is low)."""
@@ -69,22 +109,21 @@ class CoreWatch:
         wall = self.wall_clock() - self._start[0]
         if self.steps < self.min_steps or wall < self.seconds:
             return None
-        cpu = self.cpu_clock() - self._start[1]
+        utilisation, threshold = self._share(wall)
         self._start = (self.wall_clock(), self.cpu_clock())
         self.steps = 0
-        utilisation = cpu / max(1e-9, wall * self.threads)
-        if utilisation >= OVERSUBSCRIBED:
+        if utilisation >= threshold:
             return utilisation
         self.warned = True
         if self.adaptive and self.threads > 1:
             torch.set_num_threads(1)
-            log.warning("the cores look oversubscribed: training got %.0f%% of the CPU time its %d threads could use "
+            log.warning("the cores look oversubscribed: training got %.0f%% of the core time its %d threads could use "
                         "(another process competes for them); continuing on 1 thread (pin a count with --threads)",
                         100 * utilisation, self.threads)
             self.threads = 1
         else:
             hint = "pass --threads 1" if self.threads > 1 else "stop the other process or expect slow training"
-            log.warning("the cores look oversubscribed: training got %.0f%% of the CPU time its %d thread%s could "
+            log.warning("the cores look oversubscribed: training got %.0f%% of the core time its %d thread%s could "
                         "use (another process competes for them); %s", 100 * utilisation, self.threads,
                         "s" if self.threads > 1 else "", hint)
         return utilisation
