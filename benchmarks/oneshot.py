@@ -6,7 +6,7 @@ ResNet-18 teacher on Fashion-MNIST (see _fmnist.py for the splits):
 - tp-uniform-magnitude: Torch-Pruning's MetaPruner, every layer cut by one ratio, weight magnitude
 - tp-global-taylor: Torch-Pruning's MetaPruner with global ranking of Taylor scores
 - kpc-<importance>: kpc's knapsack with each importance it offers (taylor, taylor-signed,
-  taylor-normalized, magnitude), and taylor with 4x more calibration batches
+  taylor-normalized, magnitude), and taylor and taylor-signed with 4x more calibration batches
 
 Every arm's BatchNorm statistics are re-estimated on the same training batches; kpc's
 arms are also reported without it. Settings are chosen on the validation split (the
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _fmnist import accuracy, batches, macs, stage_widths, teacher, tp_prune
+from _fmnist import TEACHER_DESCRIPTION, accuracy, batches, macs, stage_widths, teacher, tp_prune
 from _record import append_results
 from rich.console import Console
 from rich.table import Table
@@ -36,7 +36,7 @@ from kpc.batchnorm import recalibrate_batchnorm
 REDUCTIONS = (1.5, 2.0, 4.0)
 KPC_ARMS = {"kpc-taylor": ("taylor", 1), "kpc-taylor-signed": ("taylor-signed", 1),
             "kpc-taylor-normalized": ("taylor-normalized", 1), "kpc-magnitude": ("magnitude", 1),
-            "kpc-taylor-4x-calib": ("taylor", 4)}
+            "kpc-taylor-4x-calib": ("taylor", 4), "kpc-taylor-signed-4x-calib": ("taylor-signed", 4)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 importance = KPC_ARMS[arm][0]
                 result = kpc.prune(parent, example, kpc.Budget(ratio=1 / reduction), calibration=calibration,
-                                   importance=importance, bn_recalibrate=0)
+                                   bn_recalibrate=0,
+                                   settings=kpc.PruneSettings(importance=importance, calib_batches=len(calibration)))
                 child = result.model
                 before = accuracy(child, "val")
             recalibrated = copy.deepcopy(child)
@@ -99,11 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         append_results("One-shot accuracy after pruning, BatchNorm re-estimated (issue 14)", headers, rows,
                        threads=args.threads,
-                       notes=[f"teacher: torchvision resnet18 at 1x28x28 trained by kpc on the first 55,000 "
-                              f"Fashion-MNIST "
-                              f"training images; val (last 5,000 training images) {teacher_val:.2f}%, test "
-                              f"{teacher_test:.2f}%",
-                              f"calibration {args.calib_batches} batches of 32 training images (x4 for the 4x arm); "
+                       notes=[f"teacher: {TEACHER_DESCRIPTION}; val (last 5,000 training images) "
+                              f"{teacher_val:.2f}%, test {teacher_test:.2f}%",
+                              f"calibration {args.calib_batches} batches of 32 training images (x4 for the -4x-calib "
+                              "arms); "
                               f"BatchNorm re-estimated on {args.bn_batches} other batches of 32; no fine-tune"])
     return 0
 

@@ -60,7 +60,7 @@ FILL_SLACK = 0.02  # steps predicted up to this much over the budget are still b
 class PruneSettings:
     """How to prune. The CLI's options and the recipe's `prune:` section take their defaults from here."""
 
-    importance: str = "taylor"  # taylor (needs calibration data) or magnitude
+    importance: str = "taylor-signed"  # chosen on validation, benchmarks/oneshot.py; magnitude needs no data
     calib_batches: int = 8  # batches of the calibration data the importance pass reads
     calib_batch_size: int = 32  # batch size when kpc reads a data spec itself
     solver: str = "exact"  # exact (DP) or greedy (the paper code's value/cost ratio)
