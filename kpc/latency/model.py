@@ -8,6 +8,7 @@ a real pruned model on the table's target, which closes the loop in `kpc prune`.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -96,6 +97,12 @@ class LatencyModel:
         return float(self.measure_model(model))
 
 
+# Each model of a pair is timed for at least this long per baseline session. A fixed run count
+# is a few milliseconds of timing for a sub-millisecond model: a 28x28 ResNet-18 child timed six
+# times with 100 runs gave ratios from 0.40 to 0.79 (cv 22%) on a shared 2-core VM, with 1,000
+# runs 0.54-0.65 (cv 8%); the closed loop was chasing that noise.
+MIN_SECONDS_PER_SESSION = 0.4
+
 class RelativeTimer:
     """Time models against the unpruned baseline, in alternating blocks, and report ratio x reference ms.
 
@@ -153,7 +160,7 @@ class RelativeTimer:
         from exporters import blocked, get_runner
 
         source = self._source(model, "candidate")
-        rounds = max(2, -(-self.iters // len(self.baselines)))
+        rounds = max(2, -(-self.iters // len(self.baselines)), self._rounds_for(MIN_SECONDS_PER_SESSION))
         blocks = max(2, min(6, rounds // 5))
         ratios = []
         for baseline in self.baselines:
@@ -164,6 +171,12 @@ class RelativeTimer:
                                               per_block=-(-rounds // blocks), warmup=self.warmup)
             ratios.append(candidate.median_ms / base.median_ms)
         return float(np.mean(ratios))
+
+    def _rounds_for(self, seconds: float) -> int:
+        """Runs of the baseline that take `seconds`: small models need many more than `iters`."""
+        if not self.reference_ms or not math.isfinite(self.reference_ms) or self.reference_ms <= 0:
+            return 0
+        return math.ceil(seconds * 1000.0 / self.reference_ms)
 
     def __call__(self, model: nn.Module) -> float:
         return self.ratio(model) * self.reference_ms
