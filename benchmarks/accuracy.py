@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _fmnist import SIZE, TRAIN_IMAGES, accuracy, batches, macs, teacher, tp_prune
+from _fmnist import SIZE, TEACHER_DESCRIPTION, TEACHER_SPEC, TRAIN_IMAGES, accuracy, batches, macs, teacher, tp_prune
 from _record import append_results
 
 import kpc
@@ -94,7 +94,7 @@ def child_of(parent: LoadedModel, arm: str, reduction: float, seed: int, args: a
 def _open(path: Path) -> LoadedModel:
     from kpc.artifact import load_artifact
 
-    return load_artifact(path)
+    return load_artifact(path, model_file=TEACHER_SPEC)  # kpc's children were pruned from the file-built teacher
 
 
 def finetune(child: LoadedModel, parent: LoadedModel, arm: str, lr: float, seed: int, args: argparse.Namespace,
@@ -104,7 +104,7 @@ def finetune(child: LoadedModel, parent: LoadedModel, arm: str, lr: float, seed:
     if not (out / "plan.json").is_file():
         settings = replace(DISTILL_DEFAULTS, data=parse_data_spec("fashion-mnist"), epochs=args.epochs, lr=lr,
                            warmup_epochs=0.0, subset=args.subset, seed=seed, ikd_weight=ikd, kd_weight=kd,
-                           threads=args.threads)
+                           threads=args.threads, adaptive_threads=False)
         fit(child, settings, out, teacher=parent if ikd or kd else None, overwrite=True)
     model = _open_like(out, child)
     return accuracy(model, "val"), accuracy(model, "test")
@@ -116,7 +116,7 @@ def _open_like(path: Path, child: LoadedModel) -> Any:
     fresh = child.factory() if child.plan.source == "user" and child.factory is not None else None
     if fresh is not None and child.plan.rounds == []:
         return load_artifact(path, model=fresh).model
-    return load_artifact(path).model
+    return load_artifact(path, model_file=TEACHER_SPEC).model
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         headers = ["arm", "FLOPs reduction", "lr (chosen on val)", "test top-1 % (mean)", "95% interval",
                    "per seed"]
         notes = [*verdicts,
-                 f"teacher torchvision resnet18 at 1x28x28: val {teacher_val:.2f}%, test {teacher_test:.2f}%",
+                 f"teacher {TEACHER_DESCRIPTION}: val {teacher_val:.2f}%, test {teacher_test:.2f}%",
                  f"every arm: BatchNorm re-estimated on {args.bn_batches} batches, then {args.epochs} epochs on the "
                  f"first {args.subset} training images, seeds 0..{args.seeds - 1}; kpc importance "
                  f"{args.importance}, {args.calib_batches} calibration batches of 32; C: kd 1 at T=4; D: ikd 5 + kd 1",

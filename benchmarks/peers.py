@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _fmnist import SIZE, accuracy, batches, dataset, macs, teacher, tp_prune
+from _fmnist import SIZE, TEACHER_DESCRIPTION, accuracy, batches, dataset, macs, teacher, tp_prune
 from _record import append_results
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -212,7 +212,8 @@ def part_accuracy(args: argparse.Namespace) -> None:
     if not args.no_record:
         teacher_test = accuracy(base, "test")
         append_results("Peers on accuracy at a measured latency (issue 15)", headers, rows, threads=args.threads,
-                       notes=[f"teacher test {teacher_test:.2f}%; BatchNorm re-estimated on the same 20 batches of 32 "
+                       notes=[f"teacher ({TEACHER_DESCRIPTION}) test {teacher_test:.2f}%",
+                              "BatchNorm re-estimated on the same 20 batches of 32 "
                               "for every child; fine-tune: cross-entropy, kpc.train.fit, "
                               f"{args.epochs} epochs on {args.subset} training images, lr {args.lr}, seed 0",
                               "ModelOpt's score: top-1 on 1,000 validation images (last 5,000 training images); "
@@ -225,7 +226,8 @@ def finetune(model: nn.Module, name: str, args: argparse.Namespace) -> float:
     loaded = LoadedModel(model, plan, name, None, None, lambda: copy.deepcopy(frozen))
     out = args.work / "peers" / "".join(c if c.isalnum() else "-" for c in name)
     settings = replace(TRAIN_DEFAULTS, data=parse_data_spec("fashion-mnist"), epochs=args.epochs, lr=args.lr,
-                       warmup_epochs=0.0, subset=args.subset, seed=0, threads=1)
+                       warmup_epochs=0.0, subset=args.subset, seed=0, threads=args.threads,
+                       adaptive_threads=False)
     result = fit(loaded, settings, out, overwrite=True)
     return accuracy(result.model, "test")
 
