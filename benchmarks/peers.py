@@ -56,8 +56,10 @@ def modelopt_fastnas(model: nn.Module, example: torch.Tensor, fraction: float, l
     import modelopt.torch.prune as mtp
 
     candidate = copy.deepcopy(model).eval()
+    # ModelOpt's forward loop takes element 0 of every batch (a DataLoader's (images, labels)): give it tuples
+    batches = [(batch,) if isinstance(batch, torch.Tensor) else batch for batch in loader]
     subnet, _state = mtp.prune(model=candidate, mode="fastnas", constraints={"flops": f"{100 * fraction:g}%"},
-                               dummy_input=example, config={"data_loader": loader, "score_func": score,
+                               dummy_input=example, config={"data_loader": batches, "score_func": score,
                                                             "checkpoint": str(checkpoint)})
     return subnet.eval()
 
