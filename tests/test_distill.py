@@ -137,6 +137,21 @@ def test_distill_lowers_inner_loss_and_saves_the_plain_child(family, tmp_path):
 
 
 @needs_fashion_mnist
+def test_fit_hands_the_teacher_back_as_it_was_given(family, tmp_path):
+    """The teacher is frozen while it teaches; the caller's module gets its flags and mode back."""
+    teacher = open_model(str(family["teacher"]), model_file=family["spec"])
+    teacher.model.train()
+    child = open_model(str(family["child"]), model_file=family["spec"])
+    settings = TrainSettings(parse_data_spec("fashion-mnist"), epochs=1, batch_size=64, lr=0.01, warmup_epochs=0,
+                             subset=256, ikd_weight=1.0, kd_weight=1.0)
+    fit(child, settings, tmp_path / "d", teacher=teacher)
+    assert teacher.model.training and all(p.requires_grad for p in teacher.model.parameters())
+    # still prunable: Torch-Pruning traces its graph through autograd
+    result = prune(teacher.model, teacher.example_input(), Budget(ratio=0.7))
+    assert result.plan.rounds[-1].landed
+
+
+@needs_fashion_mnist
 def test_a_teacher_that_is_not_the_parent_is_refused(family, tmp_path):
     other = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28))
     save_artifact(tmp_path / "stranger", other.model, derived_plan(other, "trained"))

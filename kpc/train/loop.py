@@ -467,6 +467,17 @@ class _Run:
         return FitResult(model, plan, self.history, self.out)
 
 
+def _module_state(module: nn.Module) -> tuple[bool, list[bool]]:
+    return module.training, [p.requires_grad for p in module.parameters()]
+
+
+def _restore_module_state(module: nn.Module, state: tuple[bool, list[bool]]) -> None:
+    training, flags = state
+    module.train(training)
+    for parameter, flag in zip(module.parameters(), flags, strict=False):
+        parameter.requires_grad_(flag)
+
+
 def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teacher: LoadedModel | None = None,
         resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> FitResult:
     """Train `loaded` (under `teacher` when given) and write the artifact to `out`.
@@ -482,6 +493,9 @@ def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teache
         check_writable(out, need_bytes=3 * sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
     work = ckpt.work_dir_for(out)
     had_work = work.exists()
+    # The teacher is frozen while it teaches; the caller's module gets its flags and mode back (a frozen
+    # parent left behind broke Torch-Pruning's graph, which it traces through autograd, in a later prune).
+    teacher_state = _module_state(teacher.model) if teacher is not None else None
     with output_lock(out) if main else contextlib.nullcontext():
         context = setup(settings.device)
         try:
@@ -496,3 +510,5 @@ def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teache
             raise
         finally:
             teardown(context)
+            if teacher is not None and teacher_state is not None:
+                _restore_module_state(teacher.model, teacher_state)
