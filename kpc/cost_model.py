@@ -26,9 +26,10 @@ class Landing:
     overshoot_margin: float = 0.002  # after an overshoot, aim this much lower so a solve cannot repeat itself
     over_budget_is_error: bool = False  # FLOPs: never hand over a plan above the budget
 
-    def lands(self, counted: float, limit: float, *, aim: bool = False) -> bool:
+    def lands(self, counted: float, limit: float, *, aim: bool = False, slack: float = 0.0) -> bool:
+        """Inside the window (or the aim window); `slack` widens it on both sides, as a fraction of the limit."""
         low, high = self.aim_window if aim else self.window
-        return bool(limit * (1 + low) <= counted <= limit * (1 + high))
+        return bool(limit * (1 + low - slack) <= counted <= limit * (1 + high + slack))
 
     def aim_at(self, limit: float) -> float:
         return limit * (1 + self.aim)

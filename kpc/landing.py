@@ -121,7 +121,26 @@ class ClosedLoop:
         kept = choose(list(self.candidates.values()), self.limit, self.landing)
         if self.confirm:  # time the kept plan once more: its figure is the median of every timing of it
             kept.samples.append(float(measure(kept.model)))
-        return LandingResult(kept, self.attempts, self.landing.lands(kept.counted, self.limit))
+        return LandingResult(kept, self.attempts, self._landed(kept))
+
+    def _landed(self, kept: Candidate) -> bool:
+        """In the window; or, for timings, outside it by less than the spread of the kept plan's own timings.
+
+        A plan timed twice at values further apart than its distance to the window cannot be told
+        to be outside it on this machine (a 0.05 ms model: -5.7% against a -5% edge).
+        """
+        if self.landing.lands(kept.counted, self.limit):
+            return True
+        if not self.confirm or len(kept.samples) < 2 or kept.counted <= 0:
+            return False
+        spread = (max(kept.samples) - min(kept.samples)) / kept.counted
+        if not self.landing.lands(kept.counted, self.limit, slack=spread):
+            return False
+        log.warning("the kept plan measures %.4g %s against a budget of %.4g (%+.1f%%), outside the window %s by less "
+                    "than the spread of its own timings (%.1f%%): counted as landed", kept.counted / self.scale,
+                    self.unit, self.limit / self.scale, 100 * (kept.counted / self.limit - 1),
+                    self.landing.describe(), 100 * spread)
+        return True
 
     def _nudge(self, target: float, counted: float, repeats: int) -> float:
         """Move a target whose plan was already measured, further each repeat, toward the aim."""

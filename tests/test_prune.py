@@ -147,3 +147,30 @@ def test_closed_loop_does_not_extrapolate_past_the_proportional_step():
     # a steep slope keeps the secant's shorter step
     steep = [Attempt(1.0, 1.0, 0.80), Attempt(1.05, 1.05, 0.95)]
     assert 1.05 < next_target(steep, 1.0, LATENCY_LANDING) < 1.05 * 1.0 / 0.95
+
+
+def _loop_with_timings(timings: list[float]):
+    """One plan, timed in turn at `timings` (the last one is the closing re-timing of the kept plan)."""
+    import numpy as np
+
+    from kpc.cost_model import LATENCY_LANDING
+    from kpc.landing import ClosedLoop, Realised
+    from kpc.planner import Solution
+
+    queue = list(timings)
+    loop = ClosedLoop(LATENCY_LANDING, 1.0, 0.1, 2.0, unit="ms", confirm=True)
+    return loop.run(lambda target: Solution(np.array([8.0]), target, 1.0, 1), lambda s: Realised(model=object()),
+                    lambda model: queue.pop(0))
+
+
+def test_a_miss_inside_the_kept_plans_own_timing_spread_counts_as_landed(caplog):
+    """0.930 and 0.955 ms: the median (-5.75%) is outside the -5% edge by less than the timings' spread (2.7%)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kpc.landing"):
+        result = _loop_with_timings([0.930, 0.955])
+    assert result.kept.samples == [0.930, 0.955] and result.landed
+    assert "spread of its own timings" in caplog.text
+    # timings that agree closely: the same distance outside the window is a miss
+    assert not _loop_with_timings([0.940, 0.945]).landed
+    assert not _loop_with_timings([0.900, 0.905]).landed
