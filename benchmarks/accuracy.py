@@ -66,10 +66,14 @@ _CHILDREN: dict[tuple[str, float, int], LoadedModel] = {}
 
 def child_of(parent: LoadedModel, arm: str, reduction: float, seed: int, args: argparse.Namespace,
              work: Path) -> LoadedModel:
-    """The arm's pruned child (BatchNorm re-estimated); kpc's children are artifacts cached on disk."""
+    """A fresh copy of the arm's pruned child (BatchNorm re-estimated); kpc's children are cached on disk.
+
+    A copy, because fine-tuning trains the module it is given in place: handing the cached
+    child to arm B, then C, then D gave C and D the epochs of the arms before them.
+    """
     key = ("A" if arm == "A" else "kpc", reduction, seed)
     if key in _CHILDREN:
-        return _CHILDREN[key]
+        return copy.deepcopy(_CHILDREN[key])
     bn = batches("train", args.bn_batches, seed=100 + seed)
     if arm == "A":
         kpc_child = child_of(parent, "B", reduction, seed, args, work)
@@ -88,7 +92,7 @@ def child_of(parent: LoadedModel, arm: str, reduction: float, seed: int, args: a
             kpc.save(result, out)
         loaded = _open(out)
     _CHILDREN[key] = loaded
-    return loaded
+    return copy.deepcopy(loaded)
 
 
 def _open(path: Path) -> LoadedModel:
