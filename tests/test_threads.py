@@ -25,9 +25,12 @@ class Clocks:
         return (lambda: self.wall_now), (lambda: self.cpu_now)
 
 
-def test_default_uses_the_cores_this_process_may_use():
+def test_default_uses_the_cores_this_process_may_use(monkeypatch):
     cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_threads() == (cores - 1 if cores > 2 else cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: each rank gets its share of the node
+    assert default_threads() == max(1, cores // 2)
 
 
 def test_busy_cores_drop_to_one_thread_within_seconds(caplog):

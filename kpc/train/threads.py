@@ -48,13 +48,20 @@ def runqueue_seconds() -> tuple[float, float] | None:
 
 
 def default_threads() -> int:
-    """Threads when none are given: every core this process may use, but one on machines with more than 2.
+    """Threads when none are given: every core this process may use (one fewer above 2; a share under torchrun).
 
     Idle, two threads train faster than one on two cores; beside a busy process they
     collapse, which `CoreWatch` sees within seconds and answers by dropping to one thread
     (figures in benchmarks/RESULTS.md, "training threads").
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Under torchrun every process on this node gets its share, or N ranks x all cores oversubscribe them.
+    try:
+        ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks_here = 1
+    if ranks_here > 1:
+        return max(1, cores // ranks_here)
     return max(1, cores - 1) if cores > 2 else max(1, cores)
 
 
