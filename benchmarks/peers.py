@@ -56,6 +56,7 @@ def modelopt_fastnas(model: nn.Module, example: torch.Tensor, fraction: float, l
     import modelopt.torch.prune as mtp
 
     candidate = copy.deepcopy(model).eval()
+    checkpoint.unlink(missing_ok=True)  # ModelOpt resumes a search from it: a stale one returns the old result
     # ModelOpt's forward loop takes element 0 of every batch (a DataLoader's (images, labels)): give it tuples
     batches = [(batch,) if isinstance(batch, torch.Tensor) else batch for batch in loader]
     subnet, _state = mtp.prune(model=candidate, mode="fastnas", constraints={"flops": f"{100 * fraction:g}%"},
