@@ -127,7 +127,7 @@ def test_closed_loop_bisects_once_the_aim_is_bracketed():
 
     attempts = [Attempt(1.32, 1.0, 1.01), Attempt(1.70, 1.0, 1.40), Attempt(1.61, 1.0, 1.38)]
     following = next_target(attempts, 1.30, LATENCY_LANDING)
-    assert 1.32 < following < 1.61
+    assert following == pytest.approx((1.32 + 1.61) / 2)  # the secant (1.2475) left the bracket: bisect
     attempts.append(Attempt(following, 1.0, 1.01))  # the jump again: still below the aim
     assert following < next_target(attempts, 1.30, LATENCY_LANDING) < 1.61
     # no bracket yet: the ratio/secant step, strictly below after an overshoot
@@ -144,9 +144,9 @@ def test_closed_loop_does_not_extrapolate_past_the_proportional_step():
     attempts = [Attempt(0.347, 0.347, 0.292), Attempt(0.406, 0.406, 0.304)]
     following = next_target(attempts, 0.3415, LATENCY_LANDING)
     assert 0.406 < following <= 0.406 * 0.3415 / 0.304 + 1e-12
-    # a steep slope keeps the secant's shorter step
+    # a steep slope keeps the secant (1.067), shorter than the proportional step (1.105)
     steep = [Attempt(1.0, 1.0, 0.80), Attempt(1.05, 1.05, 0.95)]
-    assert 1.05 < next_target(steep, 1.0, LATENCY_LANDING) < 1.05 * 1.0 / 0.95
+    assert next_target(steep, 1.0, LATENCY_LANDING) == pytest.approx(1.0 + (1.0 - 0.80) * 0.05 / 0.15)
 
 
 def _loop_with_timings(timings: list[float]):
