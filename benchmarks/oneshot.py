@@ -6,7 +6,9 @@ ResNet-18 teacher on Fashion-MNIST (see _fmnist.py for the splits):
 - tp-uniform-magnitude: Torch-Pruning's MetaPruner, every layer cut by one ratio, weight magnitude
 - tp-global-taylor: Torch-Pruning's MetaPruner with global ranking of Taylor scores
 - kpc-<importance>: kpc's knapsack with each importance it offers (taylor, taylor-signed,
-  taylor-normalized, magnitude), and taylor and taylor-signed with 4x more calibration batches
+  taylor-normalized, magnitude) with the importance pass in fp32, taylor-signed also in bf16 (what
+  `importance_precision=auto` picks on a CPU with native bf16), and taylor and taylor-signed with 4x
+  more calibration batches
 
 Every arm's BatchNorm statistics are re-estimated on the same training batches; kpc's
 arms are also reported without it. Settings are chosen on the validation split (the
@@ -34,9 +36,11 @@ import kpc
 from kpc.batchnorm import recalibrate_batchnorm
 
 REDUCTIONS = (1.5, 2.0, 4.0)
-KPC_ARMS = {"kpc-taylor": ("taylor", 1), "kpc-taylor-signed": ("taylor-signed", 1),
-            "kpc-taylor-normalized": ("taylor-normalized", 1), "kpc-magnitude": ("magnitude", 1),
-            "kpc-taylor-4x-calib": ("taylor", 4), "kpc-taylor-signed-4x-calib": ("taylor-signed", 4)}
+# arm -> (importance, calibration batches as a multiple of --calib-batches, precision of the importance pass)
+KPC_ARMS = {"kpc-taylor": ("taylor", 1, "fp32"), "kpc-taylor-signed": ("taylor-signed", 1, "fp32"),
+            "kpc-taylor-signed-bf16": ("taylor-signed", 1, "bf16"),
+            "kpc-taylor-normalized": ("taylor-normalized", 1, "fp32"), "kpc-magnitude": ("magnitude", 1, "fp32"),
+            "kpc-taylor-4x-calib": ("taylor", 4, "fp32"), "kpc-taylor-signed-4x-calib": ("taylor-signed", 4, "fp32")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kpc-bench"), help="holds the cached teacher")
     parser.add_argument("--reductions", default=",".join(str(r) for r in REDUCTIONS))
     parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--calib-seeds", type=int, default=1,
+                        help="calibration samples per arm (seeds 0..N-1): the spread a setting must beat")
     parser.add_argument("--bn-batches", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arms", help="comma-separated subset of the arms")
@@ -67,31 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for reduction in (float(r) for r in args.reductions.split(",")):
         target = base_macs / reduction
-        for arm in arms:
+        for arm, seed in ((a, s) for a in arms for s in range(args.calib_seeds)):
             started = time.perf_counter()
-            calibration = batches("train", args.calib_batches * KPC_ARMS.get(arm, ("", 1))[1], seed=0)
+            calibration = batches("train", args.calib_batches * KPC_ARMS.get(arm, ("", 1, ""))[1], seed=seed)
             if arm.startswith("tp-"):
                 child = tp_prune(parent, target, importance="taylor" if "taylor" in arm else "magnitude",
                                  global_pruning="global" in arm, calibration=calibration)
                 before = None
             else:
-                importance = KPC_ARMS[arm][0]
+                importance, _, precision = KPC_ARMS[arm]
                 result = kpc.prune(parent, example, kpc.Budget(ratio=1 / reduction), calibration=calibration,
                                    bn_recalibrate=0,
-                                   settings=kpc.PruneSettings(importance=importance, calib_batches=len(calibration)))
+                                   settings=kpc.PruneSettings(importance=importance, calib_batches=len(calibration),
+                                                              importance_precision=precision))
                 child = result.model
                 before = accuracy(child, "val")
             recalibrated = copy.deepcopy(child)
             recalibrate_batchnorm(recalibrated, bn_data, len(bn_data))
             val, test = accuracy(recalibrated, "val"), accuracy(recalibrated, "test")
             counted = macs(child)
-            rows.append([f"{reduction:g}x", arm, f"{counted / base_macs:.3f}",
+            rows.append([f"{reduction:g}x", arm, str(seed), f"{counted / base_macs:.3f}",
                          "-" if before is None else f"{before:.2f}", f"{val:.2f}", f"{test:.2f}",
                          stage_widths(child), f"{time.perf_counter() - started:.0f}"])
             console.print(" | ".join(rows[-1]), markup=False)
     table = Table(title=f"one-shot accuracy, teacher val {teacher_val:.2f}% test {teacher_test:.2f}%")
-    headers = ["reduction", "arm", "MACs / teacher", "val before BN", "val after BN", "test after BN",
-               "stage conv widths", "s"]
+    headers = ["reduction", "arm", "calibration seed", "MACs / teacher", "val before BN", "val after BN",
+               "test after BN", "stage conv widths", "s"]
     for header in headers:
         table.add_column(header)
     for row in rows:

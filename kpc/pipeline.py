@@ -330,7 +330,8 @@ class Pipeline:
         settings = PruneSettings(calib_batches=p["calib_batches"], calib_batch_size=p["calib_batch_size"],
                                  importance=p["importance"], solver=p["solver"], round_to=p["round_to"],
                                  min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"],
-                                 bn_recalibrate=p["bn_recalibrate"])
+                                 bn_recalibrate=p["bn_recalibrate"],
+                                 importance_precision=p["importance_precision"])
         settings.check()
         kind = r.budget_kind
         target = {k: t[k] for k in ("runtime", "batch", "threads", "precision")}

@@ -33,7 +33,7 @@ from kpc.cost_model import CostModel
 from kpc.costs import FlopsModel
 from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
-from kpc.importance import METHODS, accumulate_gradients, needs_gradients, score_groups
+from kpc.importance import METHODS, PRECISIONS, accumulate_gradients, needs_gradients, score_groups
 from kpc.landing import ClosedLoop, Realised
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
@@ -70,10 +70,14 @@ class PruneSettings:
     seed: int = 0
     bins: int = 10_000  # cost bins of the exact knapsack
     bn_recalibrate: int | None = None  # batches re-estimating BatchNorm statistics; None: 20 with data, else 0
+    importance_precision: str = "auto"  # number format of the importance pass (kpc.importance.PRECISIONS)
 
     def check(self) -> None:
         if self.importance not in METHODS:
             raise KpcError(f"unknown importance {self.importance!r}: use one of {', '.join(METHODS)}")
+        if self.importance_precision not in PRECISIONS:
+            raise KpcError(f"unknown importance precision {self.importance_precision!r}: use one of "
+                           f"{', '.join(PRECISIONS)}")
         if self.solver not in SOLVERS:
             raise KpcError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
         for name in ("calib_batches", "calib_batch_size", "min_channels", "bins"):
@@ -207,6 +211,8 @@ class _Pruner:
         self.input_size = tuple(int(d) for d in example.shape[1:])
         self.earlier = provenance(model)
         self.substituted: list[str] = []  # groups ranked by magnitude: Taylor found no gradient there
+        self.gradient_precision: str | None = None  # the importance pass's number format, once it ran
+        self.gradient_images = 0  # images the importance pass read
         try:
             with torch.no_grad():
                 reference = self.work(example)
@@ -266,6 +272,8 @@ class _Pruner:
             importance={"method": self.settings.importance, "data": self.data_label,
                         "batches": self.settings.calib_batches, "batch_size": self.settings.calib_batch_size,
                         "seed": self.settings.seed,
+                        **({"precision": self.gradient_precision, "images": self.gradient_images}
+                           if self.gradient_precision else {}),
                         **({"magnitude_for_groups": self.substituted} if self.substituted else {})},
             solver=self.settings.solver, round_to=round_to, min_channels=self.settings.min_channels,
             ignore=list(self.settings.ignore), landed=outcome.landed,
@@ -319,7 +327,9 @@ class _Pruner:
         torch.manual_seed(s.seed)
         if needs_gradients(s.importance):
             assert self.calibration is not None
-            accumulate_gradients(self.work, self.calibration, limit=s.calib_batches, progress=self.progress)
+            self.gradient_images, self.gradient_precision = accumulate_gradients(
+                self.work, self.calibration, limit=s.calib_batches, progress=self.progress,
+                precision=s.importance_precision)
         scores = score_groups(groups, s.importance)
         self.work.zero_grad(set_to_none=True)
         if needs_gradients(s.importance) and scores.values and len(scores.empty) == len(scores.values):

@@ -94,6 +94,8 @@ def schema() -> Schema:
             "importance": Field(str, default=prune.importance), "solver": Field(str, default=prune.solver),
             "round_to": Field(int, default=prune.round_to), "min_channels": Field(int, default=prune.min_channels),
             "ignore": Field(list, default=list(prune.ignore)),
+            "importance_precision": Field(str, default=prune.importance_precision,
+                                          help="auto (bf16 where native), fp32 or bf16"),
             "bn_recalibrate": Field(int, default=prune.bn_recalibrate,
                                     help="batches re-estimating BatchNorm (default: 20 with real data)"),
         }),

@@ -62,6 +62,7 @@ def _edited_plan(artifact: Path, tmp_path: Path, edit) -> Path:
     (["--budget-ratio", "0.5", "--calib-batches", "0"], "--calib-batches"),
     (["--budget-ratio", "0.5", "--seed", str(2**70)], "--seed"),
     (["--budget-ratio", "0.5", "--importance", "random"], "unknown importance 'random'"),
+    (["--budget-ratio", "0.5", "--importance-precision", "fp64"], "unknown importance precision 'fp64'"),
 ])
 def test_bad_prune_numbers(args, fragment, tmp_path):
     out = tmp_path / "out"

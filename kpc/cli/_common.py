@@ -148,6 +148,12 @@ class Importance(StrEnum):
     taylor_normalized = "taylor-normalized"
 
 
+class GradientPrecision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Solver(StrEnum):
     exact = "exact"
     greedy = "greedy"
