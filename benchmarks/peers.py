@@ -76,10 +76,24 @@ def speedups(base: nn.Module, children: dict[str, nn.Module], size: tuple[int, .
     return reports
 
 
-def _parameter_count(model: nn.Module) -> float:
-    """FastNAS's score on random weights: the larger subnet under the constraint (a constant score let it keep
-    the first subnet that fit, 6% of the MACs for a 50% constraint)."""
-    return float(sum(p.numel() for p in model.parameters()))
+def output_fidelity(parent: nn.Module, images: torch.Tensor) -> Any:
+    """FastNAS's score on random weights: how close a subnet's logits stay to the parent's (minus their MSE).
+
+    FastNAS ranks every width choice by how much the score drops with it (its sensitivity map)
+    and then bisects a threshold on that drop. A score that does not see the subnet (the
+    parameter count: ModelOpt's dynamic modules keep their full weights and slice them in
+    the forward) drops by zero everywhere, and the search returned the smallest subnet, 6% of
+    the MACs for a 50% constraint.
+    """
+    with torch.no_grad():
+        reference = parent.eval()(images)
+
+    def score(model: nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            return -float(torch.nn.functional.mse_loss(model(images), reference))
+
+    return score
 
 
 def part_speed(args: argparse.Namespace) -> None:
@@ -99,7 +113,8 @@ def part_speed(args: argparse.Namespace) -> None:
         lambda: kpc.prune(base, example, kpc.Budget(ratio=0.5), calibration=synthetic, round_to=32,
                           bn_recalibrate=0).model)
     children["ModelOpt FastNAS flops 50%"], seconds["ModelOpt FastNAS flops 50%"] = timed(
-        lambda: modelopt_fastnas(base, example, 0.5, synthetic, _parameter_count, args.work / "modelopt-r50.pth"))
+        lambda: modelopt_fastnas(base, example, 0.5, synthetic, output_fidelity(base, synthetic[0][:4]),
+                                 args.work / "modelopt-r50.pth"))
 
     def tp(importance: str) -> nn.Module:
         import torch_pruning as tp_lib

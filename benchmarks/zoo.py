@@ -21,6 +21,7 @@ weights are allocated). Seconds are the prune subprocess's CPU time (user + sys)
 busy machine inflates less than wall time.
 
     .venv/bin/python benchmarks/zoo.py                  # the whole sweep; appends to benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/zoo.py --sample 30             # every k-th model: 30 of them
     .venv/bin/python benchmarks/zoo.py --only torchvision:mnasnet1_0,timm:ghostnet_100 --no-record
 """
 
@@ -70,6 +71,8 @@ class Outcome:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated specs instead of the whole zoo")
+    parser.add_argument("--sample", type=int, help="N models spread evenly over the zoo's sorted list (every k-th), "
+                        "for a sweep that fits in a session")
     parser.add_argument("--limit-s", type=int, default=300, help="time limit per subprocess")
     parser.add_argument("--size", type=int, default=64, help="input height and width tried first")
     parser.add_argument("--threads", type=int, default=2)
@@ -208,6 +211,9 @@ def check_artifact(outcome: Outcome, out: Path, args: argparse.Namespace, env: d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     specs = args.only.split(",") if args.only else [*torchvision_models(), *timm_families()]
+    if args.sample and args.sample < len(specs):
+        step = len(specs) / args.sample
+        specs = [specs[int(i * step)] for i in range(args.sample)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="kpc-zoo-") as tmp:
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         append_results("Zoo sweep: prune 0.5, reload, export (issue 12)",
                        ["model", "verdict", "input", "prune CPU s", "prune wall s", "detail"], rows,
                        threads=args.threads,
-                       notes=[f"{len(outcomes)} models: {summary}",
+                       notes=[f"{len(outcomes)} models{' (every k-th of the zoo, --sample)' if args.sample else ''}: "
+                              f"{summary}",
                               f"prune over 60 CPU-s: {len(slow)} ({', '.join(o.spec for o in slow) or 'none'})"])
     return 0 if counts["broken"] == 0 and counts["hang"] == 0 else 1
 
