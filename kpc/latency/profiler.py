@@ -312,6 +312,7 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
     layers = model_layers(model, example, settings.round_to, settings.min_channels, settings.ignore)
     grid = measurement_grid(layers, settings.round_to)
     total = sum(len(grid_keys(g, i, o)) for g, i, o in grid.values())
+    whole_model_timings = len(CALIBRATION_FRACTIONS) + RANDOM_CALIBRATIONS  # fit_remainder's, counted in the progress
     done = sum(1 for k, (g, i, o) in grid.items() for p in grid_keys(g, i, o) if f"{p[0]},{p[1]}" in points.get(k, {}))
 
     def save_partial() -> None:
@@ -335,7 +336,7 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
                         reference_ms.append(timing.reference_ms)
                     done += 1
                     if progress is not None:
-                        progress(done, total)
+                        progress(done, total + whole_model_timings)
                     if done % 16 == 0:
                         save_partial()
         except BaseException:
@@ -360,7 +361,8 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
         "channel_block": channel_block(settings.runtime, settings.precision),
     }
     table = LatencyTable(header, entries, Remainder())
-    fit_remainder(table, model, tuple(input_size), layers, settings)
+    fit_remainder(table, model, tuple(input_size), layers, settings,
+                  progress=None if progress is None else lambda k: progress(total + k, total + whole_model_timings))
     if relative and reference_ms:
         header["reference"] = {"signature": REFERENCE_SIGNATURE, "median_ms": unit_ms,
                                "spread_ms": [float(np.min(reference_ms)), float(np.max(reference_ms))]}
@@ -448,8 +450,10 @@ def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, 
 
 
 def fit_remainder(table: LatencyTable, model: Any, input_size: tuple[int, ...], layers: ModelLayers,
-                  settings: ProfileSettings) -> None:
+                  settings: ProfileSettings, progress: Callable[[int], None] | None = None) -> None:
     """Time the whole model at uniform and random widths; fit scale, fixed and volume terms.
+
+    `progress(k)` after the k-th whole-model timing: they take most of a small model's profile.
 
     Uniform widths alone make the entry sum and the tensor volumes nearly collinear, so
     random assignments (seeded, distinct from any benchmark's) are timed too.
@@ -470,6 +474,8 @@ def fit_remainder(table: LatencyTable, model: Any, input_size: tuple[int, ...], 
             features.append((predictor.entries_ms(widths), predictor.activation_fraction(widths)))
             measured.append(ratio * timer.reference_ms)
             records.append({"variant": name, "measured_ms": measured[-1], "ratio_to_unpruned": ratio})
+            if progress is not None:
+                progress(len(records))
     finally:
         timer.close()
     columns = np.array(features)
