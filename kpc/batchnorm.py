@@ -23,6 +23,7 @@ from kpc.importance import as_batches
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCHES = 20
+FEW_IMAGES = 64  # below this many images re-estimated statistics are noise more than signal: say so
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -67,4 +68,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], count: int) 
     if used == 0:
         raise KpcError("BatchNorm recalibration got no batch of two images or more from the data")
     log.info("BatchNorm statistics re-estimated on %d batches (%d images) in %d layers", used, images, len(layers))
+    if images < FEW_IMAGES:
+        log.warning("BatchNorm statistics were re-estimated on only %d images: they are noisy (a variance from a "
+                    "few images can be near zero and blow up rounding); give more batches, or --bn-recalibrate 0 to "
+                    "keep the model's own", images)
     return {"batches": used, "images": images, "layers": len(layers)}

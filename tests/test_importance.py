@@ -69,7 +69,7 @@ def test_a_model_without_bf16_falls_back_to_fp32_under_auto_and_refuses_under_bf
     assert images == 4 and used == "fp32"
     assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
-    with pytest.raises(KpcError, match="does not run in bf16.*--importance-precision fp32"):
+    with pytest.raises(KpcError, match=r"does not run in bf16.*--importance-precision fp32"):
         accumulate_gradients(model, batches, precision="bf16")
 
 

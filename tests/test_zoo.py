@@ -41,7 +41,10 @@ SIZE = (3, 64, 64)
 @pytest.mark.parametrize(("spec", "ratio"), ZOO, ids=[s for s, _ in ZOO])
 def test_zoo_model_prunes_saves_and_reloads(spec, ratio, tmp_path):
     started = time.perf_counter()
-    loaded, result = prune_spec(spec, Budget(ratio=ratio), input_size=SIZE, calib_batches=1, calib_batch_size=2)
+    # BatchNorm keeps the model's own statistics: re-estimated on two random images they are degenerate, and
+    # mnasnet's ONNX export then failed its parity check on 0.5% rounding gaps the tiny variances blew up
+    loaded, result = prune_spec(spec, Budget(ratio=ratio), input_size=SIZE, calib_batches=1, calib_batch_size=2,
+                                bn_recalibrate=0)
     example = loaded.example_input()
     with torch.no_grad():
         assert result.model(example).shape == loaded.model(example).shape
