@@ -28,6 +28,7 @@ import torch
 from kpc import __version__
 from kpc.artifact import LoadedModel, is_artifact, open_model
 from kpc.errors import KpcError, VerificationFailed
+from kpc.train.threads import CORE_SHARE, runqueue_seconds
 
 BENCH_SCHEMA = "kpc-bench/1"
 INPUT_NAME = "input"
@@ -57,6 +58,8 @@ REPORT_SCHEMA: dict[str, str] = {
     "speedup": "{ratio: float (median baseline / median candidate), ci_low: float, ci_high: float, "
                "confidence: float, resamples: int, method: str}",
     "gate": "{min_speedup: float | null, passed: bool | null (null when no gate was asked)}",
+    "cores": "{share_on_core: float | null (of the timing threads' runnable time, the share spent on a core; "
+             "Linux schedstat, null elsewhere), contended: bool (share below 0.85: another process competed)}",
 }
 
 
@@ -184,9 +187,13 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
         per_block = -(-settings.iters // blocks)
         log.info(f"timing in alternating blocks: {blocks} blocks of {per_block} runs each ({settings.warmup} warm-up "
                  "runs first), each model alone in its block as a server runs it")
+        queue_before = runqueue_seconds()
         stats_a, stats_b = exporters.blocked(runner_a, inputs, runner_b, inputs, blocks=blocks, per_block=per_block,
                                              warmup=settings.warmup)
+        core_share = _core_share(queue_before, runqueue_seconds())
         described = runner_a.describe()
+    if contended(core_share):
+        log.warning(CONTENDED_HINT.format(wait=1 - core_share))
     ratio, low, high = exporters.bootstrap_ratio_ci(stats_a.samples_ms, stats_b.samples_ms,
                                                     confidence=settings.confidence, resamples=settings.resamples,
                                                     seed=settings.seed)
@@ -211,7 +218,33 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
                     "resamples": settings.resamples, "method": "median ratio, paired percentile bootstrap"},
         "gate": {"min_speedup": min_speedup,
                  "passed": None if min_speedup is None else bool(low >= min_speedup)},
+        "cores": {"share_on_core": core_share, "contended": contended(core_share)},
     }
+
+
+def _core_share(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Of the time this process's threads were runnable while timing, the share they spent on a core."""
+    if before is None or after is None:
+        return None
+    on_core, waiting = after[0] - before[0], after[1] - before[1]
+    return on_core / (on_core + waiting) if on_core + waiting > 0 else None
+
+
+def contended(core_share: float | None) -> bool:
+    """Whether another process took the cores while timing (then no latency read is the served one)."""
+    return core_share is not None and core_share < CORE_SHARE
+
+
+CONTENDED_HINT = ("the timing threads waited for a core {wait:.0%} of their runnable time: another process competed "
+                  "for the cores, so these figures are not what an idle server measures; rerun on an idle machine")
+
+
+def contention_note(report: dict[str, Any]) -> str | None:
+    """One sentence for a report timed beside a busy process; None when the cores were free (or unknown)."""
+    cores = report.get("cores") or {}
+    if not cores.get("contended"):
+        return None
+    return CONTENDED_HINT.format(wait=1 - cores["share_on_core"])
 
 
 def _runner(exporters: Any, settings: BenchSettings) -> Any:
@@ -245,10 +278,11 @@ def check_gate(report: dict[str, Any]) -> None:
     gate, speedup = report["gate"], report["speedup"]
     if gate["min_speedup"] is None or gate["passed"]:
         return
+    note = contention_note(report)
     raise VerificationFailed(
         f"speedup {speedup['ratio']:.3g}x ({speedup['confidence']:.0%} CI {speedup['ci_low']:.3g}-"
         f"{speedup['ci_high']:.3g}) on {report['runtime']} does not clear --min-speedup {gate['min_speedup']:g}: "
-        "the interval's lower bound is below it")
+        "the interval's lower bound is below it" + (f" ({note})" if note else ""))
 
 
 def render_markdown(report: dict[str, Any]) -> str:

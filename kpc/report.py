@@ -45,6 +45,7 @@ def _stage_times(pipeline: Any) -> dict[str, float]:
 def build_report(pipeline: Any, actions: dict[str, str], run_seconds: float | None = None) -> dict[str, Any]:
     """Collect the figures from the stage outputs of a finished run."""
     from kpc.artifact import read_plan
+    from kpc.benchmark import contention_note
 
     r = pipeline.recipe
     prune_round = read_plan(pipeline.child_path()).rounds[-1]
@@ -78,8 +79,9 @@ def build_report(pipeline: Any, actions: dict[str, str], run_seconds: float | No
     failures = []
     v = r["verify"]
     if v["min_speedup"] is not None and speedup and speedup.get("ci_low", 0) < v["min_speedup"]:
+        note = contention_note(bench)
         failures.append(f"speedup {speedup['ratio']:.2f}x (95% CI {speedup['ci_low']:.2f}-{speedup['ci_high']:.2f}) "
-                        f"is below the required {v['min_speedup']:.2f}x")
+                        f"is below the required {v['min_speedup']:.2f}x" + (f" ({note})" if note else ""))
     drop = None
     if "teacher" in top1 and "final" in top1:
         drop = top1["teacher"] - top1["final"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from typer.testing import CliRunner
 from exporters import RUNTIMES
 from kpc.benchmark import BENCH_SCHEMA, REPORT_SCHEMA
 from kpc.cli import app
+from kpc.train.threads import runqueue_seconds
 
 from .conftest import SMALL
 from .test_export_cli import assert_one_error_line, make_pruned
@@ -57,7 +61,7 @@ def test_report_schema(passing, pruned):
     for key, kind in [("created", str), ("kpc_version", str), ("runtime", str), ("precision", str), ("batch", int),
                       ("threads", int), ("channels_last", bool), ("input_shape", list), ("warmup", int),
                       ("iters", int), ("device", str), ("versions", dict), ("baseline", dict), ("candidate", dict),
-                      ("speedup", dict), ("gate", dict)]:
+                      ("speedup", dict), ("gate", dict), ("cores", dict)]:
         assert isinstance(report[key], kind), key
     assert (report["runtime"], report["precision"], report["batch"], report["threads"]) == ("ort-cpu", "fp32", 1, 2)
     assert report["input_shape"] == [1, *SMALL] and (report["warmup"], report["iters"]) == (20, 300)
@@ -73,6 +77,7 @@ def test_report_schema(passing, pruned):
     assert report["candidate"]["artifact"] is True
     assert set(report["speedup"]) == {"ratio", "ci_low", "ci_high", "confidence", "resamples", "method"}
     assert report["speedup"]["confidence"] == 0.95 and report["speedup"]["resamples"] == 2000
+    assert set(report["cores"]) == {"share_on_core", "contended"}
     markdown = (out / "report.md").read_text()
     assert "| baseline | `torchvision:resnet18` |" in markdown and "gate >= 1.2: **passed**" in markdown
     assert f"**Speedup {report['speedup']['ratio']:.2f}x**" in markdown
@@ -142,3 +147,22 @@ def test_incomplete_artifact_is_exit_2(pruned, tmp_path):
 def test_too_few_iterations_is_exit_2():
     result = runner.invoke(app, ["bench", BASE[0], BASE[0], *BASE[1:], "--iters", "1"])
     assert_one_error_line(result, 2, "--iters >= 2")
+
+
+@pytest.mark.skipif(runqueue_seconds() is None, reason="no per-thread schedstat on this system (Linux only)")
+def test_a_bench_beside_busy_processes_says_its_figures_are_not_an_idle_servers(pruned, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        report_path = tmp_path / "r.json"
+        result = runner.invoke(app, ["bench", BASE[0], str(pruned), *BASE[1:], "--runtime", "ort-cpu", "--threads",
+                                     "2", "--warmup", "5", "--iters", "60", "--min-speedup", "50",
+                                     "--json", str(report_path)])
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    report = json.loads(report_path.read_text())
+    assert report["cores"]["contended"] is True and report["cores"]["share_on_core"] < 0.85, report["cores"]
+    line = assert_one_error_line(result, 1, "does not clear --min-speedup 50")
+    assert "another process competed for the cores" in line and "rerun on an idle machine" in line
