@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from kpc import __version__
 from kpc.artifact import LoadedModel, is_artifact, open_model
 from kpc.errors import KpcError, VerificationFailed
-from kpc.train.threads import CORE_SHARE, runqueue_seconds
+from kpc.train.threads import machine_busy_seconds
 
 BENCH_SCHEMA = "kpc-bench/1"
 INPUT_NAME = "input"
@@ -58,8 +59,9 @@ REPORT_SCHEMA: dict[str, str] = {
     "speedup": "{ratio: float (median baseline / median candidate), ci_low: float, ci_high: float, "
                "confidence: float, resamples: int, method: str}",
     "gate": "{min_speedup: float | null, passed: bool | null (null when no gate was asked)}",
-    "cores": "{share_on_core: float | null (of the timing threads' runnable time, the share spent on a core; "
-             "Linux schedstat, null elsewhere), contended: bool (share below 0.85: another process competed)}",
+    "cores": "{available: int (cores this process may use), other_processes: float | null (cores' worth of CPU "
+             "time other processes used while timing; /proc/stat, null elsewhere), contended: bool (they took "
+             "cores the timing threads needed)}",
 }
 
 
@@ -187,13 +189,15 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
         per_block = -(-settings.iters // blocks)
         log.info(f"timing in alternating blocks: {blocks} blocks of {per_block} runs each ({settings.warmup} warm-up "
                  "runs first), each model alone in its block as a server runs it")
-        queue_before = runqueue_seconds()
+        load_before = machine_busy_seconds()
         stats_a, stats_b = exporters.blocked(runner_a, inputs, runner_b, inputs, blocks=blocks, per_block=per_block,
                                              warmup=settings.warmup)
-        core_share = _core_share(queue_before, runqueue_seconds())
+        others = _other_processes_cores(load_before, machine_busy_seconds())
         described = runner_a.describe()
-    if contended(core_share):
-        log.warning(CONTENDED_HINT.format(wait=1 - core_share))
+    threads_used = int(described.get("threads", settings.threads or 1) or 1)
+    busy = contended(others, threads_used)
+    if busy:
+        log.warning(CONTENDED_HINT.format(others=others))
     ratio, low, high = exporters.bootstrap_ratio_ci(stats_a.samples_ms, stats_b.samples_ms,
                                                     confidence=settings.confidence, resamples=settings.resamples,
                                                     seed=settings.seed)
@@ -218,25 +222,35 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
                     "resamples": settings.resamples, "method": "median ratio, paired percentile bootstrap"},
         "gate": {"min_speedup": min_speedup,
                  "passed": None if min_speedup is None else bool(low >= min_speedup)},
-        "cores": {"share_on_core": core_share, "contended": contended(core_share)},
+        "cores": {"available": available_cores(), "other_processes": others, "contended": busy},
     }
 
 
-def _core_share(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
-    """Of the time this process's threads were runnable while timing, the share they spent on a core."""
-    if before is None or after is None:
+def _other_processes_cores(before: tuple[float, float, float] | None,
+                           after: tuple[float, float, float] | None) -> float | None:
+    """Cores' worth of CPU time every other process used while timing (None where /proc/stat is missing)."""
+    if before is None or after is None or after[2] <= before[2]:
         return None
-    on_core, waiting = after[0] - before[0], after[1] - before[1]
-    return on_core / (on_core + waiting) if on_core + waiting > 0 else None
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, other / (after[2] - before[2]))
 
 
-def contended(core_share: float | None) -> bool:
-    """Whether another process took the cores while timing (then no latency read is the served one)."""
-    return core_share is not None and core_share < CORE_SHARE
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-CONTENDED_HINT = ("the timing threads waited for a core {wait:.0%} of their runnable time: another process competed "
-                  "for the cores, so these figures are not what an idle server measures; rerun on an idle machine")
+# Other processes' load (in cores) above what the timing threads leave free, plus this slack: contended.
+# (Its own idle sessions' spinning threads are this process's, so they do not count against it.)
+CONTENDED_SLACK = 0.25
+
+
+def contended(others: float | None, threads: int) -> bool:
+    """Whether other processes took cores the timing threads needed (then no figure is an idle server's)."""
+    return others is not None and others > max(0, available_cores() - threads) + CONTENDED_SLACK
+
+
+CONTENDED_HINT = ("other processes kept {others:.1f} cores busy while timing: they competed for the cores, so these "
+                  "figures are not what an idle server measures; rerun on an idle machine")
 
 
 def contention_note(report: dict[str, Any]) -> str | None:
@@ -244,7 +258,7 @@ def contention_note(report: dict[str, Any]) -> str | None:
     cores = report.get("cores") or {}
     if not cores.get("contended"):
         return None
-    return CONTENDED_HINT.format(wait=1 - cores["share_on_core"])
+    return CONTENDED_HINT.format(others=cores["other_processes"])
 
 
 def _runner(exporters: Any, settings: BenchSettings) -> Any:

@@ -47,6 +47,23 @@ def runqueue_seconds() -> tuple[float, float] | None:
     return (on_core / 1e9, waiting / 1e9) if on_core or waiting else None
 
 
+def machine_busy_seconds() -> tuple[float, float, float] | None:
+    """(CPU-seconds the whole machine spent busy, CPU-seconds of this process, wall seconds), for differences.
+
+    From /proc/stat (user, nice, system, irq, softirq: the host's steal is not the guest's
+    load); None where it is missing. The difference between the first two is what every
+    other process used meanwhile.
+    """
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+        busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return busy, own.user + own.system, time.perf_counter()
+
+
 def default_threads() -> int:
     """Threads when none are given: every core this process may use (one fewer above 2; a share under torchrun).
 
