@@ -146,8 +146,10 @@ def sweep_one(spec: str, args: argparse.Namespace, env: dict[str, str], work: Pa
         if code is None:
             outcome.verdict, outcome.detail = "hang", f"prune ran past {args.limit_s} s"
             return outcome
-        if code == 2 and attempt == 0 and "fails on an input of shape" in err:
-            size = native_size(spec)  # the model needs its own input size (a fixed patch grid, a large stride)
+        if code == 2 and attempt == 0:
+            # any refusal at the small size is tried again at the model's own (a fixed patch grid, a large
+            # stride: vit_h_14 refused 64x64 as "indivisible by patch size", a message the old check missed)
+            size = native_size(spec)
             if size != args.size:
                 continue
         if code == 2 and one_line_error(err):
