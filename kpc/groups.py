@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import signal
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -125,9 +126,17 @@ def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> 
                                                          ignored_layers=attention)
 
 
+# torch-pruning's search for one root's coupled channels is pure Python over index lists; through the
+# window reshapes of a Swin transformer it ran for minutes and grew to 17 GB. A root not traced in this
+# time is left whole, and once the whole search has used its budget the remaining roots are too.
+GROUP_TRACE_S = 10
+DISCOVERY_S = 120
+
+
 def _each_group(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, object | None, str | None]]:
     """Like torch-pruning's get_all_groups, but a root whose group cannot be traced is reported, not raised."""
     visited: set[nn.Module] = set()
+    deadline = time.monotonic() + DISCOVERY_S
     for module in list(graph.module2node):
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or module in visited:
             continue
@@ -135,8 +144,18 @@ def _each_group(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, object |
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         width = int(pruner.get_out_channels(module))
+        left = int(deadline - time.monotonic())
+        if left < 1:
+            visited.add(module)
+            yield module, None, f"dependencies not traced: the search for every group ran past {DISCOVERY_S} s"
+            continue
         try:
-            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+            with time_limit(min(GROUP_TRACE_S, left), "tracing one group's dependencies"):
+                group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+        except TimeoutError:
+            visited.add(module)
+            yield module, None, f"dependencies not traced within {min(GROUP_TRACE_S, left)} s (torch-pruning)"
+            continue
         except Exception as exc:  # torch-pruning's index mapping fails on some split/concat patterns
             visited.add(module)
             yield module, None, f"dependencies not traceable ({type(exc).__name__} in torch-pruning)"

@@ -66,3 +66,16 @@ def test_zoo_model_prunes_saves_and_reloads(spec, ratio, tmp_path):
         record = export_model(load_artifact(out), tmp_path / "export", ExportSettings(onnx=True, samples=1))
         assert record["parity"]["ok"]
     print(f"{spec}: {len(result.round.groups)} groups, {len(whole)} whole, {time.perf_counter() - started:.1f} s")
+
+
+def test_a_dependency_search_out_of_time_leaves_groups_whole_instead_of_hanging(monkeypatch):
+    """torch-pruning's search ran for minutes and 17 GB on swin_s; past its budget every root stays whole, said why."""
+    import kpc.groups
+    from kpc.artifact import open_model
+    from kpc.pruning import analyse_groups
+
+    loaded = open_model("torchvision:resnet18", num_classes=10, input_size=(3, 32, 32))
+    monkeypatch.setattr(kpc.groups, "DISCOVERY_S", 0)  # the budget already spent when the search starts
+    _graph, groups = analyse_groups(loaded.model, loaded.example_input(), round_to=8, min_channels=8)
+    assert groups and not any(g.prunable for g in groups)
+    assert all("ran past 0 s" in g.reason for g in groups), {g.root: g.reason for g in groups}
