@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from kpc import __version__
 from kpc.artifact import LoadedModel, is_artifact, open_model
 from kpc.errors import KpcError, VerificationFailed
-from kpc.train.threads import machine_busy_seconds
+from kpc.train.threads import available_cores, machine_busy_seconds
 
 BENCH_SCHEMA = "kpc-bench/1"
 INPUT_NAME = "input"
@@ -194,8 +193,8 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
                                              warmup=settings.warmup)
         others = _other_processes_cores(load_before, machine_busy_seconds())
         described = runner_a.describe()
-    threads_used = int(described.get("threads", settings.threads or 1) or 1)
-    busy = contended(others, threads_used)
+    threads = int(described.get("threads", settings.threads or 0))
+    busy = contended(others, max(1, threads))
     if busy:
         log.warning(CONTENDED_HINT.format(others=others))
     ratio, low, high = exporters.bootstrap_ratio_ci(stats_a.samples_ms, stats_b.samples_ms,
@@ -208,7 +207,7 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
         "runtime": settings.runtime,
         "precision": settings.precision,
         "batch": settings.batch,
-        "threads": int(described.get("threads", settings.threads or 0)),
+        "threads": threads,
         "channels_last": settings.channels_last,
         "input_shape": [settings.batch, *size],
         "warmup": settings.warmup,
@@ -233,10 +232,6 @@ def _other_processes_cores(before: tuple[float, float, float] | None,
         return None
     other = (after[0] - before[0]) - (after[1] - before[1])
     return max(0.0, other / (after[2] - before[2]))
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # Other processes' load (in cores) above what the timing threads leave free, plus this slack: contended.

@@ -144,17 +144,17 @@ def _each_group(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, object |
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         width = int(pruner.get_out_channels(module))
-        left = int(deadline - time.monotonic())
-        if left < 1:
+        limit = min(GROUP_TRACE_S, int(deadline - time.monotonic()))
+        if limit < 1:
             visited.add(module)
             yield module, None, f"dependencies not traced: the search for every group ran past {DISCOVERY_S} s"
             continue
         try:
-            with time_limit(min(GROUP_TRACE_S, left), "tracing one group's dependencies"):
+            with time_limit(limit, "tracing one group's dependencies"):
                 group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
         except TimeoutError:
             visited.add(module)
-            yield module, None, f"dependencies not traced within {min(GROUP_TRACE_S, left)} s (torch-pruning)"
+            yield module, None, f"dependencies not traced within {limit} s (torch-pruning)"
             continue
         except Exception as exc:  # torch-pruning's index mapping fails on some split/concat patterns
             visited.add(module)

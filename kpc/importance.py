@@ -74,10 +74,14 @@ def as_batches(calibration: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch
         yield images, labels
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp32 or bf16: what `precision` (one of PRECISIONS) means on this device."""
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise KpcError(f"unknown importance precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 or bf16: what `precision` (one of PRECISIONS) means on this device."""
+    check_precision(precision)
     if precision != "auto":
         return precision
     if device.type == "cuda":

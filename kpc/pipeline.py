@@ -107,6 +107,21 @@ class Pipeline:
         model = recipe["model"]
         # the recipe names its model: a file spec there is trusted, and artifacts built from it are rebuilt with it
         self.model_file = model if isinstance(model, str) and model.rpartition(":")[0].endswith(".py") else None
+        self.prune_settings()  # a bad choice in `prune:` is refused before any stage writes a file
+
+    def prune_settings(self) -> Any:
+        """The recipe's `prune:` section as checked PruneSettings."""
+        from kpc.pruning import PruneSettings
+
+        r = self.recipe
+        p = r["prune"]
+        settings = PruneSettings(calib_batches=p["calib_batches"], calib_batch_size=p["calib_batch_size"],
+                                 importance=p["importance"], solver=p["solver"], round_to=p["round_to"],
+                                 min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"],
+                                 bn_recalibrate=p["bn_recalibrate"],
+                                 importance_precision=p["importance_precision"])
+        settings.check()
+        return settings
 
     # ------------------------------------------------------------ layout
 
@@ -321,18 +336,12 @@ class Pipeline:
 
     def _run_prune(self, directory: Path) -> dict[str, Any]:
         from kpc.latency import load_table
-        from kpc.pruning import PruneSettings
         from kpc.workflow import make_budget, prune_to_artifact
 
         r = self.recipe
-        p, t, b = r["prune"], r["target"], r["budget"]
+        t, b = r["target"], r["budget"]
         teacher = self.open_teacher()
-        settings = PruneSettings(calib_batches=p["calib_batches"], calib_batch_size=p["calib_batch_size"],
-                                 importance=p["importance"], solver=p["solver"], round_to=p["round_to"],
-                                 min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"],
-                                 bn_recalibrate=p["bn_recalibrate"],
-                                 importance_precision=p["importance_precision"])
-        settings.check()
+        settings = self.prune_settings()
         kind = r.budget_kind
         target = {k: t[k] for k in ("runtime", "batch", "threads", "precision")}
         if kind in ("ms", "latency_ratio"):

@@ -33,7 +33,7 @@ from kpc.cost_model import CostModel
 from kpc.costs import FlopsModel
 from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
-from kpc.importance import METHODS, PRECISIONS, accumulate_gradients, needs_gradients, score_groups
+from kpc.importance import METHODS, accumulate_gradients, check_precision, needs_gradients, score_groups
 from kpc.landing import ClosedLoop, Realised
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
@@ -75,9 +75,7 @@ class PruneSettings:
     def check(self) -> None:
         if self.importance not in METHODS:
             raise KpcError(f"unknown importance {self.importance!r}: use one of {', '.join(METHODS)}")
-        if self.importance_precision not in PRECISIONS:
-            raise KpcError(f"unknown importance precision {self.importance_precision!r}: use one of "
-                           f"{', '.join(PRECISIONS)}")
+        check_precision(self.importance_precision)
         if self.solver not in SOLVERS:
             raise KpcError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
         for name in ("calib_batches", "calib_batch_size", "min_channels", "bins"):

@@ -120,3 +120,16 @@ def test_dry_run_and_bad_recipes(finished_run, tmp_path):
     assert not (tmp_path / "never").exists()
     result = runner.invoke(app, ["run", str(recipe), "--out", str(run), "--from", "quantize"])
     assert result.exit_code == 2 and "unknown stage 'quantize'" in result.output
+
+
+@pytest.mark.parametrize(("prune", "message"), [
+    ("{importance_precision: fp8}", "unknown importance precision 'fp8'"),
+    ("{importance: foo}", "unknown importance 'foo'"),
+    ("{solver: lp}", "unknown solver 'lp'"),
+])
+def test_a_bad_choice_in_the_prune_section_is_refused_before_any_stage_writes(prune, message, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {{ratio: 0.5}}\nprune: {prune}\n")
+    result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "never").exists()

@@ -148,7 +148,7 @@ class Importance(StrEnum):
     taylor_normalized = "taylor-normalized"
 
 
-class GradientPrecision(StrEnum):
+class ImportancePrecision(StrEnum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"

@@ -9,8 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kpc.cli._common import (
-    GradientPrecision,
     Importance,
+    ImportancePrecision,
     InputSizeOpt,
     ModelFileOpt,
     NumClassesOpt,
@@ -81,10 +81,10 @@ def prune_command(
                                                        "data, 0 with synthetic).")] = DEFAULTS.bn_recalibrate,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the calibration sample.")]
     = DEFAULTS.seed,
-    importance_precision: Annotated[GradientPrecision, typer.Option(
+    importance_precision: Annotated[ImportancePrecision, typer.Option(
         "--importance-precision", help="Number format of the importance pass: auto (bf16 where the CPU or GPU "
         "computes it natively, about twice as fast; else fp32), fp32 or bf16.")]
-    = GradientPrecision(DEFAULTS.importance_precision),
+    = ImportancePrecision(DEFAULTS.importance_precision),
     overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
     """Score channels, solve the knapsack under the budget, remove channels physically, save the artifact.

@@ -64,6 +64,11 @@ def machine_busy_seconds() -> tuple[float, float, float] | None:
     return busy, own.user + own.system, time.perf_counter()
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
     """Threads when none are given: every core this process may use (one fewer above 2; a share under torchrun).
 
@@ -71,7 +76,7 @@ def default_threads() -> int:
     collapse, which `CoreWatch` sees within seconds and answers by dropping to one thread
     (figures in benchmarks/RESULTS.md, "training threads").
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     # Under torchrun every process on this node gets its share, or N ranks x all cores oversubscribe them.
     try:
         ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
