@@ -22,6 +22,7 @@ busy machine inflates less than wall time.
 
     .venv/bin/python benchmarks/zoo.py                  # the whole sweep; appends to benchmarks/RESULTS.md
     .venv/bin/python benchmarks/zoo.py --sample 30             # every k-th model: 30 of them
+    .venv/bin/python benchmarks/zoo.py --sample 30 --sample-offset 0.5   # 30 others, between those
     .venv/bin/python benchmarks/zoo.py --only torchvision:mnasnet1_0,timm:ghostnet_100 --no-record
 """
 
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated specs instead of the whole zoo")
     parser.add_argument("--sample", type=int, help="N models spread evenly over the zoo's sorted list (every k-th), "
                         "for a sweep that fits in a session")
+    parser.add_argument("--sample-offset", type=float, default=0.0,
+                        help="where in each k-step the sample starts, 0 to 1: another offset picks other models")
     parser.add_argument("--limit-s", type=int, default=300, help="time limit per subprocess")
     parser.add_argument("--size", type=int, default=64, help="input height and width tried first")
     parser.add_argument("--threads", type=int, default=2)
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.only.split(",") if args.only else [*torchvision_models(), *timm_families()]
     if args.sample and args.sample < len(specs):
         step = len(specs) / args.sample
-        specs = [specs[int(i * step)] for i in range(args.sample)]
+        offset = min(max(args.sample_offset, 0.0), 0.999)
+        specs = [specs[int((i + offset) * step)] for i in range(args.sample)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="kpc-zoo-") as tmp:
@@ -234,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     slow = [o for o in outcomes if o.cpu_s > 60]
     if args.json:
         args.json.write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
+    sampled = f" (every k-th of the zoo, --sample, offset {args.sample_offset:g})" if args.sample else ""
     if not args.no_record:
         append_results("Zoo sweep: prune 0.5, reload, export (issue 12)",
                        ["model", "verdict", "input", "prune CPU s", "prune wall s", "detail"], rows,
                        threads=args.threads,
-                       notes=[f"{len(outcomes)} models{' (every k-th of the zoo, --sample)' if args.sample else ''}: "
+                       notes=[f"{len(outcomes)} models{sampled}: "
                               f"{summary}",
                               f"prune over 60 CPU-s: {len(slow)} ({', '.join(o.spec for o in slow) or 'none'})"])
     return 0 if counts["broken"] == 0 and counts["hang"] == 0 else 1
