@@ -178,8 +178,15 @@ def _describe(mode: int) -> str:
     return "not a regular file"
 
 
+def _refuse_empty(target: str | Path) -> None:
+    """An empty path would become the current directory (Path("") is "."): refuse it rather than write there."""
+    if not str(target).strip():
+        raise OutputError("the output path is empty: give a file or directory path")
+
+
 def resolve_file_target(target: str | Path) -> Path:
     """The path a file write really replaces: `target`, or a symlink's regular-file target; else refuse."""
+    _refuse_empty(target)
     target = Path(target)
     if target.is_symlink():
         real = Path(os.path.realpath(target))
@@ -211,6 +218,7 @@ def is_kpc_directory(path: Path) -> bool:
 def check_dir_target(target: str | Path, *, overwrite: bool) -> Path:
     """Refuse a directory output kpc must not write: a file, a device, a symlink, or a directory
     that is not empty and (with `overwrite`) was not written by kpc."""
+    _refuse_empty(target)
     target = Path(target)
     if target.is_symlink():
         raise OutputError(f"{target} is a symlink: kpc writes output directories only at real paths (give "

@@ -73,11 +73,16 @@ def _int_list(value: Any, where: str) -> list[int]:
     return list(value)
 
 
+MAX_INPUT_ELEMENTS = 3 * 4096 * 4096  # one image of this size already takes 200 MB in fp32, before activations
+
+
 def input_size_of(value: Any, where: str) -> tuple[int, int, int]:
     """A CxHxW triple of positive integers, as a plan records it."""
     sizes = _int_list(value, where)
     if len(sizes) != 3 or min(sizes) < 1:
         raise PlanError(f"{where} should be [C, H, W] with positive sizes, got {_short(value)}")
+    if sizes[0] * sizes[1] * sizes[2] > MAX_INPUT_ELEMENTS:
+        raise PlanError(f"{where} {_short(value)} is above kpc's limit of {MAX_INPUT_ELEMENTS:,} values per image")
     return sizes[0], sizes[1], sizes[2]
 
 

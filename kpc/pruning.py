@@ -430,9 +430,12 @@ class _Pruner:
         smallest = _smallest_width(self.settings.min_channels, round_to)
         unit = cost.unit
         if limit < floor:
+            share = f", {max(floor, 0.0) / full_cost:.1%} of the unpruned model's" if full_cost > 0 else ""
+            whole = sum(not group.prunable for group in state.groups)
+            kept = f"; {whole} of {len(state.groups)} groups are left whole (see the warnings)" if whole else ""
             raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost "
-                           f"{max(floor, 0.0) / cost.scale:.4g} {unit} (every group at its smallest width, "
-                           f"{smallest}); ask for at least that")
+                           f"{max(floor, 0.0) / cost.scale:.4g} {unit}{share} (every group at its smallest width, "
+                           f"{smallest}{kept}); ask for at least that")
         if unit != "ms" or (floor > 0 and limit > 1.5 * floor):
             return
         widths = full_widths.copy()

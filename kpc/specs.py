@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpc.errors import KpcError
+from kpc.plan import MAX_INPUT_ELEMENTS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -119,8 +120,12 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
         numbers = []
     if len(numbers) == 1:
         numbers = [3, numbers[0], numbers[0]]
-    if len(numbers) != 3 or min(numbers) <= 0 or max(numbers) > 65536:
+    if len(numbers) != 3 or min(numbers) <= 0:
         raise KpcError(f"--input-size {text!r} is not CxHxW with positive sizes (e.g. 3x224x224)")
+    if numbers[0] * numbers[1] * numbers[2] > MAX_INPUT_ELEMENTS:
+        raise KpcError(f"--input-size {text!r} is {numbers[0] * numbers[1] * numbers[2]:,} values per image, above "
+                       f"kpc's limit of {MAX_INPUT_ELEMENTS:,} (e.g. 3x4096x4096): the model is built, traced and "
+                       "costed at this size; give a smaller one")
     return numbers[0], numbers[1], numbers[2]
 
 

@@ -63,6 +63,7 @@ def _edited_plan(artifact: Path, tmp_path: Path, edit) -> Path:
     (["--budget-ratio", "0.5", "--seed", str(2**70)], "--seed"),
     (["--budget-ratio", "0.5", "--importance", "random"], "unknown importance 'random'"),
     (["--budget-ratio", "0.5", "--importance-precision", "fp64"], "unknown importance precision 'fp64'"),
+    (["--budget-ratio", "0.5", "--input-size", "3x9999x9999"], "above kpc's limit"),
 ])
 def test_bad_prune_numbers(args, fragment, tmp_path):
     out = tmp_path / "out"
@@ -85,6 +86,18 @@ def test_a_weights_file_with_a_non_tensor_and_a_factory_that_raises(tmp_path):
     result = runner.invoke(app, ["prune", f"{factory}:make", "--budget-ratio", "0.5", "--out", str(out)])
     one_line_exit_2(result, "make() raised RuntimeError: out of memory in the factory")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--out"],
+    ["profile", SPEC, *SMALL, "--out"],
+    ["export", SPEC, *SMALL, "--onnx", "--out"],
+    ["bench", SPEC, SPEC, *SMALL, "--json"],
+])
+def test_an_empty_output_path_is_not_the_current_directory(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_exit_2(runner.invoke(app, [*command, ""]), "the path is empty")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("target", ["file", "devnull"])
@@ -147,6 +160,7 @@ def test_a_plot_into_a_missing_folder_is_made(tmp_path):
 
 @pytest.mark.parametrize(("edit", "fragment"), [
     (lambda p: p.update(input_size="3x32x32"), "input_size"),
+    (lambda p: p.update(input_size=[3, 10_000, 10_000]), "above kpc's limit"),
     (lambda p: p["model"].update(kwargs={"no_such_argument": 1}), "building torchvision:resnet18 failed"),
     (lambda p: p["model"].update(name="resnet_nineteen"), "unknown torchvision model"),
     (lambda p: p.update(rounds=1), "rounds should be a list"),

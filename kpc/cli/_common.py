@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -42,6 +43,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def install_signal_handlers() -> None:
     with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner's worker): nothing to install
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def output_path(text: str) -> Path:
+    """An output option's path; an empty one is refused (Path("") would silently mean the current directory)."""
+    if not str(text).strip():
+        raise typer.BadParameter("the path is empty: give a file or directory path")
+    return Path(text)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -24,6 +24,7 @@ from kpc.cli._common import (
     flag,
     handle_errors,
     out_console,
+    output_path,
     value,
 )
 
@@ -51,8 +52,10 @@ def bench_command(
     iters: Annotated[int, typer.Option("--iters", help="Timed runs per model, interleaved.")] = B.iters,
     min_speedup: Annotated[float | None, typer.Option("--min-speedup", help="Gate: exit 1 unless the 95% CI's "
                                                       "lower bound is at least this.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the kpc-bench/1 report here.")] = None,
-    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown summary here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", parser=output_path,
+                                                  help="Write the kpc-bench/1 report here.")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", parser=output_path,
+                                                      help="Write a markdown summary here.")] = None,
     num_classes: NumClassesOpt = None,
     input_size: InputSizeOpt = None,
     model_file: ModelFileOpt = None,

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from kpc.cli._common import InputSizeOpt, ModelFileOpt, NumClassesOpt, WeightsOpt, flag, handle_errors, log
+from kpc.cli._common import (
+    InputSizeOpt,
+    ModelFileOpt,
+    NumClassesOpt,
+    WeightsOpt,
+    flag,
+    handle_errors,
+    log,
+    output_path,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +26,8 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def export_command(
     model: Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME, path/file.py:factory or an artifact dir.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (model.onnx, export.json, engine).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=output_path,
+                                      help="Directory to write (model.onnx, export.json, engine).")],
     onnx: Annotated[bool, flag("--onnx", help="Export ONNX and check it with ONNX Runtime.")] = False,
     trt: Annotated[bool, flag("--trt", help="Also build a TensorRT engine and check it (needs a GPU and "
                                       "the kpc\\[trt] extra).")] = False,

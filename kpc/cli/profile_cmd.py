@@ -20,6 +20,7 @@ from kpc.cli._common import (
     flag,
     handle_errors,
     log,
+    output_path,
     value,
 )
 from kpc.latency.profiler import ProfileSettings
@@ -40,7 +41,8 @@ def profile_command(
     threads: Annotated[int, typer.Option("--threads", min=1, help="Threads pinned while measuring.")] = P.threads,
     precision: Annotated[Precision, typer.Option("--precision", help="Precision, as the runtime supports.")]
     = Precision(P.precision),
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Table file (default: profiles/<device>/"
+    out: Annotated[Path | None, typer.Option("--out", "-o", parser=output_path,
+                                             help="Table file (default: profiles/<device>/"
                                              "<runtime>-<precision>-b<batch>-t<threads>/<model>.json); with "
                                              "--show, the PNG (default: next to the table).")] = None,
     resume: Annotated[bool, flag("--resume", help="Keep the points an interrupted run measured.")] = False,

@@ -23,6 +23,7 @@ from kpc.cli._common import (
     flag,
     handle_errors,
     log,
+    output_path,
     value,
 )
 from kpc.importance import needs_gradients
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def prune_command(
     model: Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME, path/file.py:factory or an artifact dir.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=output_path, help="Artifact directory to write.")],
     budget_gflops: Annotated[float | None, typer.Option("--budget-gflops", help="Budget in GFLOPs (1 FLOP = 1 MAC).")]
     = None,
     budget_ratio: Annotated[float | None, typer.Option("--budget-ratio", help="Budget as a fraction of the "

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kpc.cli._common import flag, handle_errors, log, out_console
+from kpc.cli._common import flag, handle_errors, log, out_console, output_path
 
 
 def register(app: typer.Typer) -> None:
@@ -77,7 +77,8 @@ def _summary(out: Path) -> None:
 @handle_errors
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see README: recipe format).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: the recipe's name).")]
+    out: Annotated[Path | None, typer.Option("--out", "-o", parser=output_path,
+                                             help="Run directory (default: the recipe's name).")]
     = None,
     start_from: Annotated[str | None, typer.Option("--from", help="Redo this stage and every stage after it: "
                                                    "train, profile, prune, distill, export, verify.")] = None,
@@ -89,7 +90,7 @@ def run_command(
 
 @handle_errors
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("kpc-demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", parser=output_path, help="Run directory.")] = Path("kpc-demo"),
     data: Annotated[str | None, typer.Option("--data", help="Fashion-MNIST directory (default: the Debian "
                                              "package's).")] = None,
     dry_run: Annotated[bool, flag("--dry-run", help="Print what would run and why, and stop.")] = False,

@@ -18,6 +18,7 @@ from kpc.cli._common import (
     flag,
     handle_errors,
     log,
+    output_path,
 )
 from kpc.train.loop import DISTILL_DEFAULTS, TRAIN_DEFAULTS, default_lr
 
@@ -37,7 +38,8 @@ def _lr_help(defaults: Any) -> str:
 D = DISTILL_DEFAULTS
 DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist[:PATH], cifar10:PATH or imagefolder:PATH "
                                       "(with train/ and val/).")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write (checkpoints go to OUT.work/).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", parser=output_path,
+                                      help="Artifact directory to write (checkpoints go to OUT.work/).")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training split.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch (split over torchrun processes).")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov, momentum 0.9) or adamw.")]
