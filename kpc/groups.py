@@ -9,6 +9,7 @@ with a reason, so the rest of the network can still be pruned.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import signal
 import time
@@ -172,8 +173,8 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
     names = _module_names(model)
     param_names = {id(p): n for n, p in model.named_parameters()}
     param_dims = {id(p): int(dim) for p, dim in getattr(graph, "unwrapped_parameters", [])}
-    ignored = {n for n in names.values() if n and any(fnmatch.fnmatchcase(n, p) or n == p or
-                                                      n.startswith(p + ".") for p in ignore)}
+    ignored = {n for n in names.values() if n and any(_ignores(p, n) for p in ignore)}
+    _check_ignore_patterns(ignore, [n for n in names.values() if n])
     groups: list[ChannelGroup] = []
     grouped: dict[str, dict[str, int | None]] = {}  # grouped conv -> its groups count and the group on each side
     for root_module, tp_group, failure in _each_group(graph):
@@ -230,6 +231,23 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
         raise KpcError("found no prunable convolution or linear layers in this model")
     _tie_grouped_convs(groups, grouped)
     return groups
+
+
+def _ignores(pattern: str, name: str) -> bool:
+    """--ignore matches a module by glob, by name, or as the parent of `name`."""
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.startswith(pattern + ".")
+
+
+def _check_ignore_patterns(patterns: Sequence[str], names: list[str]) -> None:
+    """A pattern that matches no module is a typo the user would not notice: the layers they meant get pruned."""
+    for pattern in patterns:
+        if not pattern.strip():
+            raise KpcError("--ignore got an empty pattern: give a module name or a glob such as 'layer4.*'")
+        if not any(_ignores(pattern, name) for name in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            hint = f" (close: {', '.join(close)})" if close else f" (e.g. {', '.join(names[:3])})"
+            raise KpcError(f"--ignore {pattern!r} matches no module of this model{hint}: check the name "
+                           "(kpc inspect lists the groups of a pruned model)")
 
 
 def _bare_parameter(parameter: nn.Parameter, names: dict[int, str], dims: dict[int, int], width: int

@@ -64,6 +64,8 @@ def _edited_plan(artifact: Path, tmp_path: Path, edit) -> Path:
     (["--budget-ratio", "0.5", "--importance", "random"], "unknown importance 'random'"),
     (["--budget-ratio", "0.5", "--importance-precision", "fp64"], "unknown importance precision 'fp64'"),
     (["--budget-ratio", "0.5", "--input-size", "3x9999x9999"], "above kpc's limit"),
+    (["--budget-ratio", "0.5", "--ignore", "layer9.*"], "--ignore 'layer9.*' matches no module"),
+    (["--budget-ratio", "0.5", "--ignore", " "], "--ignore got an empty pattern"),
 ])
 def test_bad_prune_numbers(args, fragment, tmp_path):
     out = tmp_path / "out"
