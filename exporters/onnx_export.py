@@ -29,6 +29,7 @@ import onnx
 import torch
 
 from exporters.errors import ExporterError
+from exporters.onnx_rewrites import exportable
 from exporters.tensors import default_output_names, flatten_outputs
 
 EXPORTER = "torchscript"
@@ -55,12 +56,16 @@ def export_onnx(
     instead needs Cast insertion around type-sensitive ops (onnxconverter-common does this;
     it is not a dependency), and halving in torch gives the graph the model would run as.
 
+    Adaptive average pools the exporter cannot lower at this input size are exported as the
+    equivalent matrix products (:mod:`exporters.onnx_rewrites`).
+
     The file is written under a temporary name and renamed when complete and checked, so a
     crash or a failed check never leaves a half-written ``.onnx`` at ``path``.
     """
     path = Path(path)
     if not example_inputs:
         raise ExporterError("export needs at least one example input; pass {'input': tensor}")
+    module = exportable(module, tuple(example_inputs.values()))
     if fp16:
         module = copy.deepcopy(module).half()
         example_inputs = {k: v.half() if v.is_floating_point() else v for k, v in example_inputs.items()}

@@ -188,3 +188,24 @@ def test_export_writes_atomically(tmp_path: Path) -> None:
 def test_export_needs_inputs(tmp_path: Path) -> None:
     with pytest.raises(ExporterError, match="at least one example input"):
         export_onnx(torch.nn.Identity(), {}, tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), [(2, 7), (5, 3), (13, 6), (7, 7), (1, 4)])
+def test_averaging_matrices_are_adaptive_average_pooling(size_in, size_out):
+    from exporters.onnx_rewrites import MatmulAdaptiveAvgPool2d
+
+    x = torch.randn(2, 3, size_in, size_in + 1)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, (size_out, size_out))
+    got = MatmulAdaptiveAvgPool2d((size_in, size_in + 1), (size_out, size_out))(x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_pool_the_exporter_cannot_lower_is_exported_as_matrix_products(tmp_path):
+    """VGG at 64x64 pools a 2x2 map to 7x7: the exporter refuses that AdaptiveAvgPool2d as it stands."""
+    model = torchvision.models.vgg11(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    path = export_onnx(model, {"input": x}, tmp_path / "vgg.onnx", dynamic_batch=True)
+    assert any(node.op_type == "MatMul" for node in onnx.load(str(path)).graph.node)
+    assert isinstance(model.avgpool, torch.nn.AdaptiveAvgPool2d), "the caller's model is untouched"
+    checks = validate_onnx(model, path, {"input": x.numpy()}, atol=ATOL, rtol=RTOL)
+    raise_on_failures(checks)

@@ -1,0 +1,89 @@
+"""Rewrites that let the ONNX exporter lower a module it otherwise refuses, computing the same thing.
+
+The TorchScript exporter lowers ``nn.AdaptiveAvgPool2d`` only when every output size divides
+the input size (it becomes a plain AveragePool). At small inputs that fails for common
+classifiers: VGG and AlexNet pool a 2x2 map (a 64x64 image) to 7x7 or 6x6. Adaptive average
+pooling is linear in each spatial axis, so for the input size the graph is exported at it is
+exactly ``P_h @ x @ P_w^T`` with two constant averaging matrices, which every runtime runs as
+MatMul. Only the batch axis of an exported graph may vary, so fixing H and W loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def averaging_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) weights of adaptive average pooling along one axis (PyTorch's window rule)."""
+    matrix = torch.zeros(size_out, size_in)
+    for index in range(size_out):
+        start = (index * size_in) // size_out
+        end = math.ceil((index + 1) * size_in / size_out)
+        matrix[index, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class MatmulAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` for one input size, as two matrix products the exporter can lower."""
+
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", averaging_matrix(size_in[0], size_out[0]), persistent=False)
+        self.register_buffer("cols_t", averaging_matrix(size_in[1], size_out[1]).t().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols_t)
+
+
+def _pool_sizes(module: nn.AdaptiveAvgPool2d, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+    height, width = int(shape[-2]), int(shape[-1])
+    out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+    return (height, width), (height if out[0] is None else int(out[0]), width if out[1] is None else int(out[1]))
+
+
+def exportable(module: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
+    """``module`` itself, or a copy whose adaptive average pools the exporter cannot lower are rewritten.
+
+    The pools' input sizes come from one forward pass on ``args``; a pool whose output size
+    divides its input is left to the exporter.
+    """
+    seen: dict[str, set[tuple[int, ...]]] = {}
+    hooks = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.AdaptiveAvgPool2d) and name:
+            hooks.append(child.register_forward_hook(
+                lambda _m, inputs, _out, name=name: seen.setdefault(name, set()).add(tuple(inputs[0].shape[-2:]))))
+    if not hooks:
+        return module
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            module(*args)
+    finally:
+        module.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    rewrite = {}
+    for name, shapes in seen.items():
+        if len(shapes) != 1:  # one pool called at several sizes: no single pair of matrices fits it
+            continue
+        size_in, size_out = _pool_sizes(module.get_submodule(name), next(iter(shapes)))
+        if size_in[0] % size_out[0] or size_in[1] % size_out[1]:
+            rewrite[name] = (size_in, size_out)
+    if not rewrite:
+        return module
+    rewritten = copy.deepcopy(module)
+    for name, (size_in, size_out) in rewrite.items():
+        parent_name, _, attribute = name.rpartition(".")
+        parent = rewritten.get_submodule(parent_name) if parent_name else rewritten
+        replacement = MatmulAdaptiveAvgPool2d(size_in, size_out)
+        reference = next(rewritten.parameters(), None)
+        if reference is not None:
+            replacement = replacement.to(device=reference.device)
+        setattr(parent, attribute, replacement)
+    return rewritten
