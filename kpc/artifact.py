@@ -32,6 +32,7 @@ from kpc import __version__
 from kpc.apply import example_input, replay
 from kpc.atomic import atomic_dir
 from kpc.errors import KpcError
+from kpc.modelcopy import copy_model
 from kpc.plan import Plan, PlanError
 from kpc.specs import ModelSpec, build_model, build_model_file, load_weights, parse_model_spec
 from kpc.weights import load_weights_file, save_weights
@@ -180,11 +181,11 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None, model_fil
         raise KpcError(f"model should be a fresh torch.nn.Module instance, got {type(model).__name__}")
     spec = ModelSpec.from_plan(plan.model, plan.input_size) if plan.source in ("torchvision", "timm", "file") \
         else None
-    template = copy.deepcopy(model) if model is not None else None
+    template = copy_model(model) if model is not None else None
 
     def factory() -> nn.Module:
         if template is not None:
-            return copy.deepcopy(template)
+            return copy_model(template)
         return fresh_architecture(plan, model_file)
 
     architecture = factory()  # the caller's instance is copied, never pruned in place
@@ -283,8 +284,8 @@ def save(result: Any, out: str | Path, *, overwrite: bool = False) -> Path:
         if origin is not None and origin.factory is not None:
             factory = origin.factory
         elif result.parent is not None:
-            template = copy.deepcopy(result.parent)
-            factory = lambda: copy.deepcopy(template)  # noqa: E731 - a fresh unpruned instance per call
+            template = copy_model(result.parent)
+            factory = lambda: copy_model(template)  # noqa: E731 - a fresh unpruned instance per call
         else:
             factory = None
     elif isinstance(result, nn.Module):

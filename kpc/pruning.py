@@ -13,7 +13,6 @@ that still breaks is left whole and the loop continues. The plan records each at
 from __future__ import annotations
 
 import collections.abc
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
 from kpc.importance import METHODS, accumulate_gradients, check_precision, needs_gradients, score_groups
 from kpc.landing import ClosedLoop, Realised
+from kpc.modelcopy import copy_model
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
     SOLVERS,
@@ -201,7 +201,7 @@ class _Pruner:
         from kpc.artifact import provenance
 
         self.source_model = model
-        self.work = copy.deepcopy(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
+        self.work = copy_model(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
         self.example = example
         self.budget, self.settings = budget, settings
         self.calibration, self.progress = calibration, progress
@@ -455,7 +455,7 @@ class _Pruner:
     def build(self, solution: Solution, state: _State) -> Realised:
         """The pruned copy for a solution, run once; a failure leaves the guilty groups whole."""
         kept = kept_by_root(state.groups, state.choices, solution.widths)
-        pruned = copy.deepcopy(self.work)
+        pruned = copy_model(self.work)
         try:
             apply_kept(pruned, self.example, kept)
             error = check_forward(pruned, self.example, self.output_shape)

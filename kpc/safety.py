@@ -7,7 +7,6 @@ groups that cause it, which are then left whole with the error as the reason.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +16,7 @@ from kpc.apply import prune_group
 from kpc.channels import ChannelGroup
 from kpc.errors import KpcError
 from kpc.groups import build_graph
+from kpc.modelcopy import copy_model
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -64,7 +64,7 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
         expected = model(example).shape
 
     def trial(subset: list[list[ChannelGroup]]) -> str | None:
-        trial_model = copy.deepcopy(model)
+        trial_model = copy_model(model)
         try:
             graph = build_graph(trial_model, example)
             for group in (g for unit in subset for g in unit):

@@ -174,3 +174,32 @@ def test_a_miss_inside_the_kept_plans_own_timing_spread_counts_as_landed(caplog)
     # timings that agree closely: the same distance outside the window is a miss
     assert not _loop_with_timings([0.940, 0.945]).landed
     assert not _loop_with_timings([0.900, 0.905]).landed
+
+
+class _CachesABias(torch.nn.Module):
+    """Keeps a tensor computed from a parameter in a dict after an eval forward, as timm's EfficientViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.body = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.head = torch.nn.Linear(32, 10)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in eval mode the product is cached, computed with gradients on: not a leaf tensor
+        scale = self.scale * 2 if self.training else self.cache.setdefault("scale", self.scale * 2)
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)) * scale)
+
+
+def test_a_model_caching_a_computed_tensor_prunes_and_reloads(tmp_path):
+    model = _CachesABias().eval()
+    example = torch.randn(1, 3, 16, 16)
+    model(example)  # the user evaluated it once: the cache now holds a tensor of the autograd graph
+    assert model.cache["scale"].grad_fn is not None
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=[torch.randn(4, 3, 16, 16)])
+    assert count_macs(result.model, example)[0] <= 0.5 * count_macs(model, example)[0]
+    loaded = kpc.load(kpc.save(result, tmp_path / "child"), model=_CachesABias())
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(example), result.model.eval()(example), atol=1e-6)

@@ -10,7 +10,6 @@ as they come, so an interrupted profile resumes where it stopped.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -45,6 +44,7 @@ from kpc.latency.layers import (
 )
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
+from kpc.modelcopy import copy_model
 from kpc.planner import tie_widths
 from kpc.pruning import DEFAULT_ROUND_TO
 
@@ -437,7 +437,7 @@ def pruned_copy(model: Any, layers: ModelLayers, widths: np.ndarray) -> Any:
     """A copy of the model at the given widths (first channels kept: latency does not care which)."""
     kept = {g.root: (g.width, list(range(int(widths[g.index])))) for g in layers.groups
             if g.prunable and int(widths[g.index]) < g.width}  # first blocks of a tie: the same in every member
-    return apply_kept(copy.deepcopy(model), layers.example, kept)
+    return apply_kept(copy_model(model), layers.example, kept)
 
 
 def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, min_channels: int) -> np.ndarray:

@@ -8,7 +8,6 @@ global batch. That is what lets a resumed run, a DDP run and a single-process ru
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from kpc.artifact import LoadedModel, derived_plan, save_artifact
 from kpc.atomic import check_dir_target, check_writable, output_lock
 from kpc.data import DataSpec, TrainingData, training_data
 from kpc.errors import KpcError
+from kpc.modelcopy import copy_model
 from kpc.plan import Plan
 from kpc.train import checkpoint as ckpt
 from kpc.train.distill import (
@@ -445,7 +445,7 @@ class _Run:
         if s.keep == "best" and (self.work / "best.safetensors").is_file():
             from kpc.weights import load_weights_file
 
-            model = copy.deepcopy(model)
+            model = copy_model(model)
             load_weights_file(model, self.work / "best.safetensors")
         plan = derived_plan(self.loaded, kind)
         plan.normalization = self.data.normalization.to_json()
