@@ -203,3 +203,26 @@ def test_a_model_caching_a_computed_tensor_prunes_and_reloads(tmp_path):
     loaded = kpc.load(kpc.save(result, tmp_path / "child"), model=_CachesABias())
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(example), result.model.eval()(example), atol=1e-6)
+
+
+class _HoldsA5dParameter(torch.nn.Module):
+    """A 5-D weight (a Conv3d's, timm's LambdaLayer position embedding): NHWC cannot be applied to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = torch.nn.Conv3d(1, 1, 3, padding=1)
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.body = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mix(x.unsqueeze(1)).squeeze(1)
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_model_with_a_5d_weight_gets_its_importance_pass():
+    model = _HoldsA5dParameter().eval()
+    example = torch.randn(1, 3, 16, 16)
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.6), calibration=[torch.randn(4, 3, 16, 16)])
+    assert count_macs(result.model, example)[0] <= 0.6 * count_macs(model, example)[0]
+    assert result.model.mix.weight.dim() == 5

@@ -27,6 +27,7 @@ from kpc.artifact import LoadedModel, derived_plan, save_artifact
 from kpc.atomic import check_dir_target, check_writable, output_lock
 from kpc.data import DataSpec, TrainingData, training_data
 from kpc.errors import KpcError
+from kpc.layout import set_memory_format
 from kpc.modelcopy import copy_model
 from kpc.plan import Plan
 from kpc.train import checkpoint as ckpt
@@ -252,7 +253,7 @@ class _Run:
                 log.info(f"projections start at the least-squares fit; parent feature energy left unexplained: {shown}")
         globalize_batchnorm(student, self.context)
         if self.device.type == "cuda":
-            student = student.to(memory_format=torch.channels_last)
+            set_memory_format(student, torch.channels_last)
         return student.train()
 
     def _projection_batches(self, images: int = PROJECTION_IMAGES, batch: int = 64) -> Iterator[torch.Tensor]:
