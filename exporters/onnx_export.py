@@ -18,7 +18,6 @@ once the dynamo path honours opsets below 18.
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import warnings
@@ -29,6 +28,7 @@ import onnx
 import torch
 
 from exporters.errors import ExporterError
+from exporters.modelcopy import copy_model
 from exporters.onnx_rewrites import exportable
 from exporters.tensors import default_output_names, flatten_outputs
 
@@ -67,7 +67,7 @@ def export_onnx(
         raise ExporterError("export needs at least one example input; pass {'input': tensor}")
     module = exportable(module, tuple(example_inputs.values()))
     if fp16:
-        module = copy.deepcopy(module).half()
+        module = copy_model(module).half()
         example_inputs = {k: v.half() if v.is_floating_point() else v for k, v in example_inputs.items()}
     args = tuple(example_inputs.values())
     input_names = list(example_inputs)

@@ -10,11 +10,12 @@ MatMul. Only the batch axis of an exported graph may vary, so fixing H and W los
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
+
+from exporters.modelcopy import copy_model
 
 
 def averaging_matrix(size_in: int, size_out: int) -> torch.Tensor:
@@ -77,7 +78,7 @@ def exportable(module: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
             rewrite[name] = (size_in, size_out)
     if not rewrite:
         return module
-    rewritten = copy.deepcopy(module)
+    rewritten = copy_model(module)
     for name, (size_in, size_out) in rewrite.items():
         parent_name, _, attribute = name.rpartition(".")
         parent = rewritten.get_submodule(parent_name) if parent_name else rewritten

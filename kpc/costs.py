@@ -24,6 +24,7 @@ from torch import nn
 from kpc.channels import ChannelGroup
 from kpc.cost_model import FLOPS_LANDING, CostModel
 from kpc.groups import is_grouped_conv
+from kpc.modelcopy import detach_cached_tensors
 from kpc.tracing import forward_with_hooks
 
 __all__ = ["CostModel", "FlopsModel", "Side", "channel_sides", "count_macs", "is_depthwise"]
@@ -97,6 +98,7 @@ def _side(full: float, shares: dict[int, float]) -> Side:
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     """Independent count (torch-pruning's counter): MACs and parameters."""
+    detach_cached_tensors(model)  # the counter deep-copies the model
     macs, params = tp.utils.count_ops_and_params(model, example)
     return float(macs), float(params)
 
@@ -112,6 +114,7 @@ class FlopsModel:
     def __init__(self, model: nn.Module, example: torch.Tensor, graph: tp.DependencyGraph,
                  groups: list[ChannelGroup]) -> None:
         self.example = example
+        detach_cached_tensors(model)  # the counter deep-copies the model
         total, _params, per_module, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
         self.counted_full = float(total)
         self.full_widths = np.array([g.width for g in groups], dtype=np.float64)

@@ -185,11 +185,11 @@ class _CachesABias(torch.nn.Module):
         self.body = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.scale = torch.nn.Parameter(torch.ones(1))
         self.head = torch.nn.Linear(32, 10)
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in eval mode the product is cached, computed with gradients on: not a leaf tensor
-        scale = self.scale * 2 if self.training else self.cache.setdefault("scale", self.scale * 2)
+        # in eval mode the product is cached per input shape, computed with gradients on: not a leaf tensor
+        scale = self.scale * 2 if self.training else self.cache.setdefault(tuple(x.shape), self.scale * 2)
         return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)) * scale)
 
 
@@ -197,7 +197,7 @@ def test_a_model_caching_a_computed_tensor_prunes_and_reloads(tmp_path):
     model = _CachesABias().eval()
     example = torch.randn(1, 3, 16, 16)
     model(example)  # the user evaluated it once: the cache now holds a tensor of the autograd graph
-    assert model.cache["scale"].grad_fn is not None
+    assert model.cache[tuple(example.shape)].grad_fn is not None
     result = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=[torch.randn(4, 3, 16, 16)])
     assert count_macs(result.model, example)[0] <= 0.5 * count_macs(model, example)[0]
     loaded = kpc.load(kpc.save(result, tmp_path / "child"), model=_CachesABias())

@@ -8,7 +8,6 @@ the caller's model.
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from exporters.device import cpu_name, cpu_vector_floats, cuda_available, gpu_name, tensor_core_block
 from exporters.errors import DeviceUnavailable, ExporterError
+from exporters.modelcopy import copy_model
 from exporters.runners.base import Arrays, ModelLike, Runner, check_input_names
 from exporters.tensors import batch_of, name_outputs, to_numpy
 
@@ -48,7 +48,7 @@ class _TorchRunner(Runner):
         if self._previous_threads is None:  # a second prepare must not record our own setting
             self._previous_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        module = copy.deepcopy(model).eval().to(self.device)
+        module = copy_model(model).eval().to(self.device)
         module = self._convert_module(module)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
