@@ -8,6 +8,7 @@ quantiles are reported because latency distributions are skewed by OS noise.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,7 @@ def blocked(
     per_block: int,
     warmup: int,
     block_warmup: int = 3,
+    pause_s: float = 0.0,
 ) -> tuple[TimingStats, TimingStats]:
     """Time A and B in alternating blocks (A B, B A, A B, ...), each block one model alone, as a server runs it.
 
@@ -108,11 +110,13 @@ def blocked(
     after a run (ONNX Runtime's default, what a serving process gets), which slows whatever
     runs next. In a block, the model runs back to back as it would when served; untimed
     runs open every block (`warmup` for each model's first, `block_warmup` after) and absorb
-    what the previous block left behind. Alternating the order of each pair cancels drift, as interleaving does. Sample
+    what the previous block left behind, and ``pause_s`` (the runners' ``idle_spin_s``) of sleep before every
+    block lets the other session's workers stop spinning: a block of sub-millisecond runs is over long before
+    they would. Alternating the order of each pair cancels drift, as interleaving does. Sample
     ``i`` of A pairs with sample ``i`` of B (the same position in the same pair of blocks)
     for :func:`bootstrap_ratio_ci`.
     """
-    if blocks < 1 or per_block < 1 or warmup < 0 or block_warmup < 0:
+    if blocks < 1 or per_block < 1 or warmup < 0 or block_warmup < 0 or not pause_s >= 0:
         raise ExporterError(f"need blocks >= 1, per_block >= 1 and warmups >= 0, got {blocks}, {per_block}, "
                             f"{warmup}, {block_warmup}")
     a: list[float] = []
@@ -120,6 +124,8 @@ def blocked(
     for index in range(blocks):
         order = [(runner_a, inputs_a, a), (runner_b, inputs_b, b)]
         for runner, inputs, sink in order if index % 2 == 0 else order[::-1]:
+            if pause_s > 0:
+                time.sleep(pause_s)
             for _ in range(warmup if index < 2 else block_warmup):
                 runner.infer_timed(inputs)
             sink.extend(runner.infer_timed(inputs) for _ in range(per_block))

@@ -190,7 +190,7 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
                  "runs first), each model alone in its block as a server runs it")
         load_before = machine_busy_seconds()
         stats_a, stats_b = exporters.blocked(runner_a, inputs, runner_b, inputs, blocks=blocks, per_block=per_block,
-                                             warmup=settings.warmup)
+                                             warmup=settings.warmup, pause_s=type(runner_a).idle_spin_s)
         others = _other_processes_cores(load_before, machine_busy_seconds())
         described = runner_a.describe()
     threads = int(described.get("threads", settings.threads or 0))

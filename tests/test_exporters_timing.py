@@ -245,3 +245,28 @@ def test_blocked_times_each_model_alone_in_alternating_blocks(big: Runner, tiny:
     assert runs == [("a", 7), ("b", 7 + 7), ("a", 7 + 6), ("b", 6 + 6), ("a", 6)]
     ratio, low, _high = bootstrap_ratio_ci(a.samples_ms, b.samples_ms)
     assert ratio > 1 and low > 1, "the tiny model is faster than resnet18 in blocks too"
+
+
+def test_blocked_pauses_before_every_block_so_idle_workers_stop_spinning(big: Runner, tiny: Runner) -> None:
+    import time
+
+    from exporters import blocked
+    from exporters.runners.ort_runner import OrtCpuRunner
+
+    assert OrtCpuRunner.idle_spin_s >= 0.05, "ONNX Runtime's workers spin tens of ms after a run"
+    stamps: list[tuple[str, float]] = []
+
+    class Stamping:
+        def __init__(self, runner: Runner, name: str) -> None:
+            self.runner, self.name = runner, name
+
+        def infer_timed(self, inputs):
+            stamps.append((self.name, time.perf_counter()))
+            return self.runner.infer_timed(inputs)
+
+    blocked(Stamping(big, "a"), image(), Stamping(tiny, "b"), image(), blocks=2, per_block=2, warmup=0,
+            block_warmup=0, pause_s=0.05)
+    switches = [later - earlier for (name, earlier), (other, later) in itertools.pairwise(stamps) if name != other]
+    assert len(switches) == 2 and min(switches) >= 0.05
+    with pytest.raises(ExporterError):
+        blocked(big, image(), tiny, image(), blocks=2, per_block=2, warmup=0, pause_s=-1.0)

@@ -168,7 +168,8 @@ class RelativeTimer:
                 runner.prepare(source, self.inputs)
                 with torch.no_grad():
                     base, candidate = blocked(baseline, self.inputs, runner, self.inputs, blocks=blocks,
-                                              per_block=-(-rounds // blocks), warmup=self.warmup)
+                                              per_block=-(-rounds // blocks), warmup=self.warmup,
+                                              pause_s=type(baseline).idle_spin_s)
             ratios.append(candidate.median_ms / base.median_ms)
         return float(np.mean(ratios))
 
