@@ -35,8 +35,11 @@ def _detached(value: Any) -> tuple[Any, bool]:
     if isinstance(value, (list, tuple)):
         items = [_detached(item) for item in value]
         if any(changed for _new, changed in items):
-            return type(value)(new for new, _changed in items) if isinstance(value, tuple) else \
-                [new for new, _changed in items], True
+            news = [new for new, _changed in items]
+            if isinstance(value, list):
+                value[:] = news
+                return value, True
+            return (type(value)(*news) if hasattr(value, "_fields") else type(value)(news)), True
     return value, False
 
 
