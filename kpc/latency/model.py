@@ -167,9 +167,10 @@ class RelativeTimer:
             with get_runner(**self.settings) as runner:
                 runner.prepare(source, self.inputs)
                 with torch.no_grad():
+                    # No pause between blocks here: a block lasts at least MIN_SECONDS_PER_SESSION / 6, so
+                    # the other session's 20-50 ms of spinning touches its first runs only, not its median.
                     base, candidate = blocked(baseline, self.inputs, runner, self.inputs, blocks=blocks,
-                                              per_block=-(-rounds // blocks), warmup=self.warmup,
-                                              pause_s=type(baseline).idle_spin_s)
+                                              per_block=-(-rounds // blocks), warmup=self.warmup)
             ratios.append(candidate.median_ms / base.median_ms)
         return float(np.mean(ratios))
 
