@@ -117,8 +117,8 @@ def blocked(
     for :func:`bootstrap_ratio_ci`.
     """
     if blocks < 1 or per_block < 1 or warmup < 0 or block_warmup < 0 or not pause_s >= 0:
-        raise ExporterError(f"need blocks >= 1, per_block >= 1 and warmups >= 0, got {blocks}, {per_block}, "
-                            f"{warmup}, {block_warmup}")
+        raise ExporterError(f"need blocks >= 1, per_block >= 1, warmups >= 0 and pause_s >= 0, got {blocks}, "
+                            f"{per_block}, {warmup}, {block_warmup}, {pause_s}")
     a: list[float] = []
     b: list[float] = []
     for index in range(blocks):

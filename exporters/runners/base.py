@@ -49,9 +49,9 @@ class Runner(ABC):
     kernel_timing: ClassVar[bool] = False
     # Whether the runtime honours channels_last (NHWC); refused where it would be recorded but ignored.
     supports_channels_last: ClassVar[bool] = False
-    # Seconds a session's idle worker threads keep spinning after a run at the runtime's defaults. Two
-    # sessions timed in alternating blocks pause this long between blocks, or the idle one's spinning
-    # workers take cores from the one being timed (see exporters.timing.blocked).
+    # Seconds a session's idle worker threads may keep spinning after a run at the runtime's defaults. kpc
+    # bench pauses this long before each of its short blocks, or the idle session's spinning workers take
+    # cores from the one being timed (see exporters.timing.blocked).
     idle_spin_s: ClassVar[float] = 0.0
 
     def __init__(

@@ -188,7 +188,7 @@ def _missing_cuda_provider() -> str:
 class OrtCpuRunner(_OrtRunner):
     name = "ort-cpu"
     kernel_timing = True
-    # ONNX Runtime's workers spin about 2^20 pause instructions before they sleep: 20-50 ms on x86. Measured on
+    # ONNX Runtime's idle workers spin a while before they sleep (tens of ms, by the figures below). Measured on
     # a 2-core AMD EPYC (ResNet-18 at 28x28, 0.5 ms a run): blocks of 10 runs without a pause read the model
     # at 0.70-1.03 ms against 0.48-0.62 ms alone in its own process; with 50 ms pauses, 0.56-0.64 ms.
     idle_spin_s = 0.1
