@@ -80,11 +80,5 @@ def exportable(module: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
         return module
     rewritten = copy_model(module)
     for name, (size_in, size_out) in rewrite.items():
-        parent_name, _, attribute = name.rpartition(".")
-        parent = rewritten.get_submodule(parent_name) if parent_name else rewritten
-        replacement = MatmulAdaptiveAvgPool2d(size_in, size_out)
-        reference = next(rewritten.parameters(), None)
-        if reference is not None:
-            replacement = replacement.to(device=reference.device)
-        setattr(parent, attribute, replacement)
+        rewritten.set_submodule(name, MatmulAdaptiveAvgPool2d(size_in, size_out).to(args[0].device))
     return rewritten

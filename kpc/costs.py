@@ -103,6 +103,13 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     return float(macs), float(params)
 
 
+def macs_by_module(model: nn.Module, example: torch.Tensor) -> tuple[float, dict[nn.Module, float | None]]:
+    """torch-pruning's count of the whole model's MACs, and of each module's (None where it counts none)."""
+    detach_cached_tensors(model)  # the counter deep-copies the model
+    total, _params, per_module, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+    return float(total), per_module
+
+
 class FlopsModel:
     """MACs of the whole network for any assignment of group widths (1 FLOP = 1 MAC, as in the literature)."""
 
@@ -114,9 +121,7 @@ class FlopsModel:
     def __init__(self, model: nn.Module, example: torch.Tensor, graph: tp.DependencyGraph,
                  groups: list[ChannelGroup]) -> None:
         self.example = example
-        detach_cached_tensors(model)  # the counter deep-copies the model
-        total, _params, per_module, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
-        self.counted_full = float(total)
+        self.counted_full, per_module = macs_by_module(model, example)
         self.full_widths = np.array([g.width for g in groups], dtype=np.float64)
         names = {module: name for name, module in model.named_modules()}
         sides = channel_sides(model, graph, groups)

@@ -59,9 +59,9 @@ def _status(group: Any, round_groups: list[Any]) -> str:
 
 
 def _per_module_macs(model: Any, example: Any) -> dict[str, float]:
-    import torch_pruning as tp
+    from kpc.costs import macs_by_module
 
-    _, _, flops, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+    _, flops = macs_by_module(model, example)
     names = {module: name for name, module in model.named_modules()}
     return {names[m]: float(v) for m, v in flops.items() if v is not None and m in names}
 

@@ -168,7 +168,7 @@ class RelativeTimer:
                 runner.prepare(source, self.inputs)
                 with torch.no_grad():
                     # No pause between blocks here: a block lasts at least MIN_SECONDS_PER_SESSION / 6, so
-                    # the other session's 20-50 ms of spinning touches its first runs only, not its median.
+                    # the other session's tens of ms of spinning touch its first runs only, not its median.
                     base, candidate = blocked(baseline, self.inputs, runner, self.inputs, blocks=blocks,
                                               per_block=-(-rounds // blocks), warmup=self.warmup)
             ratios.append(candidate.median_ms / base.median_ms)
