@@ -9,6 +9,9 @@ ResNet-18 teacher on Fashion-MNIST (see _fmnist.py for the splits):
   taylor-normalized, magnitude) with the importance pass in fp32, taylor-signed also in bf16 (what
   `importance_precision=auto` picks on a CPU with native bf16), and taylor and taylor-signed with 4x
   more calibration batches
+- kpc-<importance>-sensitivity-5: the importance ranks channels within a group; the knapsack
+  values 5 widths per group by their measured effect on the output (`sensitivity=5`,
+  kpc.sensitivity), the rest interpolated
 
 Every arm's BatchNorm statistics are re-estimated on the same training batches; kpc's
 arms are also reported without it. Settings are chosen on the validation split (the
@@ -40,7 +43,13 @@ REDUCTIONS = (1.5, 2.0, 4.0)
 KPC_ARMS = {"kpc-taylor": ("taylor", 1, "fp32"), "kpc-taylor-signed": ("taylor-signed", 1, "fp32"),
             "kpc-taylor-signed-bf16": ("taylor-signed", 1, "bf16"),
             "kpc-taylor-normalized": ("taylor-normalized", 1, "fp32"), "kpc-magnitude": ("magnitude", 1, "fp32"),
-            "kpc-taylor-4x-calib": ("taylor", 4, "fp32"), "kpc-taylor-signed-4x-calib": ("taylor-signed", 4, "fp32")}
+            "kpc-taylor-4x-calib": ("taylor", 4, "fp32"), "kpc-taylor-signed-4x-calib": ("taylor-signed", 4, "fp32"),
+            "kpc-consumer-l2": ("consumer-l2", 1, "auto"),
+            "kpc-taylor-sensitivity-5": ("taylor", 1, "auto", 5),
+            "kpc-taylor-signed-sensitivity-5": ("taylor-signed", 1, "auto", 5),
+            "kpc-magnitude-sensitivity-5": ("magnitude", 1, "auto", 5),
+            "kpc-consumer-l2-sensitivity-5": ("consumer-l2", 1, "auto", 5),
+            "kpc-consumer-l2-sensitivity-5-4x-calib": ("consumer-l2", 4, "auto", 5)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                                  global_pruning="global" in arm, calibration=calibration, round_to=1)
                 before = None
             else:
-                importance, _, precision = KPC_ARMS[arm]
+                importance, _, precision, *points = KPC_ARMS[arm]
                 result = kpc.prune(parent, example, kpc.Budget(ratio=1 / reduction), calibration=calibration,
                                    bn_recalibrate=0,
                                    settings=kpc.PruneSettings(importance=importance, calib_batches=len(calibration),
-                                                              importance_precision=precision))
+                                                              importance_precision=precision,
+                                                              sensitivity=points[0] if points else 0))
                 child = result.model
                 before = accuracy(child, "val")
             recalibrated = copy.deepcopy(child)

@@ -60,6 +60,14 @@ def is_grouped_conv_input(item) -> bool:
     return is_grouped_conv(item.dep.target.module) and item.dep.handler == tp.prune_conv_in_channels
 
 
+def is_input_side(item) -> bool:
+    """A torch-pruning group item that removes input channels of a layer reading the group (not its producers).
+
+    BatchNorm's handler prunes both sides at once and counts as a producer.
+    """
+    return getattr(item.dep.handler, "__name__", None) == "prune_in_channels"
+
+
 def is_grouped_conv(module: nn.Module) -> bool:
     """A grouped but not depthwise conv: slicing its channels independently breaks the groups."""
     return (isinstance(module, nn.Conv2d) and module.groups > 1

@@ -27,17 +27,20 @@ from torch import nn
 
 from kpc import tp_compat
 from kpc.errors import KpcError
-from kpc.groups import ChannelGroup, is_grouped_conv_input
+from kpc.groups import ChannelGroup, is_grouped_conv_input, is_input_side
 from kpc.layout import set_memory_format
 
 log = logging.getLogger(__name__)
 
-METHODS = ("taylor", "magnitude", "taylor-signed", "taylor-normalized")
+METHODS = ("taylor", "magnitude", "taylor-signed", "taylor-normalized", "consumer-l2")
 # taylor: the paper's score, sum over a group's weights of |w * dL/dw|.
 # taylor-signed: per layer |sum of w * dL/dw| (the loss change of removing the channel's weights in that layer,
 #   torch-pruning's "multivariable"), summed over the group's layers.
 # taylor-normalized: taylor divided by its mean over the group (every group's channels average 1).
 # magnitude: sum of |w|, needs no data.
+# consumer-l2: sum of w^2 over the weights that read the channel (the next layers' input slices), needs no
+#   data; NVIDIA ModelOpt ranks channels this way. It orders channels within a group best when the knapsack's
+#   values are measured (`sensitivity`), and poorly across groups when they are summed (benchmarks/oneshot.py).
 # Images per forward/backward in the importance pass. The loss is a sum, so splitting a batch gives the
 # same gradient; it bounds the activation memory (ResNet-50 at 224: 4.6 GB for 32 images at once, whose
 # page faults cost as much system time as the compute), at no cost in speed.
@@ -46,6 +49,11 @@ MICRO_BATCH = 8
 # AVX512-BF16/AMX, a GPU with bf16 units), else fp32. The scores rank channels, and bf16 keeps their order
 # where it matters (benchmarks/oneshot.py, "bf16" arm) at about half the time of the pass, most of a prune.
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def needs_data(method: str, sensitivity: int = 0) -> bool:
+    """Whether a prune with this score and sensitivity reads calibration images."""
+    return needs_gradients(method) or sensitivity > 0
 
 
 def needs_gradients(method: str) -> bool:
@@ -183,6 +191,8 @@ def scorer_for(method: str) -> Any:
         return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer="mean")
     if method == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum", normalizer=None)
+    if method == "consumer-l2":
+        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
     raise KpcError(f"unknown importance {method!r}: use one of {', '.join(METHODS)}")
 
 
@@ -194,7 +204,10 @@ def score_groups(groups: Sequence[ChannelGroup], method: str) -> Scores:
         if not group.prunable:
             continue
         try:
-            value = scorer(_without_grouped_conv_inputs(group.tp_group))
+            tp_group = _without_grouped_conv_inputs(group.tp_group)
+            if method == "consumer-l2":
+                tp_group = _consumers(tp_group)
+            value = scorer(tp_group)
         except Exception as exc:  # torch-pruning's scorer can fail on one exotic group: that group stays whole
             scores.failed[group.index] = f"importance failed ({type(exc).__name__} in torch-pruning)"
             continue
@@ -212,6 +225,12 @@ def score_groups(groups: Sequence[ChannelGroup], method: str) -> Scores:
             scores.empty.append(group.index)
         scores.values[group.index] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     return scores
+
+
+def _consumers(tp_group: Any) -> Any:
+    """The items of a group that read its channels (input sides); the whole group where none does."""
+    items = [item for item in tp_group if is_input_side(item)]
+    return tp_compat.group_with_items(tp_group, items) if items else tp_group
 
 
 def _without_grouped_conv_inputs(tp_group: Any) -> Any:

@@ -119,7 +119,7 @@ class Pipeline:
                                  importance=p["importance"], solver=p["solver"], round_to=p["round_to"],
                                  min_channels=p["min_channels"], ignore=tuple(p["ignore"]), seed=r["seed"],
                                  bn_recalibrate=p["bn_recalibrate"],
-                                 importance_precision=p["importance_precision"])
+                                 importance_precision=p["importance_precision"], sensitivity=p["sensitivity"])
         settings.check()
         return settings
 

@@ -48,6 +48,7 @@ from kpc.planner import (
     value_of,
 )
 from kpc.safety import check_forward, find_unsafe_groups, first_line, probe_kept
+from kpc.sensitivity import measure_values
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PruneSettings:
     bins: int = 10_000  # cost bins of the exact knapsack
     bn_recalibrate: int | None = None  # batches re-estimating BatchNorm statistics; None: 20 with data, else 0
     importance_precision: str = "auto"  # number format of the importance pass (kpc.importance.PRECISIONS)
+    sensitivity: int = 0  # widths per group whose effect on the output is measured to value the knapsack; 0: summed
 
     def check(self) -> None:
         if self.importance not in METHODS:
@@ -78,6 +80,9 @@ class PruneSettings:
         check_precision(self.importance_precision)
         if self.solver not in SOLVERS:
             raise KpcError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+        if isinstance(self.sensitivity, bool) or not isinstance(self.sensitivity, int) or self.sensitivity < 0:
+            raise KpcError(f"--sensitivity must be a non-negative number of widths per group (got "
+                           f"{self.sensitivity!r})")
         for name in ("calib_batches", "calib_batch_size", "min_channels", "bins"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,6 +142,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
         chosen = replace(chosen, importance="magnitude")
     if chosen.bn_recalibrate is None:
         chosen = replace(chosen, bn_recalibrate=DEFAULT_BN_BATCHES if calibration is not None else 0)
+    if chosen.sensitivity and calibration is None:
+        raise KpcError("--sensitivity needs data: give calibration batches (CLI: --data), or 0")
     if chosen.bn_recalibrate and calibration is None and recalibration is None:
         raise KpcError("--bn-recalibrate needs data: give calibration batches (CLI: --data), or 0")
     pruner = _Pruner(model, example, budget, chosen, _Replayable(calibration) if calibration is not None else None,
@@ -231,6 +238,7 @@ class _Pruner:
         cost: CostModel = make_cost(self.work, self.example, graph, groups)
         round_to = math.lcm(round_to, int(cost.width_step))
         state = _State(groups, scores, round_to, self.settings.min_channels)
+        self.measure_sensitivity(graph, groups, state)
         full_widths = np.array([g.width for g in groups], dtype=np.float64)
         full_cost = cost.total(full_widths)
         floor = minimum_cost(cost, full_widths, state.choices)
@@ -263,11 +271,13 @@ class _Pruner:
             counted_cost=float(kept.counted / cost.scale),
             groups=self.decisions(groups, state, kept.solution.widths), input_size=self.input_size,
             min_cost=float(floor / cost.scale), kept_importance=float(kept.solution.value),
-            total_importance=scores.total(),
+            total_importance=state.total_value() if state.measured else scores.total(),
             attempts=[replace(a, target=float(a.target / cost.scale), predicted=float(a.predicted / cost.scale),
                               counted=None if a.counted is None else float(a.counted / cost.scale))
                       for a in outcome.attempts],
             importance={"method": self.settings.importance, "data": self.data_label,
+                        **({"values": f"sensitivity at {self.settings.sensitivity} widths per group"}
+                           if state.measured else {}),
                         "batches": self.settings.calib_batches, "batch_size": self.settings.calib_batch_size,
                         "seed": self.settings.seed,
                         **({"precision": self.gradient_precision, "images": self.gradient_images}
@@ -314,6 +324,17 @@ class _Pruner:
             else:
                 return current, True  # every step up counted over the budget
         return current, False
+
+    def measure_sensitivity(self, graph: Any, groups: list[ChannelGroup], state: _State) -> None:
+        """Value the knapsack's options by their measured effect on the output (`kpc.sensitivity`)."""
+        s = self.settings
+        if not s.sensitivity or self.calibration is None:
+            return
+        measured = measure_values(self.work, graph, groups, state.choices, self.calibration,
+                                  batches=s.calib_batches, points=s.sensitivity)
+        if measured is not None:
+            state.measured = measured
+            state.rebuild()
 
     def analyse(self) -> tuple[Any, list[ChannelGroup]]:
         s = self.settings
@@ -517,6 +538,7 @@ class _State:
     round_to: int
     min_channels: int
     choices: list[GroupChoices] = field(default_factory=list)
+    measured: dict[int, np.ndarray] = field(default_factory=dict)  # measured values by leader (kpc.sensitivity)
 
     def __post_init__(self) -> None:
         self.rebuild()
@@ -524,6 +546,14 @@ class _State:
     def rebuild(self) -> None:
         self.choices = [make_choices(tie_of(self.groups, g), self.scores.values, self.round_to, self.min_channels)
                         for g in self.groups if g.prunable and g.tied_to is None]
+        for choice in self.choices:
+            values = self.measured.get(choice.index)
+            if values is not None and len(values) == len(choice.widths):
+                choice.values = values
+
+    def total_value(self) -> float:
+        """The value of keeping every group whole, in the knapsack's units."""
+        return float(sum(c.values[-1] for c in self.choices))
 
 
 def grow_steps(cost: CostModel, widths: np.ndarray, choices: Sequence[GroupChoices], ceiling: float

@@ -20,7 +20,7 @@ from kpc.batchnorm import DEFAULT_BATCHES as DEFAULT_BN_BATCHES
 from kpc.budget import Budget
 from kpc.data import DataSpec, calibration_batches
 from kpc.errors import KpcError, VerificationFailed
-from kpc.importance import needs_gradients
+from kpc.importance import needs_data
 from kpc.pruning import PruneResult, PruneSettings, prune
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,15 @@ def prune_to_artifact(loaded: LoadedModel, budget: Budget, settings: PruneSettin
     if settings.bn_recalibrate and synthetic:
         raise KpcError("--bn-recalibrate needs real data (--data): random images would corrupt the BatchNorm "
                        "statistics; drop it or give --data")
+    if settings.sensitivity and synthetic:
+        raise KpcError("--sensitivity needs real data (--data): the effect of a cut on random images says little "
+                       "about the images the model serves; drop it or give --data")
     bn_batches = settings.bn_recalibrate if settings.bn_recalibrate is not None else \
         (0 if synthetic else DEFAULT_BN_BATCHES)
     with output_lock(out):
         check_dir_target(out, overwrite=overwrite)
         calibration = None
-        if needs_gradients(settings.importance):
+        if needs_data(settings.importance, settings.sensitivity):
             calibration = calibration_batches(data, loaded.input_size, batches=settings.calib_batches,
                                               batch_size=settings.calib_batch_size, seed=settings.seed)
         recalibration = calibration_batches(data, loaded.input_size, batches=bn_batches,

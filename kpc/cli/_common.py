@@ -154,6 +154,7 @@ class Importance(StrEnum):
     magnitude = "magnitude"
     taylor_signed = "taylor-signed"
     taylor_normalized = "taylor-normalized"
+    consumer_l2 = "consumer-l2"
 
 
 class ImportancePrecision(StrEnum):

@@ -1,0 +1,123 @@
+"""Measured sensitivity (kpc.sensitivity) and the consumer-l2 ranking it is paired with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kpc.apply import apply_kept
+from kpc.artifact import load_artifact, open_model
+from kpc.budget import Budget
+from kpc.channels import tie_of
+from kpc.cli import app
+from kpc.data import calibration_batches, parse_data_spec
+from kpc.errors import KpcError
+from kpc.importance import score_groups
+from kpc.modelcopy import copy_model
+from kpc.planner import make_choices
+from kpc.pruning import PruneSettings, analyse_groups, prune
+from kpc.sensitivity import cut, measure_values
+
+from .conftest import needs_fashion_mnist, write_tiny
+
+runner = CliRunner()
+
+
+def _analysed(spec: str, input_size=(1, 28, 28)):
+    loaded = open_model(spec, num_classes=10, input_size=input_size)
+    model = loaded.model.eval()
+    example = loaded.example_input()
+    graph, groups = analyse_groups(model, example, round_to=8, min_channels=8)
+    scores = score_groups(groups, "consumer-l2")
+    choices = [make_choices(tie_of(groups, g), scores.values, 8, 8) for g in groups if g.prunable and g.tied_to is None]
+    return loaded, model, example, graph, groups, choices
+
+
+@pytest.mark.parametrize("spec", ["tiny", "torchvision:mobilenet_v3_small"])
+def test_a_masked_cut_computes_what_the_removed_channels_compute(spec, tmp_path):
+    """Zeroing a group's removed channels at every layer that produces them is what removing them does."""
+    spec = write_tiny(tmp_path) if spec == "tiny" else spec
+    input_size = (1, 28, 28) if "tiny" in spec else (3, 64, 64)
+    _, model, example, graph, groups, choices = _analysed(spec, input_size)
+    batch = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unpruned = model(batch)
+    checked = 0
+    for choice in choices:
+        width = int(choice.widths[len(choice.widths) // 2])
+        if width == groups[choice.index].width:
+            continue
+        with torch.no_grad(), cut(graph, groups, choice, width):
+            masked = model(batch)
+        kept = {groups[i].root: (groups[i].width, indices) for i, indices in choice.kept_by_group(width).items()}
+        pruned = apply_kept(copy_model(model), example, kept).eval()
+        with torch.no_grad():
+            removed = pruned(batch)
+        scale = float(unpruned.abs().max())  # randomly initialised torchvision models output ~1e-10
+        torch.testing.assert_close(masked, removed, atol=1e-5 * scale, rtol=1e-4)
+        checked += float((unpruned - removed).abs().max()) > 1e-3 * scale  # a cut that changed the output
+    assert checked >= 2
+    with torch.no_grad():  # the hooks are gone after the block
+        torch.testing.assert_close(model(batch), unpruned, atol=0, rtol=0)
+
+
+def test_consumer_l2_scores_a_channel_by_the_weights_that_read_it(tmp_path):
+    _, model, _, _, groups, _ = _analysed(write_tiny(tmp_path))
+    group = next(g for g in groups if g.root == "layer2.0.conv1")  # read only by layer2.0.conv2
+    scores = score_groups(groups, "consumer-l2")
+    reader = model.get_submodule("layer2.0.conv2").weight.detach().double()
+    expected = (reader ** 2).sum(dim=(0, 2, 3)).numpy()
+    np.testing.assert_allclose(scores[group.index], expected, rtol=1e-6)
+
+
+@needs_fashion_mnist
+def test_measured_values_rise_with_width_and_the_prune_lands(tmp_path):
+    spec = write_tiny(tmp_path)
+    _, model, _, graph, groups, choices = _analysed(spec)
+    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=2, batch_size=16,
+                                       seed=0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    values = measure_values(model, graph, groups, choices, batches, batches=2, points=3)
+    assert values is not None and set(values) == {c.index for c in choices}
+    for choice in choices:
+        curve = values[choice.index]
+        assert len(curve) == len(choice.widths) and curve[0] == 0
+        assert np.all(np.diff(curve) >= 0), f"{groups[choice.index].root}: value falls as the group widens"
+    assert any(values[c.index][-1] > 0 for c in choices), "no cut changed the output"
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "measuring changed the model (BatchNorm statistics)"
+
+    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
+    result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), batches,
+                   settings=PruneSettings(importance="consumer-l2", sensitivity=3, calib_batches=2, bn_recalibrate=0))
+    r = result.round
+    assert r.landed and r.importance["values"] == "sensitivity at 3 widths per group"
+    assert 0 < r.kept_importance <= r.total_importance
+
+
+def test_sensitivity_without_data_or_with_a_bad_count_is_refused(tmp_path):
+    spec = write_tiny(tmp_path)
+    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
+    with pytest.raises(KpcError, match="--sensitivity needs data"):
+        prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), settings=PruneSettings(sensitivity=3))
+    with pytest.raises(KpcError, match="--sensitivity must be a non-negative number"):
+        PruneSettings(sensitivity=-1).check()
+    out = tmp_path / "never"
+    result = runner.invoke(app, ["prune", spec, "--input-size", "1,28,28", "--num-classes", "10", "--budget-ratio",
+                                 "0.5", "--sensitivity", "3", "--out", str(out)])
+    assert result.exit_code == 2 and "--sensitivity needs real data (--data)" in result.output, result.output
+    assert not out.exists()
+
+
+@needs_fashion_mnist
+def test_the_cli_prunes_with_sensitivity_and_the_artifact_loads(tmp_path):
+    spec = write_tiny(tmp_path)
+    out = tmp_path / "child"
+    result = runner.invoke(app, ["prune", spec, "--input-size", "1,28,28", "--num-classes", "10", "--budget-ratio",
+                                 "0.6", "--data", "fashion-mnist", "--calib-batches", "2", "--calib-batch-size", "16",
+                                 "--importance", "consumer-l2", "--sensitivity", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    child = load_artifact(out, model_file=spec)
+    assert child.plan.rounds[-1].importance["values"] == "sensitivity at 2 widths per group"
