@@ -174,7 +174,8 @@ def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup],
         passes = sum(len(measured_widths(c.widths, points)) for c in choices)
         log.info("measuring sensitivity: %d widths over %d groups, %d images each", passes, len(choices),
                  sum(i.shape[0] for i in inputs))
-        for choice in choices:
+        every = max(1, -(-len(choices) // 10))  # about ten progress lines, however many groups
+        for done, choice in enumerate(choices, start=1):
             positions = measured_widths(choice.widths, points)
             divergences = {len(choice.widths) - 1: full}
             for position in positions:
@@ -182,13 +183,17 @@ def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup],
                     with cut(graph, groups, choice, int(choice.widths[position])), \
                             (_RestatedBatchNorm(model, inputs) if restate else nullcontext()):
                         divergences[position] = _divergence(model, inputs, references)
-                except SensitivityUnavailable as exc:
+                except Exception as exc:  # the unmasked model ran: whatever fails here is the masking
+                    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
                     log.warning("sensitivity not measurable at %s (%s): the knapsack uses summed importance",
-                                groups[choice.index].root, exc)
+                                groups[choice.index].root, reason)
                     return None
             known = sorted(divergences)
             curve = np.interp(np.arange(len(choice.widths)), known, [divergences[k] for k in known])
             curve = np.maximum.accumulate(curve[::-1])[::-1]  # a narrower group never diverges less
             values[choice.index] = curve[0] - curve
+            if done % every == 0 and done < len(choices):
+                log.info("sensitivity: %d/%d groups measured (%.0f s)", done, len(choices),
+                         time.perf_counter() - started)
     log.info("sensitivity measured in %.1f s", time.perf_counter() - started)
     return values
