@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kpc
+from kpc.artifact import open_model
 from kpc.batchnorm import recalibrate_batchnorm
 
 REDUCTIONS = (1.5, 2.0, 4.0)
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bn-batches", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arms", help="comma-separated subset of the arms")
+    parser.add_argument("--teacher", type=Path, help="another teacher artifact trained on the same split (1x28x28 "
+                        "Fashion-MNIST), e.g. torchvision's resnet18 from `kpc train`; default: the cached one")
     parser.add_argument("--no-record", action="store_true")
     return parser.parse_args(argv)
 
@@ -70,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console()
-    parent = teacher(args.work).model.eval()
+    loaded = open_model(str(args.teacher)) if args.teacher else teacher(args.work)
+    parent = loaded.model.eval()
+    built = loaded.plan.model
+    description = f"{built.get('source')}:{built.get('name')} trained by kpc train, {args.teacher}" if args.teacher \
+        else TEACHER_DESCRIPTION
     base_macs = macs(parent)
     teacher_val, teacher_test = accuracy(parent, "val"), accuracy(parent, "test")
     console.print(f"teacher: val {teacher_val:.2f}%  test {teacher_test:.2f}%  {base_macs / 1e6:.1f} MMACs")
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         append_results("One-shot accuracy after pruning, BatchNorm re-estimated (issue 14)", headers, rows,
                        threads=args.threads,
-                       notes=[f"teacher: {TEACHER_DESCRIPTION}; val (last 5,000 training images) "
+                       notes=[f"teacher: {description}; val (last 5,000 training images) "
                               f"{teacher_val:.2f}%, test {teacher_test:.2f}%",
                               f"calibration {args.calib_batches} batches of 32 training images (x4 for the -4x-calib "
                               "arms); "

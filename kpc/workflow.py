@@ -63,7 +63,7 @@ def prune_to_artifact(loaded: LoadedModel, budget: Budget, settings: PruneSettin
     with output_lock(out):
         check_dir_target(out, overwrite=overwrite)
         calibration = None
-        if needs_data(settings.importance, settings.sensitivity):
+        if needs_data(settings.resolved().importance, settings.sensitivity):
             calibration = calibration_batches(data, loaded.input_size, batches=settings.calib_batches,
                                               batch_size=settings.calib_batch_size, seed=settings.seed)
         recalibration = calibration_batches(data, loaded.input_size, batches=bn_batches,

@@ -122,10 +122,18 @@ def test_the_cli_prunes_with_sensitivity_and_the_artifact_loads(tmp_path):
     out = tmp_path / "child"
     result = runner.invoke(app, ["prune", spec, "--input-size", "1,28,28", "--num-classes", "10", "--budget-ratio",
                                  "0.6", "--data", "fashion-mnist", "--calib-batches", "2", "--calib-batch-size", "16",
-                                 "--importance", "consumer-l2", "--sensitivity", "2", "--out", str(out)])
+                                 "--sensitivity", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     child = load_artifact(out, model_file=spec)
-    assert child.plan.rounds[-1].importance["values"] == "sensitivity at 2 widths per group"
+    record = child.plan.rounds[-1].importance
+    assert record["values"] == "sensitivity at 2 widths per group"
+    assert record["method"] == "consumer-l2"  # what --importance auto means with --sensitivity
+
+
+def test_auto_importance_follows_the_values():
+    assert PruneSettings().resolved().importance == "taylor-signed"
+    assert PruneSettings(sensitivity=3).resolved().importance == "consumer-l2"
+    assert PruneSettings(importance="taylor", sensitivity=3).resolved().importance == "taylor"
 
 
 def test_the_channel_axis_follows_the_width_then_the_layer_kind():

@@ -150,6 +150,7 @@ class Runtime(StrEnum):
 
 
 class Importance(StrEnum):
+    auto = "auto"
     taylor = "taylor"
     magnitude = "magnitude"
     taylor_signed = "taylor-signed"

@@ -66,7 +66,8 @@ def prune_command(
     = DEFAULTS.calib_batches,
     calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", min=1, help="Images per calibration "
                                                   "batch.")] = DEFAULTS.calib_batch_size,
-    importance: Annotated[Importance, typer.Option("--importance", help="Channel score.")]
+    importance: Annotated[Importance, typer.Option("--importance", help="Channel score (auto: taylor-signed, "
+                                                   "or consumer-l2 with --sensitivity).")]
     = Importance(DEFAULTS.importance),
     solver: Annotated[Solver, typer.Option("--solver", help="exact (DP) or greedy (value/cost ratio).")]
     = Solver(DEFAULTS.solver),
@@ -89,7 +90,7 @@ def prune_command(
     sensitivity: Annotated[int, typer.Option(
         "--sensitivity", min=0, help="Widths per group whose effect on the output is measured on the calibration "
         "images to value the knapsack (0: summed importance). Keeps more accuracy straight after the prune, "
-        "at one pass over the images per width measured; best with --importance consumer-l2.")]
+        "at one pass over the images per width measured; needs --data.")]
     = DEFAULTS.sensitivity,
     overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
@@ -118,8 +119,8 @@ def prune_command(
                         pretrained=pretrained, model_file=model_file)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
-        task = progress.add_task("calibrating importance", total=calib_batches if needs_gradients(settings.importance)
-                                 else 0)
+        gradients = needs_gradients(settings.resolved().importance)
+        task = progress.add_task("calibrating importance", total=calib_batches if gradients else 0)
         result = prune_to_artifact(loaded, budget, settings, spec, out, overwrite=overwrite,
                                    progress=lambda: progress.advance(task))
     r = result.round
