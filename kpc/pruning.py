@@ -96,7 +96,6 @@ class PruneSettings:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise KpcError(f"--seed must be an integer in 0..2**63-1 (got {self.seed!r})")
 
-
     def resolved(self) -> PruneSettings:
         """These settings with `importance: auto` made concrete.
 
