@@ -50,6 +50,7 @@ KPC_ARMS = {"kpc-taylor": ("taylor", 1, "fp32"), "kpc-taylor-signed": ("taylor-s
             "kpc-taylor-signed-sensitivity-5": ("taylor-signed", 1, "auto", 5),
             "kpc-magnitude-sensitivity-5": ("magnitude", 1, "auto", 5),
             "kpc-consumer-l2-sensitivity-5": ("consumer-l2", 1, "auto", 5),
+            "kpc-consumer-l2-sensitivity-5-fp32": ("consumer-l2", 1, "fp32", 5),
             "kpc-consumer-l2-sensitivity-5-4x-calib": ("consumer-l2", 4, "auto", 5)}
 
 

@@ -32,7 +32,14 @@ from kpc.cost_model import CostModel
 from kpc.costs import FlopsModel
 from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
-from kpc.importance import METHODS, accumulate_gradients, check_precision, needs_gradients, score_groups
+from kpc.importance import (
+    METHODS,
+    accumulate_gradients,
+    check_precision,
+    needs_gradients,
+    resolve_precision,
+    score_groups,
+)
 from kpc.landing import ClosedLoop, Realised
 from kpc.modelcopy import copy_model
 from kpc.plan import GroupDecision, Plan, PruneRound
@@ -71,7 +78,7 @@ class PruneSettings:
     seed: int = 0
     bins: int = 10_000  # cost bins of the exact knapsack
     bn_recalibrate: int | None = None  # batches re-estimating BatchNorm statistics; None: 20 with data, else 0
-    importance_precision: str = "auto"  # number format of the importance pass (kpc.importance.PRECISIONS)
+    importance_precision: str = "auto"  # number format of the importance and sensitivity passes (PRECISIONS)
     sensitivity: int = 0  # widths per group whose effect on the output is measured to value the knapsack; 0: summed
 
     def check(self) -> None:
@@ -342,8 +349,11 @@ class _Pruner:
         s = self.settings
         if not s.sensitivity or self.calibration is None:
             return
+        parameter = next(self.work.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
         measured = measure_values(self.work, graph, groups, state.choices, self.calibration,
-                                  batches=s.calib_batches, points=s.sensitivity)
+                                  batches=s.calib_batches, points=s.sensitivity,
+                                  bf16=resolve_precision(s.importance_precision, device) == "bf16")
         if measured is not None:
             state.measured = measured
             state.rebuild()

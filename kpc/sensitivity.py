@@ -168,19 +168,27 @@ class _RestatedBatchNorm:
 
 
 def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup], choices: Sequence[GroupChoices],
-                   calibration: Iterable[Any], *, batches: int, points: int, restate: bool = True
-                   ) -> dict[int, np.ndarray] | None:
+                   calibration: Iterable[Any], *, batches: int, points: int, restate: bool = True,
+                   bf16: bool = False) -> dict[int, np.ndarray] | None:
     """Measured knapsack values for every choice (by leader index); None when some group cannot be masked.
 
-    Each choice's `points` widths cost one pass over the calibration images each.
+    Each choice's `points` widths cost one pass over the calibration images each (two with
+    `restate`). `bf16`: every pass, the unpruned reference included, under bf16 autocast.
     """
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     inputs = [images.to(device) for index, (images, _) in enumerate(as_batches(calibration)) if index < batches]
     started = time.perf_counter()
     model.eval()
-    with torch.no_grad():
-        references = [F.log_softmax(model(images).flatten(1).float(), dim=1) for images in inputs]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        try:
+            references = [F.log_softmax(model(images).flatten(1).float(), dim=1) for images in inputs]
+        except Exception as exc:  # a kernel without bf16: the unmasked model runs in fp32
+            if not bf16:
+                raise
+            log.info("the model does not run in bf16 (%s): sensitivity measured in fp32", type(exc).__name__)
+            return measure_values(model, graph, groups, choices, inputs, batches=batches, points=points,
+                                  restate=restate, bf16=False)
         values: dict[int, np.ndarray] = {}
         with _RestatedBatchNorm(model, inputs) if restate else nullcontext():
             full = _divergence(model, inputs, references)  # what re-estimation alone changes

@@ -168,3 +168,18 @@ def test_values_that_measure_nothing_give_way_to_summed_importance(caplog):
     assert "no cut changed the model's output measurably" in caplog.text
     measured = _with_tie_break({0: np.array([0.0, 0.5, 0.5, 1.0])}, [choice])
     assert measured is not None and np.all(np.diff(measured[0]) > 0) and measured[0][-1] < 1.0 + 1e-3
+
+
+def test_a_model_without_bf16_is_measured_in_fp32(caplog):
+    from .test_importance import NumpyStatistic
+
+    model = NumpyStatistic().eval()
+    example = torch.randn(1, 1, 8, 8)
+    graph, groups = analyse_groups(model, example, round_to=2, min_channels=2)
+    scores = score_groups(groups, "consumer-l2")
+    choices = [make_choices(tie_of(groups, g), scores.values, 2, 2) for g in groups if g.prunable]
+    batches = [torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))]
+    with caplog.at_level(logging.INFO, logger="kpc.sensitivity"):
+        values = measure_values(model, graph, groups, choices, batches, batches=1, points=2, bf16=True)
+    assert "does not run in bf16" in caplog.text
+    assert values is not None and all(np.all(np.diff(v) > 0) for v in values.values())

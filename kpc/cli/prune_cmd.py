@@ -84,8 +84,8 @@ def prune_command(
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the calibration sample.")]
     = DEFAULTS.seed,
     importance_precision: Annotated[ImportancePrecision, typer.Option(
-        "--importance-precision", help="Number format of the importance pass: auto (bf16 where the CPU or GPU "
-        "computes it natively, about twice as fast; else fp32), fp32 or bf16.")]
+        "--importance-precision", help="Number format of the importance and sensitivity passes: auto (bf16 "
+        "where the CPU or GPU computes it natively, about twice as fast; else fp32), fp32 or bf16.")]
     = ImportancePrecision(DEFAULTS.importance_precision),
     sensitivity: Annotated[int, typer.Option(
         "--sensitivity", min=0, help="Widths per group whose effect on the output is measured on the calibration "
