@@ -14,7 +14,9 @@ measured and the rest interpolated; values never fall as a group widens.
 
 The value of keeping width w is `divergence(smallest width) - divergence(w)`: larger is
 better, the sum over groups is what the knapsack maximises (additive, as each group is
-measured alone).
+measured alone), plus a tie-break by summed importance far below any measured difference.
+Ranked by consumer-l2 (`kpc.importance`), the same teacher kept 88.7-91.3% (validation) at
+half the MACs (benchmarks/oneshot.py, three calibration samples).
 """
 
 from __future__ import annotations
