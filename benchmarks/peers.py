@@ -14,7 +14,9 @@ latency (its speedup over the teacher, asked as a latency ratio of kpc's table: 
 teacher runs in about half a millisecond, and absolute medians from separate runs move by 40%
 on a shared host); for each child its speedup over the teacher and its speed against
 ModelOpt's child, both timed interleaved on ort-cpu, its test accuracy straight after pruning
-(BatchNorm re-estimated on the same batches) and after the same short fine-tune.
+(BatchNorm re-estimated on the same batches) and after the same short fine-tune. kpc runs
+twice at each budget: with its defaults (summed Taylor values, 256 calibration images) and with
+measured sensitivity (`--importance consumer-l2 --sensitivity 5` on 1,024 images).
 ModelOpt scores its candidate subnets by validation accuracy (the last 5,000 training
 images, BatchNorm calibrated by ModelOpt on training batches). The question it answers:
 at the same measured latency, whose model is most accurate?
