@@ -31,17 +31,13 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], count: int) -> dict[str, int]:
-    """Re-estimate every BatchNorm's running statistics on `count` batches (a cumulative average).
+def reestimate_statistics(model: nn.Module, batches: Iterable[Any], count: int) -> tuple[int, int]:
+    """The re-estimation itself, silent: returns the batches and images used.
 
-    Only the BatchNorm layers switch to training mode; dropout and the rest stay in eval,
-    and no weight changes. Returns how many batches and images were used.
+    Only the BatchNorm layers switch to training mode (dropout and the rest stay in eval),
+    and the model comes back in the mode it was in. Batches of one image are skipped.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise KpcError(f"--bn-recalibrate must be a non-negative number of batches, got {count!r}")
     layers = batchnorm_layers(model)
-    if count == 0 or not layers:
-        return {"batches": 0, "images": 0, "layers": len(layers)}
     was_training = model.training
     momenta = [layer.momentum for layer in layers]
     parameter = next(model.parameters(), None)
@@ -65,6 +61,22 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], count: int) 
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
         model.train(was_training)
+    return used, images
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], count: int) -> dict[str, int]:
+    """Re-estimate every BatchNorm's running statistics on `count` batches (a cumulative average).
+
+    Only the BatchNorm layers switch to training mode; dropout and the rest stay in eval,
+    and no weight changes. Returns how many batches and images were used.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise KpcError(f"--bn-recalibrate must be a non-negative number of batches, got {count!r}")
+    layers = batchnorm_layers(model)
+    if count == 0 or not layers:
+        return {"batches": 0, "images": 0, "layers": len(layers)}
+    used, images = reestimate_statistics(model, batches, count)
     if used == 0:
         raise KpcError("BatchNorm recalibration got no batch of two images or more from the data")
     log.info("BatchNorm statistics re-estimated on %d batches (%d images) in %d layers", used, images, len(layers))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kpc.batchnorm import batchnorm_layers
+from kpc.batchnorm import batchnorm_layers, reestimate_statistics
 from kpc.channels import ChannelGroup
 from kpc.importance import as_batches
 from kpc.planner import GroupChoices
@@ -148,34 +147,24 @@ class _RestatedBatchNorm:
         self.layers = batchnorm_layers(model)
 
     def __enter__(self) -> None:
-        self.saved = [(layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone(),
-                       layer.momentum) for layer in self.layers]
-        for layer in self.layers:
-            layer.reset_running_stats()
-            layer.momentum = None  # a cumulative average over the images
-            layer.train()
-        for images in self.inputs:
-            if images.shape[0] > 1:
-                self.model(images)
-        for layer in self.layers:
-            layer.eval()
+        self.saved = [(layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+                      for layer in self.layers]
+        reestimate_statistics(self.model, self.inputs, len(self.inputs))
 
     def __exit__(self, *_exc: object) -> None:
-        for layer, (mean, var, tracked, momentum) in zip(self.layers, self.saved, strict=True):
+        for layer, (mean, var, tracked) in zip(self.layers, self.saved, strict=True):
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
             layer.num_batches_tracked.copy_(tracked)
-            layer.momentum = momentum
-            layer.eval()
 
 
 def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup], choices: Sequence[GroupChoices],
-                   calibration: Iterable[Any], *, batches: int, points: int, restate: bool = True,
-                   bf16: bool = False) -> dict[int, np.ndarray] | None:
+                   calibration: Iterable[Any], *, batches: int, points: int, bf16: bool = False
+                   ) -> dict[int, np.ndarray] | None:
     """Measured knapsack values for every choice (by leader index); None when some group cannot be masked.
 
-    Each choice's `points` widths cost one pass over the calibration images each (two with
-    `restate`). `bf16`: every pass, the unpruned reference included, under bf16 autocast.
+    Each of a choice's `points` widths costs two passes over the calibration images (BatchNorm
+    re-estimation, then the divergence). `bf16`: every pass, the unpruned reference included, under bf16 autocast.
     """
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -190,9 +179,9 @@ def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup],
                 raise
             log.info("the model does not run in bf16 (%s): sensitivity measured in fp32", type(exc).__name__)
             return measure_values(model, graph, groups, choices, inputs, batches=batches, points=points,
-                                  restate=restate, bf16=False)
+                                  bf16=False)
         values: dict[int, np.ndarray] = {}
-        with _RestatedBatchNorm(model, inputs) if restate else nullcontext():
+        with _RestatedBatchNorm(model, inputs):
             full = _divergence(model, inputs, references)  # what re-estimation alone changes
         passes = sum(len(measured_widths(c.widths, points)) for c in choices)
         log.info("measuring sensitivity: %d widths over %d groups, %d images each", passes, len(choices),
@@ -204,7 +193,7 @@ def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup],
             for position in positions:
                 try:
                     with cut(graph, groups, choice, int(choice.widths[position])), \
-                            (_RestatedBatchNorm(model, inputs) if restate else nullcontext()):
+                            _RestatedBatchNorm(model, inputs):
                         divergences[position] = _divergence(model, inputs, references)
                 except Exception as exc:  # the unmasked model ran: whatever fails here is the masking
                     reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
