@@ -116,7 +116,7 @@ def test_profiling_steps_are_multiples_of_the_channel_block():
     block = channel_block("ort-cpu")
     aligned = aligned_to_block(ProfileSettings(runtime="ort-cpu"))
     assert aligned.round_to % block == 0 and aligned.round_to % 8 == 0
-    assert channel_block("torch-cuda") == 1 and channel_block("torch-cuda", "fp16") == 8
+    assert channel_block("torch-cuda") == 1 and channel_block("torch-cuda", "fp16") == 16
     assert aligned_to_block(ProfileSettings(runtime="torch-cuda", round_to=8)).round_to == 8
     if block > 1:  # a divisor of the block is served by the block; a step off it is refused, naming both
         assert aligned_to_block(ProfileSettings(runtime="ort-cpu", round_to=block // 2)).round_to == block
