@@ -74,6 +74,12 @@ class ClosedLoop:
         self.attempts: list[Attempt] = []
         self.candidates: dict[tuple[float, ...], Candidate] = {}
 
+    def seed(self, solution: Any, model: Any, counted: float) -> None:
+        """A plan measured before the loop (the all-smallest one): a candidate and a point, never measured again."""
+        key = tuple(float(w) for w in np.asarray(solution.widths).ravel())
+        self.attempts.append(Attempt(solution.cost, solution.cost, counted))
+        self.candidates[key] = Candidate(key, model, solution, [counted], len(self.attempts))
+
     def _clamp(self, target: float) -> float:
         return min(max(target, self.floor), self.ceiling)
 

@@ -262,9 +262,11 @@ class _Pruner:
         full_cost = cost.total(full_widths)
         floor = minimum_cost(cost, full_widths, state.choices)
         limit = self.limit(full_cost, cost)
-        self.check_reachable(limit, floor, full_cost, cost, state, full_widths, round_to)
+        smallest = self.check_reachable(limit, floor, full_cost, cost, state, full_widths, round_to)
         loop = ClosedLoop(cost.landing, limit, floor, full_cost, unit=cost.unit, scale=cost.scale,
                           confirm=cost.unit == "ms")
+        if smallest is not None:
+            loop.seed(*smallest)
 
         def solve(target: float) -> Solution:
             low = minimum_cost(cost, full_widths, state.choices)
@@ -463,8 +465,11 @@ class _Pruner:
         return limit
 
     def check_reachable(self, limit: float, floor: float, full_cost: float, cost: CostModel, state: _State,
-                        full_widths: np.ndarray, round_to: int) -> None:
+                        full_widths: np.ndarray, round_to: int) -> tuple[Solution, nn.Module, float] | None:
         """Refuse a budget below the smallest cost any plan reaches, naming that minimum.
+
+        Returns the all-smallest plan when it was built and timed (latency budgets), so that
+        the closed loop counts it as measured instead of timing it again.
 
         A latency table's prediction near the floor can be far off (or even negative after
         the remainder fit), so for a latency budget the all-minimum plan is built and timed:
@@ -483,21 +488,23 @@ class _Pruner:
                            f"{max(floor, 0.0) / cost.scale:.4g} {unit}{share} (every group at its smallest width, "
                            f"{smallest}{kept}); ask for at least that")
         if unit != "ms":
-            return
+            return None
         widths = full_widths.copy()
         for choice in state.choices:
             widths[choice.index] = choice.widths[0]
             for index, width in choice.follower_widths(choice.widths[0]).items():
                 widths[index] = width
-        built = self.build(Solution(widths, floor, 0.0, 0), state)
+        solution = Solution(widths, floor, value_of(state.choices, widths), 0)
+        built = self.build(solution, state)
         if built.model is None:
-            return
+            return None
         measured = cost.measure(built.model)
         log.info("every group at its smallest width: predicted %.4g ms, measured %.4g ms", floor, measured)
         if measured > limit * (1 + cost.landing.window[1]):
             raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost: {measured:.4g} ms "
                            f"measured on the table's target with every group at its smallest width ({smallest}); "
                            "ask for at least that")
+        return solution, built.model, measured
 
     def build(self, solution: Solution, state: _State) -> Realised:
         """The pruned copy for a solution, run once; a failure leaves the guilty groups whole."""

@@ -176,6 +176,31 @@ def test_a_miss_inside_the_kept_plans_own_timing_spread_counts_as_landed(caplog)
     assert not _loop_with_timings([0.900, 0.905]).landed
 
 
+def test_the_floor_timed_before_the_loop_is_never_timed_again():
+    """A budget only the all-smallest plan meets: the loop solves to it and reuses the floor's timing."""
+    import numpy as np
+
+    from kpc.cost_model import LATENCY_LANDING
+    from kpc.landing import ClosedLoop, Realised
+    from kpc.planner import Solution
+
+    floor = Solution(np.array([8.0]), 0.5, 1.0, 0)
+    timed: list[object] = []
+
+    def measure(model: object) -> float:
+        timed.append(model)
+        return 1.30 if model == "model 16" else 1.02  # the wider plan is over; then the floor's re-timing
+
+    loop = ClosedLoop(LATENCY_LANDING, 1.0, 0.5, 2.0, unit="ms", confirm=True)
+    loop.seed(floor, "floor model", 0.99)
+    widths = {True: np.array([8.0]), False: np.array([16.0])}
+    result = loop.run(lambda target: Solution(widths[target < 0.9], target, 2.0, 1),
+                      lambda s: Realised(model=f"model {int(s.widths[0])}"), measure)
+    assert timed.count("floor model") == 1  # only the closing re-timing of the kept plan
+    assert result.kept.model == "floor model" and result.kept.samples == [0.99, 1.02] and result.landed
+    assert result.attempts[0].counted == 0.99 and any(a.repeat_of == 1 for a in result.attempts)
+
+
 class _CachesABias(torch.nn.Module):
     """Keeps a tensor computed from a parameter in a dict after an eval forward, as timm's EfficientViT does."""
 

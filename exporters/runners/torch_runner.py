@@ -159,8 +159,8 @@ class TorchCudaRunner(_TorchRunner):
         Widths off a multiple of 8 ran 1.6-2.0x slower than the multiple of 8 above them
         (the tensor cores' block), and multiples of 8 that are not multiples of 16 ran
         1.04-1.16x slower than the multiple of 16 above them at 28x28 and 14x14 (the same at
-        7x7): such a width costs more time for fewer channels. Multiples of 16 against 32: 0.99-1.03x, nothing to gain. fp32 has
-        no block measured (1).
+        7x7): such a width costs more time for fewer channels. Multiples of 16 against 32:
+        0.99-1.03x, nothing to gain. fp32 has no block measured (1).
         """
         return 16 if tensor_core_block(precision) > 1 else 1
 
