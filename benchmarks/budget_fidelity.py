@@ -75,6 +75,7 @@ def main() -> None:
     measure = {"runtime": args.runtime, "batch": 1, "threads": args.threads, "precision": "fp32"}
     rows, results = [], {}
     for spec in args.models:
+        spec = spec if ":" in spec else f"torchvision:{spec}"  # a bare name is a torchvision model
         name = spec.split(":", 1)[1]
         loaded = open_model(spec, num_classes=1000, input_size=(3, args.size, args.size))
         table_path = table_for(spec, loaded, target, device)
