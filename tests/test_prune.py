@@ -176,6 +176,16 @@ def test_a_miss_inside_the_kept_plans_own_timing_spread_counts_as_landed(caplog)
     assert not _loop_with_timings([0.900, 0.905]).landed
 
 
+def test_a_kept_plan_whose_timings_disagree_is_timed_again_until_they_settle(caplog):
+    """1.20 then 0.95 ms (a 23% spread, median +7.5%): a third timing, 1.00, settles it inside the window."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kpc.landing"):
+        result = _loop_with_timings([1.20, 0.95, 1.00, 5.0])
+    assert result.kept.samples == [1.20, 0.95, 1.00] and result.landed
+    assert "spread of its own timings" not in caplog.text
+
+
 def test_the_floor_timed_before_the_loop_is_never_timed_again():
     """A budget only the all-smallest plan meets: the loop solves to it and reuses the floor's timing."""
     import numpy as np
