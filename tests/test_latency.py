@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from kpc.artifact import open_model
 from kpc.budget import Budget
 from kpc.cli import app
+from kpc.cost_model import LATENCY_LANDING
 from kpc.errors import KpcError
+from kpc.landing import SETTLE_TIMINGS
 from kpc.latency import check_table, load_table
 from kpc.latency.layers import (
     REFERENCE_MARKER,
@@ -176,7 +178,12 @@ def test_budget_ms_prune_lands_near_the_budget(table_path, tmp_path):
     assert measured and all(a.error is None for a in measured)
     keys = [tuple(a.predicted for a in measured)]
     assert len(set(keys[0])) == len(keys[0]) or len(measured) == 1, "no plan is measured twice"
-    assert len(r.counted_samples) == 2, "the kept plan is timed once more and its figure pools both timings"
+    # the kept plan is timed once more, and again only while its timings disagree by more than the window is wide
+    samples = r.counted_samples
+    assert 2 <= len(samples) <= 2 + SETTLE_TIMINGS, samples
+    width = LATENCY_LANDING.window[1] - LATENCY_LANDING.window[0]
+    if len(samples) > 2:
+        assert (max(samples[:2]) - min(samples[:2])) / float(np.median(samples[:2])) > width, samples
     assert r.counted_cost == pytest.approx(float(np.median(r.counted_samples)))
     assert r.latency_table["runtime"] == "ort-cpu"
     with pytest.raises(KpcError, match=r"--round-to 24 conflicts with .* steps of 16"):
