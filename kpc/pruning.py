@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ROUND_TO = 8  # width step when no runtime says otherwise
 FILL_BUILDS = 24  # candidate models built (and counted) while growing a FLOPs plan to the budget's frontier
 FILL_SLACK = 0.02  # steps predicted up to this much over the budget are still built and counted
+COMPLETE_STEPS = 4096  # single-option steps the greedy completion takes on predictions before its one build
 
 
 @dataclass
@@ -324,7 +325,7 @@ class _Pruner:
         """
         from kpc.landing import Candidate
 
-        current, builds = kept, 0
+        current, builds = self.complete(kept, cost, state, limit), 0
         while builds < FILL_BUILDS:
             steps = sorted(grow_steps(cost, current.solution.widths, state.choices, limit * (1 + FILL_SLACK)),
                            key=lambda step: -step[0])
@@ -345,6 +346,37 @@ class _Pruner:
             else:
                 return current, True  # every step up counted over the budget
         return current, False
+
+    def complete(self, kept: Any, cost: CostModel, state: _State, limit: float) -> Any:
+        """Grow the kept plan greedily on predicted costs, many steps per build, then count it once.
+
+        The solver can answer a target with a plan far under it, and a slightly larger target with
+        one over it: timm's wide_resnet50_2 at 64x64 solved 0.4679 GFLOPs to 0.310, and 0.526 to
+        0.525. One step per counted build (`fill`) then closes a 34% gap by 24 steps of 8
+        channels. Here the steps with the most importance per predicted cost are taken while the
+        prediction fits, and the result is built and counted; it replaces the kept plan only if
+        its count fits the budget too.
+        """
+        from kpc.landing import Candidate
+
+        widths = np.asarray(kept.solution.widths, dtype=np.float64).copy()
+        for _ in range(COMPLETE_STEPS):
+            steps = grow_steps(cost, widths, state.choices, limit)
+            if not steps:
+                break
+            widths = max(steps, key=lambda step: step[0])[1]
+        if np.array_equal(widths, kept.solution.widths):
+            return kept
+        solution = Solution(widths, cost.total(widths), value_of(state.choices, widths), kept.solution.iterations)
+        built = self.build(solution, state)
+        if built.model is None:
+            return kept
+        counted = float(cost.measure(built.model))
+        if not kept.counted < counted <= limit * (1 + 1e-9):
+            return kept
+        log.info("grew the kept plan from %.4g to %.4g %s within the budget", kept.counted / cost.scale,
+                 counted / cost.scale, cost.unit)
+        return Candidate(tuple(float(w) for w in widths), built.model, solution, [counted], kept.attempt)
 
     def measure_sensitivity(self, graph: Any, groups: list[ChannelGroup], state: _State) -> None:
         """Value the knapsack's options by their measured effect on the output (`kpc.sensitivity`)."""
