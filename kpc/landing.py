@@ -65,6 +65,11 @@ class LandingResult:
     landed: bool
 
 
+def plan_key(widths: Any) -> tuple[float, ...]:
+    """What makes two solves the same plan: their widths."""
+    return tuple(float(w) for w in np.asarray(widths).ravel())
+
+
 class ClosedLoop:
     """Land `limit` (internal cost units) with the given landing rule; see the module docstring."""
 
@@ -77,7 +82,7 @@ class ClosedLoop:
 
     def seed(self, solution: Any, model: Any, counted: float) -> None:
         """A plan measured before the loop (the all-smallest one): a candidate and a point, never measured again."""
-        key = tuple(float(w) for w in np.asarray(solution.widths).ravel())
+        key = plan_key(solution.widths)
         self.attempts.append(Attempt(solution.cost, solution.cost, counted))
         self.candidates[key] = Candidate(key, model, solution, [counted], len(self.attempts))
 
@@ -90,7 +95,7 @@ class ClosedLoop:
         measured_rounds = errors = repeats = 0
         while True:
             solution = solve(target)
-            key = tuple(float(w) for w in np.asarray(solution.widths).ravel())
+            key = plan_key(solution.widths)
             known = self.candidates.get(key)
             if known is not None:
                 repeats += 1

@@ -107,13 +107,18 @@ class Solution:
     iterations: int
 
 
-def minimum_cost(cost: CostModel, full_widths: np.ndarray, choices: Sequence[GroupChoices]) -> float:
+def smallest_widths(full_widths: np.ndarray, choices: Sequence[GroupChoices]) -> np.ndarray:
+    """Every choice at its smallest width (followers with it), whole groups at full width."""
     widths = full_widths.astype(np.float64).copy()
     for choice in choices:
         widths[choice.index] = choice.widths[0]
         for index, width in choice.follower_widths(choice.widths[0]).items():
             widths[index] = width
-    return cost.total(widths)
+    return widths
+
+
+def minimum_cost(cost: CostModel, full_widths: np.ndarray, choices: Sequence[GroupChoices]) -> float:
+    return cost.total(smallest_widths(full_widths, choices))
 
 
 def _fixed_point(cost: CostModel, full_widths: np.ndarray, choices: Sequence[GroupChoices], target: float,

@@ -51,6 +51,7 @@ from kpc.planner import (
     kept_by_root,
     make_choices,
     minimum_cost,
+    smallest_widths,
     solve_widths,
     value_of,
 )
@@ -323,8 +324,6 @@ class _Pruner:
         up was built and counted over the budget (the cost model's prediction is close but
         not exact after pruning, so each step is counted).
         """
-        from kpc.landing import Candidate
-
         current, builds = self.complete(kept, cost, state, limit), 0
         while builds < FILL_BUILDS:
             steps = sorted(grow_steps(cost, current.solution.widths, state.choices, limit * (1 + FILL_SLACK)),
@@ -333,13 +332,9 @@ class _Pruner:
                 return current, True
             for _ratio, widths in steps:
                 builds += 1
-                solution = Solution(widths, cost.total(widths), value_of(state.choices, widths),
-                                    current.solution.iterations)
-                built = self.build(solution, state)
-                counted = float(cost.measure(built.model)) if built.model is not None else math.inf
-                if counted <= limit * (1 + 1e-9):
-                    current = Candidate(tuple(float(w) for w in widths), built.model, solution, [counted],
-                                        current.attempt)
+                grown = self.count_plan(widths, cost, state, current)
+                if grown is not None and grown.counted <= limit * (1 + 1e-9):
+                    current = grown
                     break
                 if builds >= FILL_BUILDS:
                     return current, False
@@ -357,8 +352,6 @@ class _Pruner:
         prediction fits, and the result is built and counted; it replaces the kept plan only if
         its count fits the budget too.
         """
-        from kpc.landing import Candidate
-
         widths = np.asarray(kept.solution.widths, dtype=np.float64).copy()
         for _ in range(COMPLETE_STEPS):
             steps = grow_steps(cost, widths, state.choices, limit)
@@ -367,16 +360,24 @@ class _Pruner:
             widths = max(steps, key=lambda step: step[0])[1]
         if np.array_equal(widths, kept.solution.widths):
             return kept
-        solution = Solution(widths, cost.total(widths), value_of(state.choices, widths), kept.solution.iterations)
-        built = self.build(solution, state)
-        if built.model is None:
-            return kept
-        counted = float(cost.measure(built.model))
-        if not kept.counted < counted <= limit * (1 + 1e-9):
+        grown = self.count_plan(widths, cost, state, kept)
+        if grown is None or not kept.counted < grown.counted <= limit * (1 + 1e-9):
             return kept
         log.info("grew the kept plan from %.4g to %.4g %s within the budget", kept.counted / cost.scale,
-                 counted / cost.scale, cost.unit)
-        return Candidate(tuple(float(w) for w in widths), built.model, solution, [counted], kept.attempt)
+                 grown.counted / cost.scale, cost.unit)
+        return grown
+
+    def count_plan(self, widths: np.ndarray, cost: CostModel, state: _State, grown_from: Any) -> Any:
+        """The plan for `widths` (grown from the candidate `grown_from`), built and counted; None if unbuildable."""
+        from kpc.landing import Candidate, plan_key
+
+        solution = Solution(widths, cost.total(widths), value_of(state.choices, widths),
+                            grown_from.solution.iterations)
+        built = self.build(solution, state)
+        if built.model is None:
+            return None
+        return Candidate(plan_key(widths), built.model, solution, [float(cost.measure(built.model))],
+                         grown_from.attempt)
 
     def measure_sensitivity(self, graph: Any, groups: list[ChannelGroup], state: _State) -> None:
         """Value the knapsack's options by their measured effect on the output (`kpc.sensitivity`)."""
@@ -521,11 +522,7 @@ class _Pruner:
                            f"{smallest}{kept}); ask for at least that")
         if unit != "ms":
             return None
-        widths = full_widths.copy()
-        for choice in state.choices:
-            widths[choice.index] = choice.widths[0]
-            for index, width in choice.follower_widths(choice.widths[0]).items():
-                widths[index] = width
+        widths = smallest_widths(full_widths, state.choices)
         solution = Solution(widths, floor, value_of(state.choices, widths), 0)
         built = self.build(solution, state)
         if built.model is None:
