@@ -21,6 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from kpc import tp_compat
 from kpc.channels import ChannelGroup
 from kpc.cost_model import FLOPS_LANDING, CostModel
 from kpc.groups import is_grouped_conv
@@ -99,14 +100,14 @@ def _side(full: float, shares: dict[int, float]) -> Side:
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     """Independent count (torch-pruning's counter): MACs and parameters."""
     detach_cached_tensors(model)  # the counter deep-copies the model
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    macs, params = tp_compat.count_ops_and_params(model, example)
     return float(macs), float(params)
 
 
 def macs_by_module(model: nn.Module, example: torch.Tensor) -> tuple[float, dict[nn.Module, float | None]]:
     """torch-pruning's count of the whole model's MACs, and of each module's (None where it counts none)."""
     detach_cached_tensors(model)  # the counter deep-copies the model
-    total, _params, per_module, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+    total, _params, per_module, _ = tp_compat.count_ops_and_params(model, example, layer_wise=True)
     return float(total), per_module
 
 

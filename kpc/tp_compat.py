@@ -12,7 +12,11 @@ not public:
 2. **A group minus some items.** kpc removes grouped convs' input channels itself (whole
    conv groups), so those items are dropped from a group before it is scored or pruned;
    a `Group` holds its items in `_group` and its graph in `_DG`.
-3. Nothing else: every other call goes through the public API.
+3. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
+   conv subclass (timm's ScaledStdConv2d, Conv2dSame) counted as zero: an NFNet's budget was
+   taken over its classifier alone. `count_ops_and_params` lends each subclass its nearest
+   counted base's hook through the counter's `CUSTOM_MODULES_MAPPING`.
+4. Nothing else: every other call goes through the public API.
 
 `install()` applies (1); it is called by `kpc.groups.build_graph`, never on import. Each
 function checks that the installed torch-pruning still has what it touches and fails with
@@ -21,11 +25,16 @@ one line naming the tested versions when it does not.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from torch import nn
+
 from kpc.errors import KpcError
+
+log = logging.getLogger(__name__)
 
 TESTED_VERSIONS = ("1.6.1",)  # pyproject pins torch-pruning>=1.6,<1.7
 INDEX_MAPPERS = ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
@@ -94,3 +103,35 @@ def group_with_items(group: Any, items: Iterable[Any]) -> Any:
     subset._group = list(items)
     subset._DG = group._DG
     return subset
+
+
+def count_ops_and_params(model: nn.Module, example: Any, *, layer_wise: bool = False) -> Any:
+    """torch-pruning's MAC and parameter counter, which also counts subclasses of the layers it knows.
+
+    Same return values as `torch_pruning.utils.count_ops_and_params`. A subclass is counted by
+    the hook of its nearest base the counter knows (a ScaledStdConv2d as a Conv2d); should that
+    hook fail on it, the count is retried with subclasses counted as zero, as torch-pruning does.
+    """
+    import torch_pruning as tp
+
+    counter = getattr(getattr(tp, "utils", None), "op_counter", None)
+    known = getattr(counter, "MODULES_MAPPING", None)
+    if not isinstance(known, dict) or not isinstance(getattr(counter, "CUSTOM_MODULES_MAPPING", None), dict):
+        raise _incompatible("utils.op_counter.MODULES_MAPPING and CUSTOM_MODULES_MAPPING")
+    lent: dict[type, Any] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls in known or cls in lent:
+            continue
+        base = next((b for b in cls.__mro__[1:] if b in known), None)
+        if base is not None:
+            lent[cls] = known[base]
+    if lent:
+        counter.CUSTOM_MODULES_MAPPING = dict(lent)  # the counter resets it to {} when it returns
+        try:
+            return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+        except Exception as exc:  # a subclass the base's hook cannot read: count it as zero, as before
+            log.debug("counting MACs of layer subclasses failed (%s); counting them as zero", exc)
+        finally:
+            counter.CUSTOM_MODULES_MAPPING = {}
+    return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
