@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc import tp_compat
+from kpc.channel_state import output_extras_of, prune_output_extras
 from kpc.errors import KpcError
 from kpc.groups import build_graph, is_grouped_conv_input
 
@@ -28,7 +29,9 @@ def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: 
     grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
     if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
         group = tp_compat.group_with_items(group, [item for item in group if item not in grouped_inputs])
+    extras = output_extras_of(group, graph.is_out_channel_pruning_fn)
     group.prune()
+    prune_output_extras(extras)
     for item in grouped_inputs:
         _remove_conv_groups(item.dep.target.module, item.idxs)
 

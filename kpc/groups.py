@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc import tp_compat
+from kpc.channel_state import channelwise_pruners
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
 from kpc.tracing import forward_with_hooks
@@ -122,9 +123,11 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
     tp_compat.install()
+    pruners = channelwise_pruners(model, example)
     try:
         with time_limit(time_limit_s, "building the dependency graph"):
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                         customized_pruners=pruners)
     except TimeoutError:
         attention = [m for m in model.modules() if _is_attention(m)]
         if not attention:
@@ -132,7 +135,7 @@ def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> 
                            "parts of the network that should stay whole") from None
         with time_limit(time_limit_s, "building the dependency graph without attention"):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                         ignored_layers=attention)
+                                                         ignored_layers=attention, customized_pruners=pruners)
 
 
 # torch-pruning's search for one root's coupled channels is pure Python over index lists; through the

@@ -34,6 +34,8 @@ ZOO = [
     ("timm:cspresnet50", 0.8),
     ("timm:ghostnet_100", 0.85),  # concat-then-slice: groups whose importance torch-pruning cannot map stay whole
     ("timm:wide_resnet50_2", 0.5),  # the solver answered the budget with a plan 34% under it: completed greedily
+    ("timm:resnetblur18", 0.5),  # per-channel blur filters in a buffer, applied by a functional conv
+    ("timm:nf_regnet_b0", 0.5),  # a conv subclass with a per-output gain, and MACs the counter had missed
 ]
 EXPORTED = {"torchvision:resnet18", "torchvision:mnasnet1_0", "timm:ghostnet_100"}
 SIZE = (3, 64, 64)

@@ -1,0 +1,86 @@
+"""Per-channel state torch-pruning does not prune: a conv subclass's gain, a blur pool's per-channel filters.
+
+Both broke the pruned network's forward pass, so every group through them was left whole
+(NFNets, resnetblur, densenetblur, TResNet); and the conv subclass was counted as zero MACs,
+so an NFNet's FLOPs budget was taken over its classifier alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import BlurPool2d, ScaledStdConv2d
+from torch import nn
+
+import kpc
+from kpc.channel_state import channelwise_pruners, output_extras
+from kpc.costs import count_macs
+
+
+class BlurStdNet(nn.Module):
+    """Scaled-standardised convs (a per-output gain) and an anti-aliasing blur pool between them."""
+
+    def __init__(self, num_classes: int = 10, conv: type[nn.Conv2d] = ScaledStdConv2d) -> None:
+        super().__init__()
+        self.stem = conv(3, 32, 3, padding=1)
+        self.blur = BlurPool2d(32, filt_size=3, stride=2)
+        self.body = nn.Sequential(conv(32, 64, 3, padding=1), nn.ReLU(), conv(64, 48, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blur(torch.relu(self.stem(x)))
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_a_conv_subclass_gain_and_a_blur_filter_are_found():
+    model = BlurStdNet().eval()
+    assert output_extras(model.stem) == ["gain"]
+    assert output_extras(nn.Conv2d(3, 8, 3)) == [], "a plain conv has nothing beyond weight and bias"
+    pruners = channelwise_pruners(model, torch.randn(1, 3, 32, 32))
+    assert list(pruners) == [BlurPool2d]
+    assert pruners[BlurPool2d].buffers == {model.blur: ["filt"]}
+
+
+def test_conv_subclasses_count_their_macs():
+    """torch-pruning's counter matches exact types: a ScaledStdConv2d counted as zero."""
+    example = torch.randn(1, 3, 32, 32)
+    plain = BlurStdNet(conv=nn.Conv2d).eval()
+    scaled = BlurStdNet().eval()
+    assert count_macs(scaled, example)[0] == pytest.approx(count_macs(plain, example)[0], rel=1e-6)
+    assert count_macs(scaled, example)[0] > 10 * 32 * 32 * 32 * 3 * 9 / 4  # the convs, not the head alone
+
+
+def test_applying_a_cut_keeps_the_gain_rows_and_filters_of_the_kept_channels():
+    from kpc.apply import apply_kept
+
+    torch.manual_seed(0)
+    model = BlurStdNet().eval()
+    with torch.no_grad():
+        model.stem.gain.copy_(torch.rand_like(model.stem.gain))
+        model.blur.filt.mul_(torch.rand(32, 1, 1, 1))  # a distinct filter per channel, to see which rows stay
+    gain, filt = model.stem.gain.detach().clone(), model.blur.filt.clone()
+    kept = [1, 2, 3, 5, 8, 13, 21, 30]
+    apply_kept(model, torch.randn(1, 3, 32, 32), {"stem": (32, kept)})
+    assert model.stem.out_channels == model.blur.channels == 8 and model.body[0].in_channels == 8
+    assert torch.equal(model.stem.gain, gain[kept]) and torch.equal(model.blur.filt, filt[kept])
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_prune_slices_the_gain_and_the_blur_filters_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = BlurStdNet().eval()
+    example = torch.randn(1, 3, 32, 32)
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.5), importance="magnitude",
+                       round_to=8, min_channels=8)
+    whole = {g.root: g.reason for g in result.round.groups if not g.prunable}
+    assert set(whole) == {"head"}, whole
+    child = result.model
+    assert any(g.pruned for g in result.round.groups), "something was cut"
+    for conv in (child.stem, child.body[0], child.body[2]):
+        assert conv.gain.shape == (conv.out_channels, 1, 1, 1)
+    assert child.blur.filt.shape[0] == child.blur.channels == child.stem.out_channels
+    assert result.round.landed
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=BlurStdNet())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), child(x))
