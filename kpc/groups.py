@@ -124,18 +124,35 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
     tp_compat.install()
     pruners = channelwise_pruners(model, example)
+    lengthwise = channel_axis_convs(model)
+
+    def build(ignored: list[nn.Module]) -> tp.DependencyGraph:
+        graph = tp.DependencyGraph()
+        with tp_compat.recording_shapes(graph):
+            return graph.build_dependency(model, example_inputs=example, verbose=False,
+                                          ignored_layers=[*lengthwise, *ignored], customized_pruners=pruners)
+
     try:
         with time_limit(time_limit_s, "building the dependency graph"):
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                         customized_pruners=pruners)
+            return build([])
     except TimeoutError:
         attention = [m for m in model.modules() if _is_attention(m)]
         if not attention:
             raise KpcError(f"building the dependency graph took over {time_limit_s} s; pass --ignore for the "
                            "parts of the network that should stay whole") from None
         with time_limit(time_limit_s, "building the dependency graph without attention"):
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                         ignored_layers=attention, customized_pruners=pruners)
+            return build(attention)
+
+
+def channel_axis_convs(model: nn.Module) -> list[nn.Module]:
+    """Convs with one input and one output channel, traced as element-wise ops rather than layers.
+
+    Such a conv has nothing to prune, and where it meets a channel group it runs along the
+    channels reshaped into a length (ECA's Conv1d over the pooled channels): it takes any
+    number of channels, so the group's channels pass through it unchanged.
+    """
+    return [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
+            and m.in_channels == 1 and m.out_channels == 1 and m.groups == 1]
 
 
 # torch-pruning's search for one root's coupled channels is pure Python over index lists; through the

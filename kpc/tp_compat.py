@@ -12,13 +12,21 @@ not public:
 2. **A group minus some items.** kpc removes grouped convs' input channels itself (whole
    conv groups), so those items are dropped from a group before it is scored or pruned;
    a `Group` holds its items in `_group` and its graph in `_DG`.
-3. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
+3. **Reshapes that keep the channels where they are.** torch-pruning (1.6 on torch 2.x, whose
+   view nodes no longer save `_saved_self_sizes`) maps every reshape as a flatten of channels,
+   with a stride guessed from the layers around it. ECA's `(B, C) -> (B, 1, C)` before its
+   channel-wise Conv1d and GC's `(B, C, H, W) -> (B, C, H*W)` got strides of C, which blew every
+   index list up C-fold: a 2,048-channel group took minutes to trace and was left whole at the
+   time limit. `recording_shapes` notes each traced tensor's shape; a reshape that only moves
+   singleton dims, or flattens the spatial dims of an NCHW tensor, keeps channel indices as
+   they are and gets no mapping (`kept_channel_reshapes`).
+4. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
    conv subclass (timm's ScaledStdConv2d, Conv2dSame) counted as zero: an NFNet's budget was
    taken over its classifier alone. `count_ops_and_params` lends each subclass its nearest
    counted base's hook through the counter's `CUSTOM_MODULES_MAPPING`.
-4. Nothing else: every other call goes through the public API.
+5. Nothing else: every other call goes through the public API.
 
-`install()` applies (1); it is called by `kpc.groups.build_graph`, never on import. Each
+`install()` applies (1) and (3); it is called by `kpc.groups.build_graph`, never on import. Each
 function checks that the installed torch-pruning still has what it touches and fails with
 one line naming the tested versions when it does not.
 """
@@ -41,6 +49,8 @@ INDEX_MAPPERS = ("update_concat_index_mapping", "update_split_index_mapping", "u
                  "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
 
 _failures: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
+_shapes: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+_kept: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _installed = False
 
 
@@ -70,8 +80,75 @@ def install() -> None:
                 continue
             raise _incompatible(f"index_mapping.{name}")
         if not getattr(function, "__kpc_tolerant__", False):
+            if name == "update_reshape_index_mapping":
+                function = _unless_channels_kept(function)
             setattr(index_mapping, name, _tolerant(function))
     _installed = True
+
+
+def _unless_channels_kept(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def wrapper(graph: Any, node: Any) -> Any:
+        if _keeps_channels(graph, node):
+            _kept.setdefault(graph, set()).add(str(getattr(node, "name", node)))
+            return None
+        return update(graph, node)
+
+    wrapper.__wrapped__ = update  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _keeps_channels(graph: Any, node: Any) -> bool:
+    """A reshape that leaves every channel index where it was: singleton dims moved, or NCHW's H, W flattened."""
+    shapes = _shapes.get(graph)
+    grad_fn = getattr(node, "grad_fn", None)
+    if not shapes or grad_fn is None or grad_fn not in shapes:
+        return False
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None) or getattr(grad_fn, "_saved_self_sizes", None)
+    if before is None:
+        return False
+    before, after = tuple(int(d) for d in before), shapes[grad_fn]
+    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
+        return False
+    if [d for d in before[1:] if d != 1] == [d for d in after[1:] if d != 1]:
+        return True
+    return len(before) == 4 and len(after) == 3 and after[1] == before[1] and after[2] == before[2] * before[3]
+
+
+class _ShapeRecorder:
+    """A torch function mode noting the shape of every tensor an autograd node produces during tracing."""
+
+    def __init__(self, shapes: dict[Any, tuple[int, ...]]) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        recorder = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                result = func(*args, **(kwargs or {}))
+                recorder.note(result)
+                return result
+
+        self.shapes = shapes
+        self.mode = Mode()
+
+    def note(self, result: Any) -> None:
+        import torch
+
+        for tensor in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                self.shapes.setdefault(tensor.grad_fn, tuple(tensor.shape))
+
+
+def recording_shapes(graph: Any) -> Any:
+    """Context for `graph.build_dependency(...)`: keeps the traced tensors' shapes for the reshape mapping."""
+    shapes: dict[Any, tuple[int, ...]] = {}
+    _shapes[graph] = shapes
+    return _ShapeRecorder(shapes).mode
+
+
+def kept_channel_reshapes(graph: Any) -> set[str]:
+    """Names of the reshape nodes whose channel mapping was left as the identity."""
+    return set(_kept.get(graph, set()))
 
 
 def _tolerant(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
