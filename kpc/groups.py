@@ -125,12 +125,14 @@ def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> 
     tp_compat.install()
     pruners = channelwise_pruners(model, example)
     lengthwise = channel_axis_convs(model)
+    bare = nchw_bare_parameters(model)
 
     def build(ignored: list[nn.Module]) -> tp.DependencyGraph:
         graph = tp.DependencyGraph()
         with tp_compat.recording_shapes(graph):
             return graph.build_dependency(model, example_inputs=example, verbose=False,
-                                          ignored_layers=[*lengthwise, *ignored], customized_pruners=pruners)
+                                          ignored_layers=[*lengthwise, *ignored], customized_pruners=pruners,
+                                          unwrapped_parameters=bare)
 
     try:
         with time_limit(time_limit_s, "building the dependency graph"):
@@ -142,6 +144,28 @@ def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> 
                            "parts of the network that should stay whole") from None
         with time_limit(time_limit_s, "building the dependency graph without attention"):
             return build(attention)
+
+
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.LSTM)
+
+
+def nchw_bare_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Bare 4-D parameters shaped like an NCHW activation, (1, C, H, W), to be pruned along C (dim 1).
+
+    torch-pruning prunes a parameter outside its known layers along its last dimension larger
+    than one: right for a token model's (1, N, C) embedding or a (C, 1, 1) layer scale, wrong
+    for a conv stage's (1, C, H, W) position embedding (visformer), whose W it took for the
+    channels, so the group was left whole.
+    """
+    found = []
+    for module in model.modules():
+        if isinstance(module, LAYER_TYPES):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.ndim == 4 and parameter.shape[0] == 1 and parameter.shape[1] > 1:
+                found.append((parameter, 1))
+    return found
 
 
 def channel_axis_convs(model: nn.Module) -> list[nn.Module]:

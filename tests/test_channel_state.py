@@ -84,3 +84,36 @@ def test_prune_slices_the_gain_and_the_blur_filters_and_reloads(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), child(x))
+
+
+class PosEmbedNet(nn.Module):
+    """A conv stage with a learned (1, C, H, W) position embedding, as visformer has."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 32, 16, 16))
+        self.body = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x) + self.pos_embed)
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_an_nchw_position_embedding_is_pruned_along_its_channels(tmp_path):
+    """torch-pruning took the embedding's last dimension (W) for its channels and the group was left whole."""
+    from kpc.apply import apply_kept
+
+    model = PosEmbedNet().eval()
+    embedding = model.pos_embed.detach().clone()
+    kept = list(range(0, 32, 2))
+    apply_kept(model, torch.randn(1, 3, 32, 32), {"stem": (32, kept)})
+    assert torch.equal(model.pos_embed, embedding[:, kept]) and model.body.in_channels == 16
+    result = kpc.prune(PosEmbedNet().eval(), example_inputs=torch.randn(1, 3, 32, 32), budget=kpc.Budget(ratio=0.5),
+                       importance="magnitude", round_to=8, min_channels=8)
+    assert {g.root for g in result.round.groups if not g.prunable} == {"head"}
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=PosEmbedNet())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), result.model(x))
