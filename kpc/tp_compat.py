@@ -34,6 +34,7 @@ one line naming the tested versions when it does not.
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,6 +49,7 @@ TESTED_VERSIONS = ("1.6.1",)  # pyproject pins torch-pruning>=1.6,<1.7
 INDEX_MAPPERS = ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
                  "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
 
+RESHAPE_NODE = re.compile(r"view|reshape", re.IGNORECASE)  # the autograd nodes torch-pruning maps as reshapes
 _failures: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 _shapes: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 _kept: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -135,8 +137,9 @@ class _ShapeRecorder:
         import torch
 
         for tensor in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
-                self.shapes.setdefault(tensor.grad_fn, tuple(tensor.shape))
+            grad_fn = tensor.grad_fn if isinstance(tensor, torch.Tensor) else None
+            if grad_fn is not None and RESHAPE_NODE.search(type(grad_fn).__name__):  # only reshapes are asked about
+                self.shapes.setdefault(grad_fn, tuple(tensor.shape))
 
 
 def recording_shapes(graph: Any) -> Any:
