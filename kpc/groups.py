@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc import tp_compat
+from kpc.axes import channel_axis_convs, lengthwise_linears, nchw_bare_parameters
 from kpc.channel_state import channelwise_pruners
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
@@ -124,7 +125,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
     tp_compat.install()
     pruners = channelwise_pruners(model, example)
-    lengthwise = channel_axis_convs(model)
+    lengthwise = [*channel_axis_convs(model), *lengthwise_linears(model, example)]
     bare = nchw_bare_parameters(model)
 
     def build(ignored: list[nn.Module]) -> tp.DependencyGraph:
@@ -144,39 +145,6 @@ def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> 
                            "parts of the network that should stay whole") from None
         with time_limit(time_limit_s, "building the dependency graph without attention"):
             return build(attention)
-
-
-LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-               nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.LSTM)
-
-
-def nchw_bare_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    """Bare 4-D parameters shaped like an NCHW activation, (1, C, H, W), to be pruned along C (dim 1).
-
-    torch-pruning prunes a parameter outside its known layers along its last dimension larger
-    than one: right for a token model's (1, N, C) embedding or a (C, 1, 1) layer scale, wrong
-    for a conv stage's (1, C, H, W) position embedding (visformer), whose W it took for the
-    channels, so the group was left whole.
-    """
-    found = []
-    for module in model.modules():
-        if isinstance(module, LAYER_TYPES):
-            continue
-        for parameter in module.parameters(recurse=False):
-            if parameter.ndim == 4 and parameter.shape[0] == 1 and parameter.shape[1] > 1:
-                found.append((parameter, 1))
-    return found
-
-
-def channel_axis_convs(model: nn.Module) -> list[nn.Module]:
-    """Convs with one input and one output channel, traced as element-wise ops rather than layers.
-
-    Such a conv has nothing to prune, and where it meets a channel group it runs along the
-    channels reshaped into a length (ECA's Conv1d over the pooled channels): it takes any
-    number of channels, so the group's channels pass through it unchanged.
-    """
-    return [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
-            and m.in_channels == 1 and m.out_channels == 1 and m.groups == 1]
 
 
 # torch-pruning's search for one root's coupled channels is pure Python over index lists; through the

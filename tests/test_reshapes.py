@@ -1,9 +1,11 @@
-"""Reshapes that keep channel indices where they are, and convs that run along the channels (ECA).
+"""Reshapes that keep channel indices where they are, and layers that run along another axis (ECA, token mixing).
 
 torch-pruning mapped ECA's `(B, C) -> (B, 1, C)` as a flatten of stride C, so every group
 through an ECA gate grew C-fold while traced: a 2,048-channel stage took minutes and was left
 whole at the time limit (ecaresnetlight, eca_nfnet_l0). The ECA conv itself (one input and one
-output channel, sliding along the channels) has nothing to prune.
+output channel, sliding along the channels) has nothing to prune. Likewise an MLP-Mixer's
+token-mixing Linear reads the tokens after a transpose: torch-pruning coupled its input
+features with the channels, and every residual-stream group of those models broke.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 
 import kpc
 from kpc import tp_compat
-from kpc.groups import build_graph, channel_axis_convs, discover_groups
+from kpc.axes import channel_axis_convs
+from kpc.groups import build_graph, discover_groups
 
 
 class EcaNet(nn.Module):
@@ -67,3 +70,43 @@ def test_cutting_the_gated_stream_leaves_the_eca_conv_as_it_is():
     assert model.stem[0].out_channels == model.body[0].in_channels == 16
     assert torch.equal(model.eca.conv.weight, weight), "the conv along the channels takes any number of them"
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+class TinyMixer(nn.Module):
+    """Patch embedding, then token mixing (a Linear along the tokens, after a transpose) and channel mixing."""
+
+    def __init__(self, dim: int = 32, tokens: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.tokens_fc1 = nn.Linear(tokens, 24)
+        self.tokens_fc2 = nn.Linear(24, tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.channels_fc1 = nn.Linear(dim, 64)
+        self.channels_fc2 = nn.Linear(64, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, tokens, dim): channels last from here
+        mixed = self.tokens_fc2(torch.nn.functional.gelu(self.tokens_fc1(self.norm1(x).transpose(1, 2))))
+        x = x + mixed.transpose(1, 2)
+        x = x + self.channels_fc2(torch.nn.functional.gelu(self.channels_fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+def test_token_mixing_linears_are_found_and_the_channels_pass_through_them(tmp_path):
+    from kpc.axes import lengthwise_linears
+
+    model = TinyMixer().eval()
+    example = torch.randn(1, 3, 16, 16)
+    assert lengthwise_linears(model, example) == [model.tokens_fc1, model.tokens_fc2], \
+        "the channel MLP and the head read channels; the stem's flatten-then-transpose is not a token axis"
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.6), importance="magnitude",
+                       round_to=8, min_channels=8)
+    assert {g.root for g in result.round.groups if not g.prunable} == {"head"}, \
+        {g.root: g.reason for g in result.round.groups}
+    assert result.model.tokens_fc1.in_features == 16, "the token axis is never cut"
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=TinyMixer())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), result.model(x))
