@@ -17,7 +17,7 @@ not public:
    with a stride guessed from the layers around it. ECA's `(B, C) -> (B, 1, C)` before its
    channel-wise Conv1d and GC's `(B, C, H, W) -> (B, C, H*W)` got strides of C, which blew every
    index list up C-fold: a 2,048-channel group took minutes to trace and was left whole at the
-   time limit. `recording_shapes` notes each traced tensor's shape; a reshape that only moves
+   time limit. `recording_shapes` notes each traced reshape's output shape; a reshape that only moves
    singleton dims, or flattens the spatial dims of an NCHW tensor, keeps channel indices as
    they are and gets no mapping (`kept_channel_reshapes`).
 4. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
@@ -39,7 +39,9 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from kpc.errors import KpcError
 
@@ -116,37 +118,27 @@ def _keeps_channels(graph: Any, node: Any) -> bool:
     return len(before) == 4 and len(after) == 3 and after[1] == before[1] and after[2] == before[2] * before[3]
 
 
-class _ShapeRecorder:
-    """A torch function mode noting the shape of every tensor an autograd node produces during tracing."""
+class _ShapeRecorder(TorchFunctionMode):
+    """A torch function mode noting the output shape of every reshape autograd records during tracing."""
 
     def __init__(self, shapes: dict[Any, tuple[int, ...]]) -> None:
-        from torch.overrides import TorchFunctionMode
-
-        recorder = self
-
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                result = func(*args, **(kwargs or {}))
-                recorder.note(result)
-                return result
-
+        super().__init__()
         self.shapes = shapes
-        self.mode = Mode()
 
-    def note(self, result: Any) -> None:
-        import torch
-
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
         for tensor in result if isinstance(result, (tuple, list)) else (result,):
             grad_fn = tensor.grad_fn if isinstance(tensor, torch.Tensor) else None
             if grad_fn is not None and RESHAPE_NODE.search(type(grad_fn).__name__):  # only reshapes are asked about
                 self.shapes.setdefault(grad_fn, tuple(tensor.shape))
+        return result
 
 
 def recording_shapes(graph: Any) -> Any:
-    """Context for `graph.build_dependency(...)`: keeps the traced tensors' shapes for the reshape mapping."""
+    """Context for `graph.build_dependency(...)`: keeps the traced reshapes' shapes for the reshape mapping."""
     shapes: dict[Any, tuple[int, ...]] = {}
     _shapes[graph] = shapes
-    return _ShapeRecorder(shapes).mode
+    return _ShapeRecorder(shapes)
 
 
 def kept_channel_reshapes(graph: Any) -> set[str]:
