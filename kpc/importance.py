@@ -29,6 +29,7 @@ from kpc import tp_compat
 from kpc.errors import KpcError
 from kpc.groups import ChannelGroup, is_grouped_conv_input, is_input_side
 from kpc.layout import set_memory_format
+from kpc.modelcopy import detach_cached_tensors
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, 
                 break
             for start in range(0, images.shape[0], MICRO_BATCH):
                 chunk = images[start:start + MICRO_BATCH].to(device)
+                # a tensor a module caches across calls (LeViT's attention biases in eval mode) holds the graph of
+                # the forward that made it, which the previous backward freed: cut it loose before each forward
+                detach_cached_tensors(model)
                 if chunk.ndim == 4:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
                 try:
@@ -205,6 +209,8 @@ def score_groups(groups: Sequence[ChannelGroup], method: str) -> Scores:
             continue
         try:
             tp_group = _without_grouped_conv_inputs(group.tp_group)
+            if group.heads:
+                tp_group = _projection_only(tp_group)
             if method == "consumer-l2":
                 tp_group = _consumers(tp_group)
             value = scorer(tp_group)
@@ -225,6 +231,14 @@ def score_groups(groups: Sequence[ChannelGroup], method: str) -> Scores:
             scores.empty.append(group.index)
         scores.values[group.index] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     return scores
+
+
+def _projection_only(tp_group: Any) -> Any:
+    """An attention projection's own rows: torch-pruning maps its indices through the split into heads as if
+    q, k and v were the outermost dimension, which for a head-major layout scores the wrong channels of the
+    readers (`kpc.heads`); a head's rows alone score it the same way under every layout."""
+    root = tp_group[0].dep.target.module
+    return tp_compat.group_with_items(tp_group, [item for item in tp_group if item.dep.target.module is root])
 
 
 def _consumers(tp_group: Any) -> Any:
