@@ -6,7 +6,7 @@ every recorded round onto a freshly built architecture) and by the safety probes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch_pruning as tp
@@ -16,16 +16,30 @@ from kpc import tp_compat
 from kpc.channel_state import output_extras_of, prune_output_extras
 from kpc.errors import KpcError
 from kpc.groups import build_graph, is_grouped_conv_input
+from kpc.heads import head_cut, shrink_attention
 
 
-def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: Sequence[int]) -> None:
-    """Physically remove every channel of one group except `kept` (indices into the root's outputs)."""
+def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: int, kept: Sequence[int], *,
+                heads: bool = False) -> None:
+    """Physically remove every channel of one group except `kept` (indices into the root's outputs).
+
+    With `heads`, the group is an attention projection cut by whole heads (`kpc.heads`).
+    """
     keep = {int(i) for i in kept}
     removed = [i for i in range(width) if i not in keep]
     if not removed:
         return
+    module = model.get_submodule(root)
     pruner = graph.get_pruner_of_module(module)
     group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
+    if heads:
+        cut = head_cut(model, root, width, sorted(keep))
+        if cut is None:
+            raise KpcError(f"the plan cuts {root} by heads but keeps {len(keep)} of its {width} rows, which are not "
+                           "whole heads of its attention module: the plan belongs to another model")
+        _remove_heads(graph, group, module, width, removed, cut[0].heads, cut[1])
+        shrink_attention(model, root, width, sorted(keep))
+        return
     grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
     if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
         group = tp_compat.group_with_items(group, [item for item in group if item not in grouped_inputs])
@@ -34,6 +48,41 @@ def prune_group(graph: tp.DependencyGraph, module: nn.Module, width: int, kept: 
     prune_output_extras(extras)
     for item in grouped_inputs:
         _remove_conv_groups(item.dep.target.module, item.idxs)
+
+
+def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int, removed: Sequence[int], heads: int,
+                  kept_heads: Sequence[int]) -> None:
+    """Remove whole heads: the projection's rows (and its companions' on the same rows, a norm after it), and
+    each reader's input columns head block by head block.
+
+    torch-pruning's index mapping through the reshape and split into heads assumes the q/k/v split
+    is the outermost dimension; for a head-major layout it removes the wrong rows. The group's
+    members are torch-pruning's; the indices are the heads'. Readers of the attention output see
+    it head after head (the (heads, per-head) reshape every attention module ends with).
+    """
+    gone = [h for h in range(heads) if h not in set(kept_heads)]
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"a head cut of {type(root).__name__} reaches a bare parameter coupled to its channels")
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue  # torch-pruning's own nodes for functional ops: nothing to remove
+        if graph.is_out_channel_pruning_fn(item.dep.handler):
+            outputs = int(graph.get_out_channels(module) or 0)
+            if module is root or outputs == width:
+                item.dep.handler(module, list(removed))
+            elif outputs == heads:  # a producer of one value per head (a relative position MLP's last layer)
+                item.dep.handler(module, gone)
+            else:
+                raise ValueError(f"a head cut reaches {type(module).__name__} of {outputs} channels, neither the "
+                                 f"projection's {width} nor one per head")
+        else:
+            inputs = int(graph.get_in_channels(module) or 0)
+            if inputs % heads:
+                raise ValueError(f"a head cut reaches {type(module).__name__} whose {inputs} inputs are not {heads} "
+                                 "equal heads")
+            per_head = inputs // heads
+            item.dep.handler(module, [h * per_head + j for h in gone for j in range(per_head)])
 
 
 def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:
@@ -57,8 +106,9 @@ def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:
 
 
 def apply_kept(model: nn.Module, example: torch.Tensor, kept: dict[str, tuple[int, Sequence[int]]], *,
-               graph: tp.DependencyGraph | None = None) -> nn.Module:
-    """Prune `model` in place: `kept` maps a group's root name to (full width, kept indices)."""
+               graph: tp.DependencyGraph | None = None, heads: Collection[str] = ()) -> nn.Module:
+    """Prune `model` in place: `kept` maps a group's root name to (full width, kept indices); the roots in
+    `heads` are attention projections cut by whole heads."""
     graph = graph if graph is not None else build_graph(model, example)
     for root, (width, indices) in kept.items():
         try:
@@ -71,7 +121,7 @@ def apply_kept(model: nn.Module, example: torch.Tensor, kept: dict[str, tuple[in
         if actual is None or int(actual) != int(width):
             raise KpcError(f"the plan prunes {root} from {width} channels but this model's {root} has "
                            f"{actual}: the plan belongs to another model")
-        prune_group(graph, module, width, indices)
+        prune_group(graph, model, root, width, indices, heads=root in heads)
     return model
 
 
@@ -85,7 +135,7 @@ def replay(model: nn.Module, rounds: Sequence, input_size: Sequence[int]) -> nn.
     example = example_input(input_size)
     for number, plan_round in enumerate(rounds, 1):
         try:
-            apply_kept(model, example, plan_round.kept_by_root())
+            apply_kept(model, example, plan_round.kept_by_root(), heads=plan_round.head_roots())
         except KpcError as exc:
             raise KpcError(f"replaying pruning round {number}: {exc}") from exc
         except Exception as exc:  # torch-pruning or the model fails on a foreign plan: one line, not a traceback

@@ -23,6 +23,20 @@ class ChannelGroup:
     tp_group: object = field(default=None, repr=False)  # torch-pruning Group, valid for the analysed model
     blocks: int = 1  # equal channel blocks kept or removed whole (the conv groups of a grouped conv it feeds)
     tied_to: int | None = None  # the group whose choice of blocks this one follows (grouped convs tie groups)
+    # channel indices in the order that makes each block contiguous (attention heads, see kpc.heads); None: as is
+    channel_order: tuple[int, ...] | None = field(default=None, repr=False)
+    head_layouts: tuple[object, ...] = field(default=(), repr=False)  # kpc.heads.HeadLayout candidates, best first
+
+    @property
+    def heads(self) -> int | None:
+        """Attention heads the group is cut by (its blocks), None for a group of plain channels."""
+        return self.blocks if self.channel_order is not None else None
+
+    def in_channel_order(self, positions: Sequence[int]) -> list[int]:
+        """Channel indices of block-ordered positions (the identity unless the group has a channel order)."""
+        if self.channel_order is None:
+            return sorted(int(p) for p in positions)
+        return sorted(self.channel_order[int(p)] for p in positions)
 
     @property
     def block_width(self) -> int:

@@ -25,6 +25,8 @@ from kpc import tp_compat
 from kpc.channels import ChannelGroup
 from kpc.cost_model import FLOPS_LANDING, CostModel
 from kpc.groups import is_grouped_conv
+from kpc.heads import attention_of
+from kpc.matmuls import activation_matmul_macs
 from kpc.modelcopy import detach_cached_tensors
 from kpc.tracing import forward_with_hooks
 
@@ -82,9 +84,14 @@ def channel_sides(model: nn.Module, graph: tp.DependencyGraph, groups: list[Chan
                 continue
             side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             shares = touched.setdefault(module, {"out": {}, "in": {}})[side]
+            count = float(len(item.idxs))
+            if group.heads:  # a head cut shrinks every member's side by the kept heads' fraction; torch-pruning's
+                # index lists through the split into heads can be longer than the side (LeViT's proj)
+                count = float((graph.get_out_channels(module) if side == "out" else graph.get_in_channels(module))
+                              or count)
             # a tied group moves block for block with its leader: same fraction of its width, so its
             # channels count as a share of the leader's width
-            shares[group.leader] = shares.get(group.leader, 0.0) + len(item.idxs)
+            shares[group.leader] = shares.get(group.leader, 0.0) + count
     sides = {}
     for module, shares in touched.items():
         out_full = float(graph.get_out_channels(module) or 0) or sum(shares["out"].values())
@@ -98,17 +105,22 @@ def _side(full: float, shares: dict[int, float]) -> Side:
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
-    """Independent count (torch-pruning's counter): MACs and parameters."""
+    """Independent count: MACs (torch-pruning's counter for layers, `kpc.matmuls` for activation products)
+    and parameters."""
     detach_cached_tensors(model)  # the counter deep-copies the model
     macs, params = tp_compat.count_ops_and_params(model, example)
-    return float(macs), float(params)
+    products = activation_matmul_macs(model, example, tp_compat.counted_whole)
+    return float(macs + sum(products.values())), float(params)
 
 
-def macs_by_module(model: nn.Module, example: torch.Tensor) -> tuple[float, dict[nn.Module, float | None]]:
-    """torch-pruning's count of the whole model's MACs, and of each module's (None where it counts none)."""
+def macs_by_module(model: nn.Module, example: torch.Tensor
+                   ) -> tuple[float, dict[nn.Module, float | None], dict[nn.Module, int]]:
+    """The whole model's MACs, each layer's (None where the counter counts none) and each module's
+    activation products (attention cores), which the total includes."""
     detach_cached_tensors(model)  # the counter deep-copies the model
     total, _params, per_module, _ = tp_compat.count_ops_and_params(model, example, layer_wise=True)
-    return float(total), per_module
+    products = activation_matmul_macs(model, example, tp_compat.counted_whole)
+    return float(total + sum(products.values())), per_module, products
 
 
 class FlopsModel:
@@ -122,7 +134,7 @@ class FlopsModel:
     def __init__(self, model: nn.Module, example: torch.Tensor, graph: tp.DependencyGraph,
                  groups: list[ChannelGroup]) -> None:
         self.example = example
-        self.counted_full, per_module = macs_by_module(model, example)
+        self.counted_full, per_module, products = macs_by_module(model, example)
         self.full_widths = np.array([g.width for g in groups], dtype=np.float64)
         names = {module: name for name, module in model.named_modules()}
         sides = channel_sides(model, graph, groups)
@@ -142,6 +154,7 @@ class FlopsModel:
             self.modules.append(_ModuleCost(names[module], float(cost), bilinear, out, inp))
             modelled += float(cost)
         modelled += self._attach_followers(model, example, per_module, names)
+        modelled += self._attach_attention_cores(model, groups, sides, products, names)
         self.constant = self.counted_full - modelled
         self._by_group: dict[int, list[_ModuleCost]] = {}
         for entry in self.modules:
@@ -185,6 +198,23 @@ class FlopsModel:
                 self.modules.append(follower)
                 by_name[follower.name] = follower
                 added += cost
+        return added
+
+    def _attach_attention_cores(self, model: nn.Module, groups: list[ChannelGroup], sides: dict,
+                                products: dict[nn.Module, int], names: dict) -> float:
+        """Model an attention module's q·kᵀ and attn·v MACs by its projection's width: both scale with the heads
+        it keeps. Products in other modules stay in the constant part."""
+        added = 0.0
+        for group in groups:
+            found = attention_of(model, group.root) if group.prunable and group.heads else None
+            if found is None:
+                continue
+            macs = float(products.get(found[1], 0))
+            side = sides.get(model.get_submodule(group.root))
+            if macs <= 0 or side is None or not side[0].terms:
+                continue
+            self.modules.append(_ModuleCost(f"{found[0]} (attention products)", macs, False, side[0], side[0]))
+            added += macs
         return added
 
     def total(self, widths: np.ndarray) -> float:

@@ -24,6 +24,7 @@ from kpc.axes import channel_axis_convs, lengthwise_linears, nchw_bare_parameter
 from kpc.channel_state import channelwise_pruners
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
+from kpc.heads import per_head_parameters
 from kpc.tracing import forward_with_hooks
 
 GRAPH_TIME_LIMIT_S = 60
@@ -127,13 +128,14 @@ def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> 
     pruners = channelwise_pruners(model, example)
     lengthwise = [*channel_axis_convs(model), *lengthwise_linears(model, example)]
     bare = nchw_bare_parameters(model)
+    per_head = per_head_parameters(model)
 
     def build(ignored: list[nn.Module]) -> tp.DependencyGraph:
         graph = tp.DependencyGraph()
         with tp_compat.recording_shapes(graph):
             return graph.build_dependency(model, example_inputs=example, verbose=False,
                                           ignored_layers=[*lengthwise, *ignored], customized_pruners=pruners,
-                                          unwrapped_parameters=bare)
+                                          unwrapped_parameters=bare, ignored_params=per_head)
 
     try:
         with time_limit(time_limit_s, "building the dependency graph"):

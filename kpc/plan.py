@@ -106,6 +106,7 @@ class GroupDecision:
     reason: str | None = None  # why it was left whole
     conv_groups: int | None = None  # grouped convs: conv groups at full width
     tied_to: int | None = None  # index of the group whose blocks it follows
+    heads: int | None = None  # attention heads at full width: the group is cut by whole heads
 
     @property
     def kept_width(self) -> int:
@@ -122,6 +123,8 @@ class GroupDecision:
         if self.conv_groups is not None:
             record["conv_groups"] = self.conv_groups
             record["tied_to"] = self.tied_to
+        if self.heads is not None:
+            record["heads"] = self.heads
         return record
 
     @classmethod
@@ -134,11 +137,16 @@ class GroupDecision:
         if "kept_width" in data and _take(data, "kept_width", int, where) != len(kept):
             raise PlanError(f"{where}.kept_width is {data['kept_width']} but {where}.kept lists {len(kept)} channels")
         layers = _take(data, "layers", list, where, required=False, default=[])
+        heads = _take(data, "heads", int, where, required=False)
+        if heads is not None and (heads < 1 or width % heads or len(kept) % (width // heads)):
+            raise PlanError(f"{where}.heads is {heads}, which does not split {where}.width ({width}) and the "
+                            f"{len(kept)} kept channels into whole heads")
         return cls(root=_take(data, "root", str, where), width=width, kept=sorted(kept),
                    prunable=_take(data, "prunable", bool, where), layers=[str(x) for x in layers],
                    reason=_take(data, "reason", str, where, required=False),
                    conv_groups=_take(data, "conv_groups", int, where, required=False),
-                   tied_to=_take(data, "tied_to", int, where, required=False))
+                   tied_to=_take(data, "tied_to", int, where, required=False),
+                   heads=heads)
 
 
 @dataclass
@@ -202,6 +210,10 @@ class PruneRound:
     def kept_by_root(self) -> dict[str, tuple[int, list[int]]]:
         """Groups that lost channels: root -> (width before, kept indices)."""
         return {g.root: (g.width, g.kept) for g in self.groups if g.kept_width < g.width}
+
+    def head_roots(self) -> set[str]:
+        """Roots of the attention projections this round cuts by whole heads."""
+        return {g.root for g in self.groups if g.heads and g.kept_width < g.width}
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {

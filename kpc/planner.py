@@ -43,11 +43,15 @@ class GroupChoices:
     order: np.ndarray  # channel (or block) indices, most important first
     block: int = 1  # channels per entry of `order`
     followers: tuple[tuple[int, int], ...] = ()  # (group index, its channels per block)
+    channel_order: tuple[int, ...] | None = None  # the leader's channels with its blocks contiguous (heads)
 
     def kept_indices(self, width: int, block: int | None = None) -> list[int]:
         """Kept channel indices at `width`; with `block`, those of a follower with that many channels per block."""
         size = self.block if block is None else block
-        return sorted(int(b) * size + j for b in self.order[: int(width) // self.block] for j in range(size))
+        positions = (int(b) * size + j for b in self.order[: int(width) // self.block] for j in range(size))
+        if block is None and self.channel_order is not None:
+            return sorted(self.channel_order[p] for p in positions)
+        return sorted(positions)
 
     def follower_widths(self, width: int) -> dict[int, int]:
         kept_blocks = int(width) // self.block
@@ -85,13 +89,19 @@ def make_choices(members: Sequence[ChannelGroup], scores: dict[int, np.ndarray],
     """The choice of a lone group, or of a tie (`members`, leader first) ranked by whole blocks."""
     leader, blocks = members[0], _blocks(members[0])
     widths = tie_widths(members, round_to, min_channels)
-    block_scores = sum(scores[m.index].reshape(blocks, m.width // blocks).sum(axis=1) for m in members)
+    block_scores = sum(_in_block_order(m, scores[m.index]).reshape(blocks, m.width // blocks).sum(axis=1)
+                       for m in members)
     block = leader.width // blocks
     order = np.argsort(-block_scores, kind="stable")
     cumulative = np.concatenate([[0.0], np.cumsum(block_scores[order])])
     options = widths[leader.index]
     return GroupChoices(leader.index, options, cumulative[options // block], order, block,
-                        tuple((m.index, m.width // blocks) for m in members[1:]))
+                        tuple((m.index, m.width // blocks) for m in members[1:]), leader.channel_order)
+
+
+def _in_block_order(group: ChannelGroup, values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    return values if group.channel_order is None else values[np.asarray(group.channel_order, dtype=np.int64)]
 
 
 def _blocks(leader: ChannelGroup) -> int:

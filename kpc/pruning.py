@@ -32,6 +32,7 @@ from kpc.cost_model import CostModel
 from kpc.costs import FlopsModel
 from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
+from kpc.heads import mark_head_groups
 from kpc.importance import (
     METHODS,
     accumulate_gradients,
@@ -55,7 +56,7 @@ from kpc.planner import (
     solve_widths,
     value_of,
 )
-from kpc.safety import check_forward, find_unsafe_groups, first_line, probe_kept
+from kpc.safety import check_forward, confirm_head_layouts, find_unsafe_groups, first_line, probe_kept
 from kpc.sensitivity import measure_values
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, mi
     graph = build_graph(model, example)
     groups = discover_groups(model, graph, ignore=ignore, never_prune=find_classifier(model, example),
                              min_channels=min_channels)
+    mark_head_groups(model, groups)
+    confirm_head_layouts(model, example, groups)
     candidates = [g for g in groups if g.prunable]
     unsafe = find_unsafe_groups(model, example, candidates, probe_kept(round_to, min_channels))
     for index, reason in unsafe.items():
@@ -540,7 +543,7 @@ class _Pruner:
         kept = kept_by_root(state.groups, state.choices, solution.widths)
         pruned = copy_model(self.work)
         try:
-            apply_kept(pruned, self.example, kept)
+            apply_kept(pruned, self.example, kept, heads={g.root for g in state.groups if g.heads})
             error = check_forward(pruned, self.example, self.output_shape)
         except KpcError:
             raise
@@ -566,7 +569,9 @@ class _Pruner:
             indices = kept.get(group.index, list(range(group.width))) if group.prunable else list(range(group.width))
             record = GroupDecision(root=group.root, width=group.width, kept=sorted(indices),
                                    prunable=group.prunable, layers=list(group.layers), reason=group.reason)
-            if group.blocks > 1:
+            if group.heads is not None:
+                record.heads = group.heads
+            elif group.blocks > 1:
                 record.conv_groups, record.tied_to = group.blocks, group.tied_to
             records.append(record)
         return records

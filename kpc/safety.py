@@ -7,6 +7,7 @@ groups that cause it, which are then left whole with the error as the reason.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,7 +17,10 @@ from kpc.apply import prune_group
 from kpc.channels import ChannelGroup
 from kpc.errors import KpcError
 from kpc.groups import build_graph
+from kpc.heads import HeadLayout, use_layout, zero_head
 from kpc.modelcopy import copy_model
+
+log = logging.getLogger(__name__)
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -40,12 +44,19 @@ def check_forward(model: nn.Module, example: torch.Tensor, expected_shape: torch
     return None
 
 
+def same_output(output: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when two outputs agree to float32 round-off; else by how much they differ."""
+    scale = float(expected.abs().max()) or 1.0
+    difference = float((output - expected).abs().max())
+    return None if difference <= 1e-4 * scale else f"output differs by {difference:.3g} (scale {scale:.3g})"
+
+
 def probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], list[int]]:
     """Keep about half of a group's channels (its first ones) to exercise the index mapping."""
 
     def kept(group: ChannelGroup) -> list[int]:
-        if group.blocks > 1:  # a tie keeps the same whole blocks in every member
-            return list(range(max(1, group.blocks // 2) * group.block_width))
+        if group.blocks > 1:  # a tie keeps the same whole blocks in every member, heads keep whole heads
+            return group.in_channel_order(range(max(1, group.blocks // 2) * group.block_width))
         half = max(min_channels, round_to * max(1, (group.width // 2) // max(1, round_to)))
         return list(range(min(half, group.width - 1)))
 
@@ -53,27 +64,35 @@ def probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], lis
 
 
 def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequence[ChannelGroup],
-                       kept_of: Callable[[ChannelGroup], Sequence[int]]) -> dict[int, str]:
+                       kept_of: Callable[[ChannelGroup], Sequence[int]],
+                       reference: Callable[[list[ChannelGroup]], torch.Tensor] | None = None) -> dict[int, str]:
     """Prune copies with the candidates reduced and bisect to the groups that break the network.
 
     Cheap when everything works (one copy, one forward); a failure costs a few copies
     per bad group. A group that breaks on its own is reported with the error it caused.
     Tied groups are tried together and reported by their first member (see `leave_whole`).
+    With `reference`, the pruned copy must also compute what `reference(groups)` returns
+    (an exactness check: removing channels that contribute nothing).
     """
     with torch.no_grad():
         expected = model(example).shape
 
     def trial(subset: list[list[ChannelGroup]]) -> str | None:
         trial_model = copy_model(model)
+        members = [g for unit in subset for g in unit]
         try:
             graph = build_graph(trial_model, example)
-            for group in (g for unit in subset for g in unit):
-                prune_group(graph, trial_model.get_submodule(group.root), group.width, kept_of(group))
+            for group in members:
+                prune_group(graph, trial_model, group.root, group.width, kept_of(group), heads=group.heads is not None)
         except KpcError:
             raise
         except Exception as exc:
             return f"pruning failed: {first_line(exc)}"
-        return check_forward(trial_model, example, expected)
+        error = check_forward(trial_model, example, expected)
+        if error is not None or reference is None:
+            return error
+        with torch.no_grad():
+            return same_output(trial_model(example), reference(members))
 
     bad: dict[int, str] = {}
     units: dict[int, list[ChannelGroup]] = {}  # tied groups are pruned together or not at all
@@ -99,3 +118,46 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
 
     search(list(units.values()))
     return bad
+
+
+def confirm_head_layouts(model: nn.Module, example: torch.Tensor, groups: Sequence[ChannelGroup]) -> None:
+    """Settle each head group's layout (`kpc.heads`), or leave the group whole.
+
+    A layout passes when removing head 0 from a pruned copy computes what the original
+    computes with head 0's rows zeroed. Candidates are tried in order, all head groups at
+    once, and bisected only where one fails. A group no layout passes goes back to being a
+    group of plain channels, for the usual safety probe to judge (a module that derives its
+    head width from its input, such as DaViT's, breaks on any cut and is left whole there).
+    """
+    pending = [g for g in groups if g.prunable and g.head_layouts]
+    attempt, last_error = 0, {}
+    while pending:
+        trying = [g for g in pending if attempt < len(g.head_layouts)]
+        for group in pending:
+            if attempt >= len(group.head_layouts):
+                group.blocks, group.channel_order = 1, None
+                log.info("%s: removing a whole head does not compute what zeroing it does under any layout kpc "
+                         "knows (%s); its channels are judged as plain channels", group.root,
+                         last_error.get(group.index))
+        if not trying:
+            break
+        layout_of: dict[int, HeadLayout] = {}
+        for group in trying:
+            layout_of[group.index] = group.head_layouts[attempt]  # type: ignore[assignment]
+            use_layout(group, layout_of[group.index])
+
+        def without_head(group: ChannelGroup, layout_of: dict[int, HeadLayout] = layout_of) -> list[int]:
+            removed = set(layout_of[group.index].rows(0))
+            return [i for i in range(group.width) if i not in removed]
+
+        def reference(members: list[ChannelGroup], layout_of: dict[int, HeadLayout] = layout_of) -> torch.Tensor:
+            zeroed = copy_model(model)
+            for member in members:
+                zero_head(zeroed, member.root, layout_of[member.index])
+            with torch.no_grad():
+                return zeroed(example)
+
+        bad = find_unsafe_groups(model, example, trying, without_head, reference)
+        last_error.update(bad)
+        pending = [g for g in trying if g.index in bad]
+        attempt += 1

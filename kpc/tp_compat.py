@@ -23,7 +23,10 @@ not public:
 4. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
    conv subclass (timm's ScaledStdConv2d, Conv2dSame) counted as zero: an NFNet's budget was
    taken over its classifier alone. `count_ops_and_params` lends each subclass its nearest
-   counted base's hook through the counter's `CUSTOM_MODULES_MAPPING`.
+   counted base's hook through the counter's `CUSTOM_MODULES_MAPPING`. Its whole-module
+   formulas for timm's attention classes (`MODULES_MAPPING`) assume a square output
+   projection, which a head-pruned model's is not: they are set aside while kpc counts, the
+   layers inside are counted as layers and the products between activations by `kpc.matmuls`.
 5. Nothing else: every other call goes through the public API.
 
 `install()` applies (1) and (3); it is called by `kpc.groups.build_graph`, never on import. Each
@@ -183,6 +186,9 @@ def count_ops_and_params(model: nn.Module, example: Any, *, layer_wise: bool = F
     Same return values as `torch_pruning.utils.count_ops_and_params`. A subclass is counted by
     the hook of its nearest base the counter knows (a ScaledStdConv2d as a Conv2d); should that
     hook fail on it, the count is retried with subclasses counted as zero, as torch-pruning does.
+    The counter's whole-module formulas for timm attention classes are set aside: they assume
+    a square output projection, which a pruned model's is not; their layers are counted as
+    layers, and their products between activations by `kpc.matmuls`.
     """
     import torch_pruning as tp
 
@@ -190,20 +196,40 @@ def count_ops_and_params(model: nn.Module, example: Any, *, layer_wise: bool = F
     known = getattr(counter, "MODULES_MAPPING", None)
     if not isinstance(known, dict) or not isinstance(getattr(counter, "CUSTOM_MODULES_MAPPING", None), dict):
         raise _incompatible("utils.op_counter.MODULES_MAPPING and CUSTOM_MODULES_MAPPING")
-    lent: dict[type, Any] = {}
-    for module in model.modules():
-        cls = type(module)
-        if cls in known or cls in lent:
-            continue
-        base = next((b for b in cls.__mro__[1:] if b in known), None)
-        if base is not None:
-            lent[cls] = known[base]
-    if lent:
-        counter.CUSTOM_MODULES_MAPPING = dict(lent)  # the counter resets it to {} when it returns
-        try:
-            return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
-        except Exception as exc:  # a subclass the base's hook cannot read: count it as zero, as before
-            log.debug("counting MACs of layer subclasses failed (%s); counting them as zero", exc)
-        finally:
-            counter.CUSTOM_MODULES_MAPPING = {}
-    return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+    formulas = {cls: hook for cls, hook in known.items() if _is_attention_formula(cls, hook)}
+    for cls in formulas:
+        del known[cls]
+    try:
+        lent: dict[type, Any] = {}
+        for module in model.modules():
+            cls = type(module)
+            if cls in known or cls in lent:
+                continue
+            base = next((b for b in cls.__mro__[1:] if b in known), None)
+            if base is not None:
+                lent[cls] = known[base]
+        if lent:
+            counter.CUSTOM_MODULES_MAPPING = dict(lent)  # the counter resets it to {} when it returns
+            try:
+                return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+            except Exception as exc:  # a subclass the base's hook cannot read: count it as zero, as before
+                log.debug("counting MACs of layer subclasses failed (%s); counting them as zero", exc)
+            finally:
+                counter.CUSTOM_MODULES_MAPPING = {}
+        return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+    finally:
+        known.update(formulas)
+
+
+def _is_attention_formula(cls: type, hook: Any) -> bool:
+    """A whole-module formula for an attention class outside torch (timm's), not a layer's hook."""
+    return "attention" in getattr(hook, "__name__", "") and not cls.__module__.startswith("torch.")
+
+
+def counted_whole(module: nn.Module) -> bool:
+    """Whether torch-pruning's counter counts `module` by a formula of its own (its inner products included)."""
+    import torch_pruning as tp
+
+    known = tp.utils.op_counter.MODULES_MAPPING
+    return any(cls in known and not _is_attention_formula(cls, known[cls]) for cls in type(module).__mro__
+               if cls is not nn.Module)

@@ -49,6 +49,9 @@ def summarize(path: Path, model_file: str | None = None) -> dict[str, Any]:
 def _status(group: Any, round_groups: list[Any]) -> str:
     if not group.prunable:
         return f"left whole: {group.reason}"
+    if group.heads:
+        kept = group.kept_width * group.heads // group.width
+        return f"pruned: {kept} of {group.heads} heads" if group.pruned else f"kept all {group.heads} heads"
     if not group.conv_groups:
         return "pruned" if group.pruned else "kept every channel"
     kept = group.kept_width * group.conv_groups // group.width
@@ -61,7 +64,7 @@ def _status(group: Any, round_groups: list[Any]) -> str:
 def _per_module_macs(model: Any, example: Any) -> dict[str, float]:
     from kpc.costs import macs_by_module
 
-    _, flops = macs_by_module(model, example)
+    _, flops, _products = macs_by_module(model, example)
     names = {module: name for name, module in model.named_modules()}
     return {names[m]: float(v) for m, v in flops.items() if v is not None and m in names}
 

@@ -435,9 +435,9 @@ def uniform_widths(layers: ModelLayers, fraction: float, round_to: int, min_chan
 
 def pruned_copy(model: Any, layers: ModelLayers, widths: np.ndarray) -> Any:
     """A copy of the model at the given widths (first channels kept: latency does not care which)."""
-    kept = {g.root: (g.width, list(range(int(widths[g.index])))) for g in layers.groups
+    kept = {g.root: (g.width, g.in_channel_order(range(int(widths[g.index])))) for g in layers.groups
             if g.prunable and int(widths[g.index]) < g.width}  # first blocks of a tie: the same in every member
-    return apply_kept(copy_model(model), layers.example, kept)
+    return apply_kept(copy_model(model), layers.example, kept, heads={g.root for g in layers.groups if g.heads})
 
 
 def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, min_channels: int) -> np.ndarray:
