@@ -23,7 +23,7 @@ from kpc.tp_compat import counted_whole
 
 
 class HeadMajorAttention(nn.Module):
-    """Each head's q, k and v rows together (LeViT's layout), a per-head bias and a per-head scale."""
+    """Each head's q, k and v rows together (LeViT's layout) and a per-head bias, cached in eval mode."""
 
     def __init__(self, dim: int = 32, num_heads: int = 4, head_dim: int = 8, scale_norm: bool = False) -> None:
         super().__init__()
@@ -32,11 +32,23 @@ class HeadMajorAttention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim)
         self.bias = nn.Parameter(torch.randn(num_heads, 1, 1))
         self.norm = nn.LayerNorm(num_heads * head_dim) if scale_norm else nn.Identity()
+        self.bias_cache: dict[str, torch.Tensor] = {}  # LeViT keeps its per-head biases like this in eval mode
+
+    def train(self, mode: bool = True) -> HeadMajorAttention:
+        self.bias_cache = {}  # rebuilt on the next eval-mode call, under whatever grad mode that runs in
+        return super().train(mode)
+
+    def cached_bias(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.bias * 1.0
+        if str(device) not in self.bias_cache:
+            self.bias_cache[str(device)] = self.bias * 1.0
+        return self.bias_cache[str(device)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        attention = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5 + self.bias).softmax(-1)
+        attention = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5 + self.cached_bias(x.device)).softmax(-1)
         out = (attention @ v).transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return self.proj(self.norm(out))
 
@@ -100,7 +112,9 @@ def test_head_major_attention_loses_whole_heads_and_its_per_head_bias(tmp_path):
     qkv = next(g for g in groups if g.root == "attn.qkv")
     assert qkv.prunable and qkv.heads == 4, qkv.reason
     assert qkv.channel_order == HeadLayout(4, 96).order(), "the layout the check confirmed is head-major"
-    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.5), importance="magnitude")
+    calibration = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    # Taylor importance: the second batch's backward runs through the bias the first forward cached
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.5), calibration=calibration)
     child = result.model.attn
     decision = next(g for g in result.round.groups if g.root == "attn.qkv")
     assert decision.heads == 4 and decision.kept_width % 24 == 0
