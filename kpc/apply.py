@@ -13,10 +13,10 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc import tp_compat
-from kpc.channel_state import output_extras_of, prune_output_extras
+from kpc.channel_state import bare_parameter_owners, output_extras_of, prune_output_extras, update_owner_shapes
 from kpc.errors import KpcError
 from kpc.groups import build_graph, is_grouped_conv_input
-from kpc.heads import head_cut, shrink_attention
+from kpc.heads import HeadLayout, companion_layout, head_cut, shrink_attention
 
 
 def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: int, kept: Sequence[int], *,
@@ -34,24 +34,26 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: i
     group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
     if heads:
         cut = head_cut(model, root, width, sorted(keep))
-        if cut is None:
-            raise KpcError(f"the plan cuts {root} by heads but keeps {len(keep)} of its {width} rows, which are not "
-                           "whole heads of its attention module: the plan belongs to another model")
-        _remove_heads(graph, group, module, width, removed, cut[0].heads, cut[1])
+        if cut is None:  # not a KpcError: a safety trial that prunes two projections of one attention lands here
+            raise ValueError(f"the cut of {root} by heads keeps {len(keep)} of its {width} rows, which are not "
+                             "whole heads of its attention module")
+        _remove_heads(graph, group, module, width, removed, cut[0], cut[1])
         shrink_attention(model, root, width, sorted(keep))
         return
     grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
     if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
         group = tp_compat.group_with_items(group, [item for item in group if item not in grouped_inputs])
     extras = output_extras_of(group, graph.is_out_channel_pruning_fn)
+    owners = bare_parameter_owners(model, group)
     group.prune()
     prune_output_extras(extras)
+    update_owner_shapes(owners)
     for item in grouped_inputs:
         _remove_conv_groups(item.dep.target.module, item.idxs)
 
 
-def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int, removed: Sequence[int], heads: int,
-                  kept_heads: Sequence[int]) -> None:
+def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int, removed: Sequence[int],
+                  layout: HeadLayout, kept_heads: Sequence[int]) -> None:
     """Remove whole heads: the projection's rows (and its companions' on the same rows, a norm after it), and
     each reader's input columns head block by head block.
 
@@ -60,6 +62,7 @@ def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int,
     members are torch-pruning's; the indices are the heads'. Readers of the attention output see
     it head after head (the (heads, per-head) reshape every attention module ends with).
     """
+    heads = layout.heads
     gone = [h for h in range(heads) if h not in set(kept_heads)]
     for item in group:
         module = item.dep.target.module
@@ -73,9 +76,12 @@ def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int,
                 item.dep.handler(module, list(removed))
             elif outputs == heads:  # a producer of one value per head (a relative position MLP's last layer)
                 item.dep.handler(module, gone)
+            elif outputs % heads == 0:  # another projection of the same heads (PVT's q beside its kv)
+                member = companion_layout(layout, outputs)
+                item.dep.handler(module, sorted(r for h in gone for r in member.rows(h)))
             else:
-                raise ValueError(f"a head cut reaches {type(module).__name__} of {outputs} channels, neither the "
-                                 f"projection's {width} nor one per head")
+                raise ValueError(f"a head cut reaches {type(module).__name__} of {outputs} channels, not a "
+                                 f"multiple of its {heads} heads")
         else:
             inputs = int(graph.get_in_channels(module) or 0)
             if inputs % heads:

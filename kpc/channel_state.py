@@ -23,6 +23,7 @@ group is left whole with that error, as for any other unsafe group.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -80,6 +81,38 @@ def prune_output_extras(found: Iterable[tuple[nn.Module, list[str], int, list[in
             sliced = nn.Parameter(parameter.data.index_select(0, keep.to(parameter.device)).clone(),
                                   requires_grad=parameter.requires_grad)
             setattr(module, name, sliced)
+
+
+def bare_parameter_owners(model: nn.Module, group: Any) -> list[tuple[nn.Module, str, tuple[int, ...]]]:
+    """Before a group is pruned: (owner, name, shape) of every bare parameter in it owned by a module outside
+    torch. The owner may keep the parameter's shape in Python for a view (metaformer's `Scale` holds
+    `(dim, 1, 1)`), which torch-pruning, replacing the parameter, does not know to update."""
+    params = {id(item.dep.target.module) for item in group if isinstance(item.dep.target.module, nn.Parameter)}
+    if not params:
+        return []
+    return [(module, name, tuple(parameter.shape)) for module in model.modules()
+            if type(module).__module__.split(".")[0] != "torch"
+            for name, parameter in module.named_parameters(recurse=False) if id(parameter) in params]
+
+
+def update_owner_shapes(found: Iterable[tuple[nn.Module, str, tuple[int, ...]]]) -> None:
+    """After the group is pruned: where one dimension of an owner's parameter shrank from `old` to `new`,
+    replace `old` by `new` in the owner's integer tuples that describe the parameter (a view shape: same
+    number of elements as the parameter had) and in its channel-count integers."""
+    for owner, name, before in found:
+        after = tuple(getattr(owner, name).shape)
+        changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
+        if len(before) != len(after) or len(changed) != 1:
+            continue
+        old, new = changed[0]
+        for attribute, value in list(vars(owner).items()):
+            if attribute.startswith("_"):
+                continue
+            if isinstance(value, tuple) and value and all(type(v) is int for v in value) and old in value \
+                    and math.prod(value) == math.prod(before):
+                setattr(owner, attribute, tuple(new if v == old else v for v in value))
+            elif type(value) is int and value == old and CHANNEL_COUNT_ATTRIBUTE.search(attribute):
+                setattr(owner, attribute, new)
 
 
 class ChannelwiseBufferPruner(tp.pruner.function.BasePruningFunc):
@@ -166,5 +199,5 @@ def channelwise_pruners(model: nn.Module, example: torch.Tensor) -> dict[type, C
     return pruners
 
 
-__all__ = ["ChannelwiseBufferPruner", "channelwise_pruners", "output_extras", "output_extras_of",
-           "prune_output_extras"]
+__all__ = ["ChannelwiseBufferPruner", "bare_parameter_owners", "channelwise_pruners", "output_extras",
+           "output_extras_of", "prune_output_extras", "update_owner_shapes"]

@@ -79,6 +79,15 @@ class HeadLayout:
         return f"{self.heads} heads of {self.per_head} rows ({kind})"
 
 
+def companion_layout(layout: HeadLayout, width: int) -> HeadLayout:
+    """The layout of another projection of the same heads, `width` rows wide (PVT's q beside its kv): split
+    the same way, in parts of the same per-head size as `layout`'s, where that divides its rows per head."""
+    per_head = width // layout.heads
+    part = layout.per_head // layout.splits
+    splits = per_head // part if layout.splits > 1 and part and per_head % part == 0 else 1
+    return HeadLayout(layout.heads, width, splits)
+
+
 def attention_of(model: nn.Module, root: str) -> tuple[str, nn.Module] | None:
     """The module that splits `root`'s output into heads: its parent or grandparent (LeViT wraps the linear),
     when that holds an integer head count."""
@@ -233,5 +242,6 @@ def zero_head(model: nn.Module, root: str, layout: HeadLayout, head: int = 0) ->
                 tensor.index_fill_(0, rows.to(tensor.device), 0.0)
 
 
-__all__ = ["HeadLayout", "attention_modules", "attention_of", "candidate_layouts", "head_cut", "mark_head_groups",
-           "per_head_parameters", "per_head_tensors", "shrink_attention", "use_layout", "zero_head"]
+__all__ = ["HeadLayout", "attention_modules", "attention_of", "candidate_layouts", "companion_layout", "head_cut",
+           "mark_head_groups", "per_head_parameters", "per_head_tensors", "shrink_attention", "use_layout",
+           "zero_head"]

@@ -117,3 +117,39 @@ def test_an_nchw_position_embedding_is_pruned_along_its_channels(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), result.model(x))
+
+
+class ScaleViewNet(nn.Module):
+    """metaformer's layer scale: a bare per-channel parameter whose owner keeps its view shape (C, 1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.metaformer import Scale
+
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.scale = Scale(32)
+        self.body = nn.Conv2d(32, 24, 3, padding=1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.scale(self.stem(x)))
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_a_bare_parameters_owner_keeps_its_view_shape_in_step():
+    """torch-pruning slices the parameter but not the owner's (C, 1, 1): the view broke and the group stayed whole."""
+    from kpc.pruning import analyse_groups
+
+    torch.manual_seed(0)
+    model = ScaleViewNet().eval()
+    example = torch.randn(1, 3, 16, 16)
+    _graph, groups = analyse_groups(model, example, round_to=1, min_channels=1)
+    stem = next(g for g in groups if g.root == "stem")
+    assert stem.prunable, stem.reason
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.4), importance="magnitude")
+    child = result.model
+    width = child.stem.out_channels
+    assert width < 32, "the stem's group was cut"
+    assert child.scale.scale.shape == (width,) and child.scale.shape == (width, 1, 1)
+    with torch.no_grad():
+        assert child(example).shape == (1, 10)

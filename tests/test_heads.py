@@ -154,3 +154,63 @@ def test_a_timm_vision_transformer_prunes_heads_and_lands(tmp_path):
     loaded = kpc.load(kpc.save(result, tmp_path / "vit"), model=timm.create_model("test_vit", num_classes=10))
     with torch.no_grad():
         assert torch.allclose(loaded(example), result.model(example), atol=1e-5)
+
+
+class SeparateQueryAttention(nn.Module):
+    """Queries and keys/values from two projections (PVT's layout): neither can lose a head on its own."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q = self.q(x).reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
+
+
+def test_queries_from_their_own_projection_lose_the_same_heads(tmp_path):
+    """torch-pruning puts PVT's q into its kv's group: q's rows go head by head with the kv's."""
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    model.attn = SeparateQueryAttention()
+    example = torch.randn(1, 3, 32, 32)
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.6), importance="magnitude")
+    kv = next(g for g in result.round.groups if g.root == "attn.kv")
+    assert kv.heads == 4 and kv.pruned, kv.reason
+    attention = result.model.attn
+    assert attention.q.out_features == attention.num_heads * 8
+    assert attention.kv.out_features == 2 * attention.q.out_features
+    factory = TinyTransformer()
+    factory.attn = SeparateQueryAttention()
+    loaded = kpc.load(kpc.save(result, tmp_path / "pvt"), model=factory)
+    with torch.no_grad():
+        assert torch.allclose(loaded(example), result.model(example), atol=1e-6)
+
+
+class Unmixed(TinyTransformer):
+    """No residual around the attention: its output projection roots a group of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(self.mlp(x).mean(1))
+
+
+def test_two_head_candidates_of_one_attention_do_not_refuse_the_model():
+    """qkv and proj both looked like head projections; pruning qkv shrank the head count under proj, whose cut
+    then raised and refused the whole prune (DaViT's). Now proj is judged as plain channels."""
+    torch.manual_seed(0)
+    model = Unmixed().eval()
+    example = torch.randn(1, 3, 32, 32)
+    _graph, groups = analyse_groups(model, example, round_to=1, min_channels=1)
+    by_root = {g.root: g for g in groups}
+    assert "attn.proj" in by_root and by_root["attn.qkv"].heads == 4
+    assert by_root["attn.proj"].heads is None
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.6), importance="magnitude")
+    with torch.no_grad():
+        assert result.model(example).shape == (1, 10)
