@@ -6,7 +6,7 @@ every recorded round onto a freshly built architecture) and by the safety probes
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch_pruning as tp
@@ -33,12 +33,8 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: i
     pruner = graph.get_pruner_of_module(module)
     group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
     if heads:
-        cut = head_cut(model, root, width, sorted(keep))
-        if cut is None:  # not a KpcError: a safety trial that prunes two projections of one attention lands here
-            raise ValueError(f"the cut of {root} by heads keeps {len(keep)} of its {width} rows, which are not "
-                             "whole heads of its attention module")
-        _remove_heads(graph, group, module, width, removed, cut[0], cut[1])
-        shrink_attention(model, root, width, sorted(keep))
+        cut_heads(graph, model, root, width, sorted(keep), [(item.dep.target.module, item.dep.handler)
+                                                             for item in group])
         return
     grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
     if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
@@ -52,8 +48,27 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: i
         _remove_conv_groups(item.dep.target.module, item.idxs)
 
 
-def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int, removed: Sequence[int],
-                  layout: HeadLayout, kept_heads: Sequence[int]) -> None:
+def cut_heads(graph: tp.DependencyGraph, model: nn.Module, root: str, width: int, kept: Sequence[int],
+              members: Sequence[tuple[object, Callable[..., object]]]) -> None:
+    """Remove the heads of projection `root` whose rows `kept` does not hold, from every member of its group.
+
+    Members are (module or parameter, torch-pruning handler) pairs of the root's group: the items of a
+    group traced on `model`, or those of a group traced on the model `model` was copied from, mapped
+    to the copy by name (a safety trial needs no graph of its own then). `graph` only answers channel
+    counts, which depend on a module's type and shape, not on which graph traced it.
+    """
+    keep = sorted(int(i) for i in kept)
+    cut = head_cut(model, root, width, keep)
+    if cut is None:  # not a KpcError: a safety trial that prunes two projections of one attention lands here
+        raise ValueError(f"the cut of {root} by heads keeps {len(keep)} of its {width} rows, which are not "
+                         "whole heads of its attention module")
+    removed = [i for i in range(width) if i not in set(keep)]
+    _remove_heads(graph, members, model.get_submodule(root), width, removed, cut[0], cut[1])
+    shrink_attention(model, root, width, keep)
+
+
+def _remove_heads(graph: tp.DependencyGraph, members: Sequence[tuple[object, Callable[..., object]]], root: nn.Module,
+                  width: int, removed: Sequence[int], layout: HeadLayout, kept_heads: Sequence[int]) -> None:
     """Remove whole heads: the projection's rows (and its companions' on the same rows, a norm after it), and
     each reader's input columns head block by head block.
 
@@ -64,31 +79,41 @@ def _remove_heads(graph: tp.DependencyGraph, group, root: nn.Module, width: int,
     """
     heads = layout.heads
     gone = [h for h in range(heads) if h not in set(kept_heads)]
-    for item in group:
-        module = item.dep.target.module
+    for module, handler in members:
         if not isinstance(module, nn.Module):
             raise ValueError(f"a head cut of {type(root).__name__} reaches a bare parameter coupled to its channels")
         if not any(True for _ in module.parameters(recurse=False)):
             continue  # torch-pruning's own nodes for functional ops: nothing to remove
-        if graph.is_out_channel_pruning_fn(item.dep.handler):
-            outputs = int(graph.get_out_channels(module) or 0)
+        if graph.is_out_channel_pruning_fn(handler):
+            outputs = _channels(graph, module, outputs=True)
             if module is root or outputs == width:
-                item.dep.handler(module, list(removed))
+                handler(module, list(removed))
             elif outputs == heads:  # a producer of one value per head (a relative position MLP's last layer)
-                item.dep.handler(module, gone)
+                handler(module, gone)
             elif outputs % heads == 0:  # another projection of the same heads (PVT's q beside its kv)
                 member = companion_layout(layout, outputs)
-                item.dep.handler(module, sorted(r for h in gone for r in member.rows(h)))
+                handler(module, sorted(r for h in gone for r in member.rows(h)))
             else:
                 raise ValueError(f"a head cut reaches {type(module).__name__} of {outputs} channels, not a "
                                  f"multiple of its {heads} heads")
         else:
-            inputs = int(graph.get_in_channels(module) or 0)
+            inputs = _channels(graph, module, outputs=False)
             if inputs % heads:
                 raise ValueError(f"a head cut reaches {type(module).__name__} whose {inputs} inputs are not {heads} "
                                  "equal heads")
             per_head = inputs // heads
-            item.dep.handler(module, [h * per_head + j for h in gone for j in range(per_head)])
+            handler(module, [h * per_head + j for h in gone for j in range(per_head)])
+
+
+def _channels(graph: tp.DependencyGraph, module: nn.Module, *, outputs: bool) -> int:
+    """A module's output or input channels, also for a module of a copy the graph did not trace."""
+    if module in graph.module2node:
+        count = graph.get_out_channels(module) if outputs else graph.get_in_channels(module)
+    else:
+        pruner = graph.get_pruner_of_module(module)
+        count = None if pruner is None else (pruner.get_out_channels(module) if outputs
+                                             else pruner.get_in_channels(module))
+    return int(count or 0)
 
 
 def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:

@@ -207,7 +207,7 @@ def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, mi
     groups = discover_groups(model, graph, ignore=ignore, never_prune=find_classifier(model, example),
                              min_channels=min_channels)
     mark_head_groups(model, groups)
-    confirm_head_layouts(model, example, groups)
+    confirm_head_layouts(model, example, graph, groups)
     candidates = [g for g in groups if g.prunable]
     unsafe = find_unsafe_groups(model, example, candidates, probe_kept(round_to, min_channels))
     for index, reason in unsafe.items():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from kpc.apply import prune_group
+from kpc.apply import cut_heads, prune_group
 from kpc.channels import ChannelGroup
 from kpc.errors import KpcError
 from kpc.groups import build_graph
@@ -65,14 +66,16 @@ def probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], lis
 
 def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequence[ChannelGroup],
                        kept_of: Callable[[ChannelGroup], Sequence[int]],
-                       reference: Callable[[list[ChannelGroup]], torch.Tensor] | None = None) -> dict[int, str]:
+                       reference: Callable[[list[ChannelGroup]], torch.Tensor] | None = None,
+                       prune_copy: Callable[[nn.Module, list[ChannelGroup]], None] | None = None) -> dict[int, str]:
     """Prune copies with the candidates reduced and bisect to the groups that break the network.
 
     Cheap when everything works (one copy, one forward); a failure costs a few copies
     per bad group. A group that breaks on its own is reported with the error it caused.
     Tied groups are tried together and reported by their first member (see `leave_whole`).
     With `reference`, the pruned copy must also compute what `reference(groups)` returns
-    (an exactness check: removing channels that contribute nothing).
+    (an exactness check: removing channels that contribute nothing). With `prune_copy`, that
+    prunes each trial's copy instead of a dependency graph traced on it.
     """
     with torch.no_grad():
         expected = model(example).shape
@@ -81,9 +84,13 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
         trial_model = copy_model(model)
         members = [g for unit in subset for g in unit]
         try:
-            graph = build_graph(trial_model, example)
-            for group in members:
-                prune_group(graph, trial_model, group.root, group.width, kept_of(group), heads=group.heads is not None)
+            if prune_copy is not None:
+                prune_copy(trial_model, members)
+            else:
+                graph = build_graph(trial_model, example)
+                for group in members:
+                    prune_group(graph, trial_model, group.root, group.width, kept_of(group),
+                                heads=group.heads is not None)
         except KpcError:
             raise
         except Exception as exc:
@@ -120,7 +127,8 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
     return bad
 
 
-def confirm_head_layouts(model: nn.Module, example: torch.Tensor, groups: Sequence[ChannelGroup]) -> None:
+def confirm_head_layouts(model: nn.Module, example: torch.Tensor, graph: Any, groups: Sequence[ChannelGroup]
+                         ) -> None:
     """Settle each head group's layout (`kpc.heads`), or leave the group whole.
 
     A layout passes when removing head 0 from a pruned copy computes what the original
@@ -130,6 +138,7 @@ def confirm_head_layouts(model: nn.Module, example: torch.Tensor, groups: Sequen
     head width from its input, such as DaViT's, breaks on any cut and is left whole there).
     """
     pending = [g for g in groups if g.prunable and g.head_layouts]
+    names = {module: name for name, module in model.named_modules()}
     attempt, last_error = 0, {}
     while pending:
         trying = [g for g in pending if attempt < len(g.head_layouts)]
@@ -157,7 +166,20 @@ def confirm_head_layouts(model: nn.Module, example: torch.Tensor, groups: Sequen
             with torch.no_grad():
                 return zeroed(example)
 
-        bad = find_unsafe_groups(model, example, trying, without_head, reference)
+        def cut_copy(copy: nn.Module, members: list[ChannelGroup], without_head=without_head) -> None:
+            for member in members:  # the original's group, mapped to the copy by name: no graph per trial
+                cut_heads(graph, copy, member.root, member.width, without_head(member),
+                          [(_in_copy(copy, names, item.dep.target.module), item.dep.handler)
+                           for item in member.tp_group])
+
+        bad = find_unsafe_groups(model, example, trying, without_head, reference, cut_copy)
         last_error.update(bad)
         pending = [g for g in trying if g.index in bad]
         attempt += 1
+
+
+def _in_copy(copy: nn.Module, names: dict[nn.Module, str], member: Any) -> Any:
+    """A group member of the original model as the copy's module (torch-pruning's own op nodes and bare
+    parameters stay as they are: a head cut skips the former and refuses the latter)."""
+    name = names.get(member) if isinstance(member, nn.Module) else None
+    return copy.get_submodule(name) if name is not None else member
