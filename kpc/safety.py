@@ -129,7 +129,7 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
 
 def confirm_head_layouts(model: nn.Module, example: torch.Tensor, graph: Any, groups: Sequence[ChannelGroup]
                          ) -> None:
-    """Settle each head group's layout (`kpc.heads`), or leave the group whole.
+    """Settle each head group's layout (`kpc.heads`), or make it a group of plain channels again.
 
     A layout passes when removing head 0 from a pruned copy computes what the original
     computes with head 0's rows zeroed. Candidates are tried in order, all head groups at
