@@ -218,7 +218,7 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
                 if isinstance(module, nn.Parameter):
-                    name, problem = _bare_parameter(module, param_names, param_dims, len(tp_group[0].idxs))
+                    name, problem = _bare_parameter(module, param_names, param_dims, item.idxs)
                     layers.append(name)
                     reason = reason or problem
                 continue
@@ -272,17 +272,23 @@ def _check_ignore_patterns(patterns: Sequence[str], names: list[str]) -> None:
                            "(kpc inspect lists the groups of a pruned model)")
 
 
-def _bare_parameter(parameter: nn.Parameter, names: dict[int, str], dims: dict[int, int], width: int
+def _bare_parameter(parameter: nn.Parameter, names: dict[int, str], dims: dict[int, int], indices: Sequence[int]
                     ) -> tuple[str, str | None]:
     """A per-channel parameter outside any layer (ConvNeXt's layer scale, a position embedding): its name, and
-    why the group must stay whole (None: torch-pruning prunes it along a dimension of the group's width)."""
+    why the group must stay whole (None: torch-pruning prunes it along a dimension of the group's channels).
+
+    `indices` are the group's channels as torch-pruning maps them onto the parameter: through a concat
+    (a dense block's layer scale, RDNet's) they are the parameter's own 0..n-1 in a wider group, which is
+    fine; indices beyond the dimension mean torch-pruning chose the wrong one (visformer's W for C).
+    """
     name = names.get(id(parameter), "<parameter>")
     dim = dims.get(id(parameter))
     if dim is None:
         return name, f"coupled to the bare parameter {name}, which torch-pruning does not prune"
-    if parameter.shape[dim] != width:
+    size = int(parameter.shape[dim])
+    if sorted(int(i) for i in indices) != list(range(size)):
         return name, (f"coupled to the bare parameter {name} of shape {tuple(parameter.shape)}, which would be "
-                      f"pruned along a dimension of {parameter.shape[dim]}, not the group's {width} channels")
+                      f"pruned along a dimension of {size}, not the group's {len(indices)} channels")
     return name, None
 
 

@@ -53,13 +53,18 @@ def same_output(output: torch.Tensor, expected: torch.Tensor) -> str | None:
 
 
 def probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], list[int]]:
-    """Keep about half of a group's channels (its first ones) to exercise the index mapping."""
+    """Keep about half of a group's channels, spread over all of them, to exercise the index mapping.
+
+    Spread, not the first half: a group that spans a concat (a dense block's parts tied by a
+    residual add) would otherwise lose every channel of its last part, a conv of zero
+    outputs that no real plan of importance-ranked channels is likely to ask for.
+    """
 
     def kept(group: ChannelGroup) -> list[int]:
         if group.blocks > 1:  # a tie keeps the same whole blocks in every member, heads keep whole heads
             return group.in_channel_order(range(max(1, group.blocks // 2) * group.block_width))
-        half = max(min_channels, round_to * max(1, (group.width // 2) // max(1, round_to)))
-        return list(range(min(half, group.width - 1)))
+        half = min(max(min_channels, round_to * max(1, (group.width // 2) // max(1, round_to))), group.width - 1)
+        return [i * group.width // half for i in range(half)]
 
     return kept
 

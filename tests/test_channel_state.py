@@ -153,3 +153,39 @@ def test_a_bare_parameters_owner_keeps_its_view_shape_in_step():
     assert child.scale.scale.shape == (width,) and child.scale.shape == (width, 1, 1)
     with torch.no_grad():
         assert child(example).shape == (1, 10)
+
+
+class ConcatScaleNet(nn.Module):
+    """A layer scale on one part of a concat that a residual add ties to a wider stream (RDNet's dense blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = nn.Conv2d(3, 16, 1)
+        self.part_a = nn.Conv2d(3, 8, 3, padding=1)
+        self.part_b = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8))
+        self.body = nn.Conv2d(16, 12, 3, padding=1)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = self.part_a(x) * self.gamma.view(1, -1, 1, 1)
+        x = torch.relu(self.skip(x) + torch.cat([scaled, self.part_b(x)], dim=1))
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_a_layer_scale_on_one_part_of_a_concat_is_pruned_with_its_part():
+    """torch-pruning maps the wide group's channels onto the scale's own 0..7; kpc compared the scale with the
+    group's 16 channels and kept the stream whole."""
+    from kpc.pruning import analyse_groups
+
+    torch.manual_seed(0)
+    model = ConcatScaleNet().eval()
+    example = torch.randn(1, 3, 16, 16)
+    _graph, groups = analyse_groups(model, example, round_to=1, min_channels=1)
+    stream = next(g for g in groups if "gamma" in g.layers)
+    assert stream.prunable and stream.width == 16, stream.reason
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.5), importance="magnitude")
+    child = result.model
+    assert child.skip.out_channels < 16 and child.gamma.shape == (child.part_a.out_channels,)
+    with torch.no_grad():
+        assert child(example).shape == (1, 10)
