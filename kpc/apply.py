@@ -130,8 +130,9 @@ def _remove_conv_groups(conv: nn.Conv2d, removed_inputs: Sequence[int]) -> None:
     removed = {int(i) for i in removed_inputs}
     blocks = {i // per_group for i in removed}
     if len(removed) != len(blocks) * per_group:
-        raise KpcError(f"internal error: pruning part of a conv group of a grouped conv ({len(removed)} "
-                       f"input channels over {len(blocks)} groups of {per_group}); please report this")
+        # not a KpcError: a safety trial's cut lands here and leaves the group whole, a prune goes on without it
+        raise ValueError(f"the cut removes part of a conv group of a grouped conv ({len(removed)} input channels "
+                         f"over {len(blocks)} groups of {per_group})")
     conv.in_channels -= len(removed)
     conv.groups -= len(blocks)
 

@@ -93,7 +93,7 @@ def attention_of(model: nn.Module, root: str) -> tuple[str, nn.Module] | None:
     when that holds an integer head count."""
     parts = root.split(".")
     for up in (1, 2):
-        if len(parts) <= up:
+        if len(parts) < up:  # up to the model itself (an attention module checked on its own)
             break
         name = ".".join(parts[:-up])
         try:

@@ -17,8 +17,8 @@ from torch import nn
 from kpc.apply import cut_heads, prune_group
 from kpc.channels import ChannelGroup
 from kpc.errors import KpcError
-from kpc.groups import build_graph
-from kpc.heads import HeadLayout, use_layout, zero_head
+from kpc.groups import build_graph, is_grouped_conv_input
+from kpc.heads import HeadLayout, attention_of, use_layout, zero_head
 from kpc.modelcopy import copy_model
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def probe_kept(round_to: int, min_channels: int) -> Callable[[ChannelGroup], lis
         if group.blocks > 1:  # a tie keeps the same whole blocks in every member, heads keep whole heads
             return group.in_channel_order(range(max(1, group.blocks // 2) * group.block_width))
         half = min(max(min_channels, round_to * max(1, (group.width // 2) // max(1, round_to))), group.width - 1)
+        if any(is_grouped_conv_input(item) for item in group.tp_group or ()):
+            return list(range(half))  # whole conv groups of the grouped convs it feeds, where half allows
         return [i * group.width // half for i in range(half)]
 
     return kept
@@ -143,7 +145,10 @@ def confirm_head_layouts(model: nn.Module, example: torch.Tensor, graph: Any, gr
     head width from its input, such as DaViT's, breaks on any cut and is left whole there).
     """
     pending = [g for g in groups if g.prunable and g.head_layouts]
+    if not pending:
+        return
     names = {module: name for name, module in model.named_modules()}
+    calls = _single_calls(model, example, {found[1] for g in pending if (found := attention_of(model, g.root))})
     attempt, last_error = 0, {}
     while pending:
         trying = [g for g in pending if attempt < len(g.head_layouts)]
@@ -177,7 +182,13 @@ def confirm_head_layouts(model: nn.Module, example: torch.Tensor, graph: Any, gr
                           [(_in_copy(copy, names, item.dep.target.module), item.dep.handler)
                            for item in member.tp_group])
 
-        bad = find_unsafe_groups(model, example, trying, without_head, reference, cut_copy)
+        bad: dict[int, str] = {}
+        for group in trying:  # most failures show in the attention module alone, without a copy of the model
+            error = _local_head_trial(graph, group, layout_of[group.index], without_head(group), names, calls)
+            if error is not None:
+                bad[group.index] = error
+        survivors = [g for g in trying if g.index not in bad]
+        bad.update(find_unsafe_groups(model, example, survivors, without_head, reference, cut_copy))
         last_error.update(bad)
         pending = [g for g in trying if g.index in bad]
         attempt += 1
@@ -188,3 +199,75 @@ def _in_copy(copy: nn.Module, names: dict[nn.Module, str], member: Any) -> Any:
     parameters stay as they are: a head cut skips the former and refuses the latter)."""
     name = names.get(member) if isinstance(member, nn.Module) else None
     return copy.get_submodule(name) if name is not None else member
+
+
+def _single_calls(model: nn.Module, example: torch.Tensor, modules: set[nn.Module]
+                  ) -> dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The arguments of each listed module's call in one forward pass, for those called exactly once."""
+    seen: dict[nn.Module, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.setdefault(module, []).append((args, dict(kwargs)))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception:  # the joint trial on the whole model judges these groups instead
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m: calls[0] for m, calls in seen.items() if len(calls) == 1}
+
+
+def _local_head_trial(graph: Any, group: ChannelGroup, layout: HeadLayout, kept: list[int],
+                      names: dict[nn.Module, str], calls: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]
+                      ) -> str | None:
+    """Remove head 0 from a copy of the attention module alone and compare with zeroing it; None when it passes
+    or cannot be told this way (a member outside the module, a module called more than once)."""
+    found = attention_of_group(group, names, calls)
+    if found is None:
+        return None
+    prefix, attention = found
+    relative = group.root[len(prefix) + 1:] if prefix else group.root
+    args, kwargs = calls[attention]
+    try:
+        zeroed, cut = copy_model(attention), copy_model(attention)
+        zero_head(zeroed, relative, layout)
+        with torch.no_grad():
+            expected = zeroed(*args, **kwargs)
+        members = [(_in_copy(cut, {m: n[len(prefix) + 1:] if prefix else n for m, n in names.items()},
+                             item.dep.target.module), item.dep.handler) for item in group.tp_group]
+        cut_heads(graph, cut, relative, group.width, kept, members)
+        with torch.no_grad():
+            output = cut(*args, **kwargs)
+    except KpcError:
+        raise
+    except Exception as exc:
+        return f"pruning failed: {first_line(exc)}"
+    if not isinstance(output, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return None
+    if output.shape != expected.shape:
+        return f"output shape {tuple(output.shape)} != {tuple(expected.shape)}"
+    return same_output(output, expected)
+
+
+def attention_of_group(group: ChannelGroup, names: dict[nn.Module, str],
+                       calls: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]) -> tuple[str, nn.Module] | None:
+    """(name, module) of the recorded attention module holding every parameterised member of the group."""
+    by_name = {n: m for m, n in names.items()}
+    for up in (1, 2):
+        parts = group.root.split(".")
+        if len(parts) <= up:
+            break
+        prefix = ".".join(parts[:-up])
+        module = by_name.get(prefix)
+        if module is None or module not in calls:
+            continue
+        inside = all(isinstance(m := item.dep.target.module, nn.Module)
+                     and (not any(True for _ in m.parameters(recurse=False))
+                          or names.get(m, "").startswith(prefix + "."))
+                     for item in group.tp_group)
+        return (prefix, module) if inside else None
+    return None
