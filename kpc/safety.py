@@ -184,7 +184,7 @@ def confirm_head_layouts(model: nn.Module, example: torch.Tensor, graph: Any, gr
 
         bad: dict[int, str] = {}
         for group in trying:  # most failures show in the attention module alone, without a copy of the model
-            error = _local_head_trial(graph, group, layout_of[group.index], without_head(group), names, calls)
+            error = _local_head_trial(model, graph, group, layout_of[group.index], without_head(group), names, calls)
             if error is not None:
                 bad[group.index] = error
         survivors = [g for g in trying if g.index not in bad]
@@ -221,12 +221,12 @@ def _single_calls(model: nn.Module, example: torch.Tensor, modules: set[nn.Modul
     return {m: calls[0] for m, calls in seen.items() if len(calls) == 1}
 
 
-def _local_head_trial(graph: Any, group: ChannelGroup, layout: HeadLayout, kept: list[int],
+def _local_head_trial(model: nn.Module, graph: Any, group: ChannelGroup, layout: HeadLayout, kept: list[int],
                       names: dict[nn.Module, str], calls: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]
                       ) -> str | None:
     """Remove head 0 from a copy of the attention module alone and compare with zeroing it; None when it passes
     or cannot be told this way (a member outside the module, a module called more than once)."""
-    found = attention_of_group(group, names, calls)
+    found = _attention_holding(model, group, names, calls)
     if found is None:
         return None
     prefix, attention = found
@@ -253,21 +253,15 @@ def _local_head_trial(graph: Any, group: ChannelGroup, layout: HeadLayout, kept:
     return same_output(output, expected)
 
 
-def attention_of_group(group: ChannelGroup, names: dict[nn.Module, str],
+def _attention_holding(model: nn.Module, group: ChannelGroup, names: dict[nn.Module, str],
                        calls: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]) -> tuple[str, nn.Module] | None:
-    """(name, module) of the recorded attention module holding every parameterised member of the group."""
-    by_name = {n: m for m, n in names.items()}
-    for up in (1, 2):
-        parts = group.root.split(".")
-        if len(parts) <= up:
-            break
-        prefix = ".".join(parts[:-up])
-        module = by_name.get(prefix)
-        if module is None or module not in calls:
-            continue
-        inside = all(isinstance(m := item.dep.target.module, nn.Module)
-                     and (not any(True for _ in m.parameters(recurse=False))
-                          or names.get(m, "").startswith(prefix + "."))
-                     for item in group.tp_group)
-        return (prefix, module) if inside else None
-    return None
+    """(name, module) of the group's attention module, when its call was recorded and it holds every
+    parameterised member of the group."""
+    found = attention_of(model, group.root)
+    if found is None or found[1] not in calls:
+        return None
+    prefix = found[0]
+    inside = all(isinstance(m := item.dep.target.module, nn.Module)
+                 and (not any(True for _ in m.parameters(recurse=False)) or names.get(m, "").startswith(prefix + "."))
+                 for item in group.tp_group)
+    return found if inside else None
