@@ -27,9 +27,13 @@ not public:
    formulas for timm's attention classes (`MODULES_MAPPING`) assume a square output
    projection, which a head-pruned model's is not: they are set aside while kpc counts, the
    layers inside are counted as layers and the products between activations by `kpc.matmuls`.
-5. Nothing else: every other call goes through the public API.
+5. **Layers without a bias.** torch-pruning's pruning functions slice a norm layer's `bias`
+   unconditionally (GroupNorm's in 1.6.1); a norm built with `bias=False` (timm's metaformer
+   GroupNorm1NoBias) raised inside the prune and its group was left whole. The shared slicing
+   helper `BasePruningFunc._prune_parameter_and_grad` passes a missing parameter through.
+6. Nothing else: every other call goes through the public API.
 
-`install()` applies (1) and (3); it is called by `kpc.groups.build_graph`, never on import. Each
+`install()` applies (1), (3) and (5); it is called by `kpc.groups.build_graph`, never on import. Each
 function checks that the installed torch-pruning still has what it touches and fails with
 one line naming the tested versions when it does not.
 """
@@ -90,7 +94,31 @@ def install() -> None:
             if name == "update_reshape_index_mapping":
                 function = _unless_channels_kept(function)
             setattr(index_mapping, name, _tolerant(function))
+    _pass_missing_parameters()
     _installed = True
+
+
+def _pass_missing_parameters() -> None:
+    """Let torch-pruning's parameter slicing return None for a parameter the layer does not have."""
+    try:
+        from torch_pruning.pruner import function
+    except ImportError as exc:
+        raise _incompatible("torch_pruning.pruner.function") from exc
+    base = getattr(function, "BasePruningFunc", None)
+    slicing = getattr(base, "_prune_parameter_and_grad", None)
+    if not callable(slicing):
+        raise _incompatible("pruner.function.BasePruningFunc._prune_parameter_and_grad")
+    if getattr(slicing, "__kpc_tolerant__", False):
+        return
+
+    def wrapper(self: Any, weight: Any, keep_idxs: Any, pruning_dim: int) -> Any:
+        if weight is None:  # a layer built without this parameter (bias=False): nothing to slice
+            return None
+        return slicing(self, weight, keep_idxs, pruning_dim)
+
+    wrapper.__kpc_tolerant__ = True  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = slicing  # type: ignore[attr-defined]
+    base._prune_parameter_and_grad = wrapper
 
 
 def _unless_channels_kept(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:

@@ -189,3 +189,40 @@ def test_a_layer_scale_on_one_part_of_a_concat_is_pruned_with_its_part():
     assert child.skip.out_channels < 16 and child.gamma.shape == (child.part_a.out_channels,)
     with torch.no_grad():
         assert child(example).shape == (1, 10)
+
+
+class NoBiasNormNet(nn.Module):
+    """Norm layers built with bias=False (timm's metaformer GroupNorm1NoBias, LayerNorm2dNoBias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.group_norm = nn.GroupNorm(1, 32, bias=False)
+        self.body = nn.Conv2d(32, 24, 3, padding=1)
+        self.layer_norm = nn.LayerNorm(24, bias=False)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.group_norm(self.stem(x)))
+        return self.head(self.layer_norm(torch.relu(self.body(x)).mean((2, 3))))
+
+
+def test_norms_without_a_bias_are_pruned_with_their_group(tmp_path):
+    """torch-pruning sliced GroupNorm's missing bias and raised: poolformerv2's streams were left whole."""
+    from kpc.pruning import analyse_groups
+
+    torch.manual_seed(0)
+    model = NoBiasNormNet().eval()
+    example = torch.randn(1, 3, 16, 16)
+    _graph, groups = analyse_groups(model, example, round_to=1, min_channels=1)
+    for root in ("stem", "body"):
+        group = next(g for g in groups if g.root == root)
+        assert group.prunable, group.reason
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.5), importance="magnitude")
+    child = result.model
+    assert child.body.out_channels < 24 and child.layer_norm.normalized_shape == (child.body.out_channels,)
+    assert child.group_norm.num_channels == child.stem.out_channels
+    assert child.group_norm.bias is None and child.layer_norm.bias is None
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=NoBiasNormNet())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(example), child(example))
