@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import logging
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,10 @@ INPUT_NAME = "input"
 # The TorchScript exporter (exporters.onnx_export.EXPORTER) implements opsets up to 20;
 # below 11 the CNN ops kpc produces (e.g. Resize, adaptive pooling) are not expressible.
 MIN_OPSET, MAX_OPSET = 11, 20
+# Without --opset kpc exports at DEFAULT_OPSET, or at the lowest later opset that an operator of the model
+# needs (volo's col2im exists from opset 18); an opset the user names is kept or refused, never changed.
+DEFAULT_OPSET = 17
+_NEEDS_OPSET = re.compile(r"added in (?:opset )?version (\d+)", re.IGNORECASE)
 
 # (atol, rtol) for the parity check. fp32 graphs differ from eager only by summation
 # order; fp16 graphs lose ~3 decimal digits per layer, so their outputs drift by 1e-2.
@@ -60,7 +65,7 @@ class ExportSettings:
     fp16: bool = False
     int8: bool = False
     dynamic_batch: bool = False
-    opset: int = 17
+    opset: int | None = None  # None: DEFAULT_OPSET, or a later one the model's operators need
     batch: int = 1
     atol: float | None = None
     rtol: float | None = None
@@ -96,8 +101,9 @@ class ExportSettings:
             raise KpcError("--int8 and --fp16 are exclusive: int8 engines already allow fp16 layers")
         if self.batch < 1 or self.samples < 1:
             raise KpcError(f"--batch and --samples must be at least 1, got {self.batch} and {self.samples}")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise KpcError(f"--opset {self.opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} (17 is the default)")
+        if self.opset is not None and not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise KpcError(f"--opset {self.opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
+                           f"({DEFAULT_OPSET} is the default)")
         for name, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if value is not None and value < 0:
                 raise KpcError(f"{name} must be >= 0, got {value}")
@@ -221,11 +227,11 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         onnx_fp16 = settings.fp16 and not settings.trt  # TensorRT lowers precision itself from an fp32 graph
-        log.info(f"exporting {loaded.label} to ONNX (opset {settings.opset}, batch {settings.batch}, "
-            f"{'dynamic' if dynamic else 'static'} batch, {'fp16' if onnx_fp16 else 'fp32'})")
-        onnx_path = _export_onnx(model, example, tmp / ONNX_FILE, settings.opset, dynamic, onnx_fp16)
+        log.info(f"exporting {loaded.label} to ONNX (opset {settings.opset or DEFAULT_OPSET}, batch "
+                 f"{settings.batch}, {'dynamic' if dynamic else 'static'} batch, {'fp16' if onnx_fp16 else 'fp32'})")
+        onnx_path, opset = _export_onnx(model, example, tmp / ONNX_FILE, settings.opset, dynamic, onnx_fp16)
         checked = exporters.check_onnx(onnx_path)
-        record["onnx"] = {"file": ONNX_FILE, "sha256": sha256_file(onnx_path), "opset": settings.opset,
+        record["onnx"] = {"file": ONNX_FILE, "sha256": sha256_file(onnx_path), "opset": opset,
                           "batch": settings.batch, "dynamic_batch": dynamic, "fp16": onnx_fp16,
                           "inputs": [i.name for i in checked.graph.input],
                           "outputs": [o.name for o in checked.graph.output]}
@@ -248,20 +254,34 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
     return record
 
 
-def _export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, opset: int, dynamic: bool,
-                 fp16: bool) -> Path:
-    """exporters.export_onnx, with the exporter's own failures (an op it cannot lower) as one user-facing line."""
+def _export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, opset: int | None, dynamic: bool,
+                 fp16: bool) -> tuple[Path, int]:
+    """exporters.export_onnx, with the exporter's own failures (an op it cannot lower) as one user-facing line.
+
+    Returns the file and the opset it holds. With no opset asked for, an operator that the
+    exporter says exists only from a later opset (up to MAX_OPSET) moves the export there
+    instead of failing it.
+    """
     import exporters
     from exporters.errors import ExporterError
 
-    try:
-        return exporters.export_onnx(model, example, path, opset=opset, dynamic_batch=dynamic, fp16=fp16)
-    except (ExporterError, KpcError):
-        raise
-    except Exception as exc:  # torch.onnx and the onnx checker raise many unrelated types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise KpcError(f"ONNX export failed at opset {opset} ({type(exc).__name__}: {first}); "
-                       "try another --opset, or KPC_DEBUG=1 for the traceback") from exc
+    chosen = DEFAULT_OPSET if opset is None else opset
+    while True:
+        try:
+            return exporters.export_onnx(model, example, path, opset=chosen, dynamic_batch=dynamic, fp16=fp16), chosen
+        except (ExporterError, KpcError):
+            raise
+        except Exception as exc:  # torch.onnx and the onnx checker raise many unrelated types
+            needed = _NEEDS_OPSET.search(str(exc))
+            later = int(needed.group(1)) if needed else 0
+            if opset is None and chosen < later <= MAX_OPSET:
+                log.warning(f"an operator of this model exists in ONNX from opset {later} on: exporting at opset "
+                            f"{later} instead of {chosen} (pass --opset to choose)")
+                chosen = later
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise KpcError(f"ONNX export failed at opset {chosen} ({type(exc).__name__}: {first}); "
+                           "try another --opset, or KPC_DEBUG=1 for the traceback") from exc
 
 
 def _build_trt(model: nn.Module, onnx_path: Path, tmp: Path, samples: list[dict[str, np.ndarray]],

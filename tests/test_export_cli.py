@@ -188,3 +188,43 @@ def test_spec_export_with_input_size(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "export.json").read_text())
     assert record["model"]["artifact"] is None and record["model"]["input_size"] == [3, 32, 32]
+
+
+FOLD_NET = '''
+import torch
+from torch import nn
+
+
+class FoldNet(nn.Module):
+    """nn.Fold lowers to ONNX's Col2Im, which exists from opset 18 on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.fold = nn.Fold(output_size=(8, 8), kernel_size=2, stride=2)
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.head(self.fold(self.conv(x).flatten(2)).mean((2, 3)))
+
+
+def make():
+    return FoldNet()
+'''
+
+
+def test_an_operator_of_a_later_opset_moves_the_default_export_there(tmp_path):
+    """volo's col2im failed the export at the default opset 17; without --opset the export moves to 18."""
+    source = tmp_path / "foldnet.py"
+    source.write_text(FOLD_NET)
+    spec = f"{source}:make"
+    out = tmp_path / "auto"
+    result = runner.invoke(app, ["export", spec, "--input-size", "3x4x4", "--onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "export.json").read_text())
+    assert record["onnx"]["opset"] == 18 and record["parity"]["ok"]
+    assert onnx.load(str(out / "model.onnx")).opset_import[0].version == 18
+    pinned = runner.invoke(app, ["export", spec, "--input-size", "3x4x4", "--onnx", "--opset", "17",
+                                 "--out", str(tmp_path / "pinned")])
+    assert_one_error_line(pinned, 2, "ONNX export failed at opset 17")
+    assert not (tmp_path / "pinned").exists()
