@@ -36,8 +36,8 @@ def export_command(
     int8: Annotated[bool, flag("--int8", help="int8 TensorRT engine (the graph needs Q/DQ nodes).")] = False,
     dynamic_batch: Annotated[bool, flag("--dynamic-batch", help="Leave the batch dimension free in the "
                                                 "graph.")] = False,
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset [default: 17, or the first later one "
-                                                                "that an operator of the model exists in]")] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: 17, or the first later one "
+                                                                "that an operator of the model exists in)")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch of the example (static graph) and of the parity "
                                        "inputs; the TensorRT profile's opt batch.")] = 1,
     atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default 1e-4; 5e-2 for fp16).")]
