@@ -184,10 +184,20 @@ def _refuse_empty(target: str | Path) -> None:
         raise OutputError("the output path is empty: give a file or directory path")
 
 
+def _refuse_file_ancestor(target: Path) -> None:
+    """A path under an existing file (`notes.txt/out`) can never be made: say so before any work, not at mkdir."""
+    folder = target.absolute().parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {target}: {folder} is not a directory; give a path inside a directory")
+
+
 def resolve_file_target(target: str | Path) -> Path:
     """The path a file write really replaces: `target`, or a symlink's regular-file target; else refuse."""
     _refuse_empty(target)
     target = Path(target)
+    _refuse_file_ancestor(target)
     if target.is_symlink():
         real = Path(os.path.realpath(target))
         if real.exists() and not real.is_file():
@@ -220,6 +230,7 @@ def check_dir_target(target: str | Path, *, overwrite: bool) -> Path:
     that is not empty and (with `overwrite`) was not written by kpc."""
     _refuse_empty(target)
     target = Path(target)
+    _refuse_file_ancestor(target)
     if target.is_symlink():
         raise OutputError(f"{target} is a symlink: kpc writes output directories only at real paths (give "
                           f"{os.path.realpath(target)} or another path)")

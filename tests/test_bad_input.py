@@ -113,6 +113,19 @@ def test_out_naming_a_file_or_a_device(target, tmp_path):
         assert out.read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", [
+    ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--out"],
+    ["export", SPEC, *SMALL, "--onnx", "--out"],
+    ["profile", SPEC, *SMALL, "--out"],
+    ["bench", SPEC, SPEC, *SMALL, "--iters", "2", "--json"],
+])
+def test_an_output_under_an_existing_file(command, tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine")
+    one_line_exit_2(runner.invoke(app, [*command, str(taken / "sub" / "out")]), f"{taken} is not a directory")
+    assert taken.read_text() == "mine" and list(tmp_path.iterdir()) == [taken]
+
+
 def test_bench_json_naming_a_directory(artifact, tmp_path):
     result = runner.invoke(app, ["bench", SPEC, str(artifact), *SMALL, "--iters", "4", "--json", str(tmp_path)])
     one_line_exit_2(result, "is a directory")
