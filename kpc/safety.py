@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kpc.apply import cut_heads, prune_group
+from kpc.apply import NotTraced, cut_heads, prune_by_trace, prune_group
 from kpc.channels import ChannelGroup
 from kpc.errors import KpcError
 from kpc.groups import build_graph, is_grouped_conv_input
@@ -93,7 +93,7 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
         try:
             if prune_copy is not None:
                 prune_copy(trial_model, members)
-            else:
+            elif not _pruned_by_trace(trial_model, model, members, kept_of):
                 graph = build_graph(trial_model, example)
                 for group in members:
                     prune_group(graph, trial_model, group.root, group.width, kept_of(group),
@@ -132,6 +132,24 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor, candidates: Sequ
 
     search(list(units.values()))
     return bad
+
+
+def _pruned_by_trace(copy: nn.Module, model: nn.Module, members: Sequence[ChannelGroup],
+                     kept_of: Callable[[ChannelGroup], Sequence[int]]) -> bool:
+    """Prune a trial's copy by the groups as traced on `model` (`kpc.apply.prune_by_trace`); False where it cannot
+    (a head group, a group traced on another model): the caller traces the copy instead."""
+    if any(g.heads is not None or g.tp_group is None for g in members):
+        return False
+    cuts = []
+    for group in members:
+        keep = {int(i) for i in kept_of(group)}
+        cuts.append((group.tp_group, [i for i in range(group.width) if i not in keep]))
+    try:
+        prune_by_trace(copy, model, cuts)
+    except NotTraced as exc:
+        log.debug("a safety trial traces its copy again: %s", exc)
+        return False
+    return True
 
 
 def confirm_head_layouts(model: nn.Module, example: torch.Tensor, graph: Any, groups: Sequence[ChannelGroup]

@@ -11,7 +11,7 @@ not public:
    only the groups through it are left whole (`unmappable_nodes`).
 2. **A group minus some items.** kpc removes grouped convs' input channels itself (whole
    conv groups), so those items are dropped from a group before it is scored or pruned;
-   a `Group` holds its items in `_group` and its graph in `_DG`.
+   a `Group` holds its items in `_group` and its graph in `_DG` (`graph_of` reads it).
 3. **Reshapes that keep the channels where they are.** torch-pruning (1.6 on torch 2.x, whose
    view nodes no longer save `_saved_self_sizes`) maps every reshape as a flatten of channels,
    with a stride guessed from the layers around it. ECA's `(B, C) -> (B, 1, C)` before its
@@ -206,6 +206,25 @@ def group_with_items(group: Any, items: Iterable[Any]) -> Any:
     subset._group = list(items)
     subset._DG = group._DG
     return subset
+
+
+def is_functional_node(target: Any) -> bool:
+    """A stand-in module torch-pruning puts in its graph for a functional op (concat, split, add, reshape, ...).
+
+    Its pruning handler only updates the stand-in's own bookkeeping; the model holds no such module.
+    """
+    import torch_pruning as tp
+
+    return isinstance(target, nn.Module) and type(target).__module__ == tp.ops.__name__ and \
+        type(target).__name__.startswith("_")
+
+
+def graph_of(group: Any) -> Any:
+    """The DependencyGraph a torch-pruning Group was traced on (it answers which handlers prune outputs)."""
+    graph = getattr(group, "_DG", None)
+    if graph is None or not callable(getattr(graph, "is_out_channel_pruning_fn", None)):
+        raise _incompatible("Group._DG")
+    return graph
 
 
 def count_ops_and_params(model: nn.Module, example: Any, *, layer_wise: bool = False) -> Any:
