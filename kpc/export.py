@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import platform
 import re
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from kpc import __version__
 from kpc.artifact import LoadedModel, sha256_file
 from kpc.atomic import atomic_dir
 from kpc.errors import KpcError
+from kpc.plan import MAX_INPUT_ELEMENTS
 
 EXPORT_SCHEMA = "kpc-export/1"
 EXPORT_FILE = "export.json"
@@ -41,6 +43,8 @@ MIN_OPSET, MAX_OPSET = 11, 20
 # Without --opset kpc exports at DEFAULT_OPSET, or at the lowest later opset that an operator of the model
 # needs (volo's col2im exists from opset 18); an opset the user names is kept or refused, never changed.
 DEFAULT_OPSET = 17
+MAX_SAMPLES = 100  # parity inputs: a few already catch a mismatch; each is held in memory
+MAX_PARITY_VALUES = 4 * MAX_INPUT_ELEMENTS  # all parity inputs together: 800 MB in fp32
 _NEEDS_OPSET = re.compile(r"added in (?:opset )?version (\d+)", re.IGNORECASE)
 
 # (atol, rtol) for the parity check. fp32 graphs differ from eager only by summation
@@ -104,9 +108,29 @@ class ExportSettings:
         if self.opset is not None and not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise KpcError(f"--opset {self.opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
                            f"({DEFAULT_OPSET} is the default)")
+        if self.samples > MAX_SAMPLES:
+            raise KpcError(f"--samples {self.samples} is above kpc's limit of {MAX_SAMPLES}: every sample is held in "
+                           "memory and a few already catch a mismatch; give fewer")
         for name, value in (("--atol", self.atol), ("--rtol", self.rtol)):
-            if value is not None and value < 0:
-                raise KpcError(f"{name} must be >= 0, got {value}")
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise KpcError(f"{name} must be a finite number >= 0, got {value}")
+        for name, value in (("--min-batch", self.min_batch), ("--max-batch", self.max_batch),
+                            ("--workspace-mb", self.workspace_mb)):
+            if value is not None and value < 1:
+                raise KpcError(f"{name} must be at least 1, got {value}")
+        if not self.min_batch <= self.batch <= (self.batch if self.max_batch is None else self.max_batch):
+            raise KpcError(f"the TensorRT batch profile needs --min-batch <= --batch <= --max-batch, got "
+                           f"{self.min_batch} <= {self.batch} <= {self.max_batch}")
+        if self.timing_cache is not None and Path(self.timing_cache).is_dir():
+            raise KpcError(f"--timing-cache {self.timing_cache} is a directory: give a file path")
+
+    def check_size(self, input_size: Sequence[int]) -> None:
+        """Refuse parity inputs that alone would not fit in memory (all are held at once), before exporting."""
+        values = self.samples * self.batch * math.prod(int(d) for d in input_size)
+        if values > MAX_PARITY_VALUES:
+            raise KpcError(f"--samples {self.samples} x --batch {self.batch} images of "
+                           f"{'x'.join(str(int(d)) for d in input_size)} are {values:,} values, above kpc's limit of "
+                           f"{MAX_PARITY_VALUES:,}: give a smaller --batch or fewer --samples")
 
 
 def parity_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -208,6 +232,7 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
     import exporters
 
     settings.check()
+    settings.check_size(loaded.input_size)
     if settings.trt:
         # Fail in a second (no GPU, no tensorrt) before minutes of export and build.
         exporters.get_runner("trt", precision=settings.trt_precision).close()

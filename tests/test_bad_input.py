@@ -126,6 +126,28 @@ def test_an_output_under_an_existing_file(command, tmp_path):
     assert taken.read_text() == "mine" and list(tmp_path.iterdir()) == [taken]
 
 
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--atol", "nan"], "--atol must be a finite number >= 0"),
+    (["--rtol", "inf"], "--rtol must be a finite number >= 0"),
+    (["--min-batch", "0"], "--min-batch must be at least 1"),
+    (["--workspace-mb", "-5"], "--workspace-mb must be at least 1"),
+    (["--batch", "4", "--max-batch", "2"], "--min-batch <= --batch <= --max-batch"),
+    (["--samples", "100000000"], "--samples 100000000 is above kpc's limit"),
+    (["--batch", "100000000"], "give a smaller --batch"),
+])
+def test_bad_export_settings(args, fragment, tmp_path):
+    out = tmp_path / "out"
+    one_line_exit_2(runner.invoke(app, ["export", SPEC, *SMALL, "--onnx", *args, "--out", str(out)]), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_timing_cache_naming_a_directory(tmp_path):
+    result = runner.invoke(app, ["export", SPEC, *SMALL, "--onnx", "--timing-cache", str(tmp_path), "--out",
+                                 str(tmp_path / "out")])
+    one_line_exit_2(result, "--timing-cache", "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_json_naming_a_directory(artifact, tmp_path):
     result = runner.invoke(app, ["bench", SPEC, str(artifact), *SMALL, "--iters", "4", "--json", str(tmp_path)])
     one_line_exit_2(result, "is a directory")
