@@ -9,6 +9,7 @@ with the data so artifacts can record it.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 KINDS = ("synthetic", "fashion-mnist", "cifar10", "imagefolder")
+MAX_SYNTHETIC_VALUES = 2**28  # a synthetic calibration sample is made at once: 1 GiB in fp32 (the default: 38 M)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,12 @@ def calibration_batches(spec: DataSpec, input_size: tuple[int, int, int], *, bat
                         batch_size: int, seed: int = 0, workers: int = 0
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Batches for the importance pass: the train split with eval transforms, shuffled with a fixed seed."""
+    if spec.kind == "synthetic":  # made in memory at once: refuse a sample that cannot fit before allocating it
+        values = batches * batch_size * math.prod(input_size)
+        if values > MAX_SYNTHETIC_VALUES:
+            raise KpcError(f"--calib-batches {batches} x --calib-batch-size {batch_size} synthetic images of "
+                           f"{'x'.join(map(str, input_size))} are {values:,} values, above kpc's limit of "
+                           f"{MAX_SYNTHETIC_VALUES:,}: give fewer or smaller batches")
     data = load_dataset(spec, "train", input_size, synthetic_size=batches * batch_size, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=True, generator=generator,

@@ -60,6 +60,8 @@ def _edited_plan(artifact: Path, tmp_path: Path, edit) -> Path:
     (["--budget-ratio", "0.5", "--round-to", "0"], "--round-to"),
     (["--budget-ratio", "0.5", "--round-to", "abc"], "--round-to"),
     (["--budget-ratio", "0.5", "--calib-batches", "0"], "--calib-batches"),
+    (["--budget-ratio", "0.5", "--calib-batches", str(10**20)], "give fewer or smaller batches"),
+    (["--budget-ratio", "0.5", "--calib-batch-size", str(10**8)], "give fewer or smaller batches"),
     (["--budget-ratio", "0.5", "--seed", str(2**70)], "--seed"),
     (["--budget-ratio", "0.5", "--importance", "random"], "unknown importance 'random'"),
     (["--budget-ratio", "0.5", "--importance-precision", "fp64"], "unknown importance precision 'fp64'"),
@@ -145,6 +147,13 @@ def test_export_timing_cache_naming_a_directory(tmp_path):
     result = runner.invoke(app, ["export", SPEC, *SMALL, "--onnx", "--timing-cache", str(tmp_path), "--out",
                                  str(tmp_path / "out")])
     one_line_exit_2(result, "--timing-cache", "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_too_large_for_memory_is_a_user_mistake(tmp_path):
+    result = runner.invoke(app, ["bench", SPEC, SPEC, *SMALL, "--iters", "2", "--batch", str(10**8),
+                                 "--json", str(tmp_path / "b.json")])
+    one_line_exit_2(result, "out of memory", "give a smaller --batch")
     assert list(tmp_path.iterdir()) == []
 
 

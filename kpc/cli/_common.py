@@ -86,6 +86,9 @@ def handle_errors(func: F) -> F:
             if code is None:
                 raise fail(f"internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in kpc: rerun with "
                            "KPC_DEBUG=1 for the traceback and report it)", INTERNAL_ERROR_EXIT) from None
+            if is_out_of_memory(exc):
+                raise fail(f"out of memory ({_first_line(exc)[:160]}): give a smaller --batch, --calib-batch-size, "
+                           "--batch-size or --input-size, or run on a machine with more memory", code) from None
             raise fail(_first_line(exc), code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -102,7 +105,17 @@ def _exit_code(exc: BaseException) -> int | None:
         return 2  # a path the user gave that cannot be used
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno in (28, 30, 122):  # no space, read-only
         return 2
+    if is_out_of_memory(exc):  # sizes the user chose (batch, input size, classes) that this machine cannot hold
+        return 2
     return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's CUDA OOM or its CPU allocator's refusal."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 class _RichHandler(logging.Handler):
