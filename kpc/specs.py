@@ -375,7 +375,7 @@ def _build_from_file(path: Path, name: str, kwargs: dict[str, Any]) -> nn.Module
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a file that calls sys.exit() would end kpc silently
         raise KpcError(f"importing {path} failed: {_first_line(exc)}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
@@ -391,7 +391,7 @@ def _build_from_file(path: Path, name: str, kwargs: dict[str, Any]) -> nn.Module
                 raise
             kwargs.pop("num_classes")
             model = factory(**kwargs)
-    except Exception as exc:  # the user's factory raised: one line naming it
+    except (Exception, SystemExit) as exc:  # the user's factory raised (or called sys.exit): one line naming it
         raise KpcError(f"{path}:{name}() raised {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise KpcError(f"{path}:{name}() returned a {type(model).__name__}, not a torch.nn.Module")

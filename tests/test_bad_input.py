@@ -92,6 +92,19 @@ def test_a_weights_file_with_a_non_tensor_and_a_factory_that_raises(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("body", "fragment"), [
+    ("import sys\nsys.exit(3)\n", "importing"),
+    ("import sys\ndef make(num_classes=10):\n    sys.exit('bye')\n", "make() raised SystemExit: bye"),
+])
+def test_a_model_file_that_calls_sys_exit(body, fragment, tmp_path):
+    factory = tmp_path / "quits.py"
+    factory.write_text(body)
+    out = tmp_path / "out"
+    one_line_exit_2(runner.invoke(app, ["prune", f"{factory}:make", "--budget-ratio", "0.5", "--out", str(out)]),
+                    fragment)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", [
     ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--out"],
     ["profile", SPEC, *SMALL, "--out"],
