@@ -277,7 +277,12 @@ def example_input(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> t
 def replay(model: nn.Module, rounds: Sequence, input_size: Sequence[int]) -> nn.Module:
     """Re-apply recorded pruning rounds (`kpc.plan.PruneRound`) to a freshly built architecture."""
     example = example_input(input_size)
+    modules = {name for name, _ in model.named_modules()}
     for number, plan_round in enumerate(rounds, 1):
+        missing = [g.root for g in getattr(plan_round, "groups", ()) if g.root not in modules]
+        if missing:  # a group left whole is not replayed, but inspect and reports read its layer
+            raise KpcError(f"replaying pruning round {number}: the plan names a layer {missing[0]!r} that this model "
+                           "does not have: the plan belongs to another model")
         try:
             apply_kept(model, example, plan_round.kept_by_root(), heads=plan_round.head_roots())
         except KpcError as exc:

@@ -226,6 +226,9 @@ def test_a_plot_into_a_missing_folder_is_made(tmp_path):
     (lambda p: p["rounds"][0]["groups"][0].pop("prunable"), "prunable is missing"),
     (lambda p: p["rounds"][0]["groups"][0].update(kept=[10_000]), "kept should list distinct channel indices"),
     (lambda p: p.update(format="kpc-artifact/99"), "not a kpc plan"),
+    # a group left whole is not replayed: its layer was read only by inspect, which crashed (exit 3)
+    (lambda p: next(g for g in p["rounds"][0]["groups"] if not g["prunable"]).update(root="x"),
+     "names a layer 'x' that this model does not have"),
 ])
 def test_malformed_plans(artifact, tmp_path, edit, fragment):
     broken = _edited_plan(artifact, tmp_path, edit)
