@@ -450,6 +450,11 @@ def load_weights(model: nn.Module, weights: Path | str) -> None:
     if not_tensors:
         raise KpcError(f"weights {path} hold a {type(state[not_tensors[0]]).__name__} at {not_tensors[0]!r}, not a "
                        "tensor: give a state dict of tensors")
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:  # pruning scores, probes and checks would all read NaN: refuse before any of them
+        raise KpcError(f"weights {path} hold non-finite values (NaN or inf) in {not_finite[0]!r}"
+                       f"{f' and {len(not_finite) - 1} more tensors' if len(not_finite) > 1 else ''}: "
+                       "give weights of a trained or freshly initialised model")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

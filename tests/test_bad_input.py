@@ -92,6 +92,21 @@ def test_a_weights_file_with_a_non_tensor_and_a_factory_that_raises(tmp_path):
     assert not out.exists()
 
 
+def test_weights_holding_nan_are_refused_by_name(tmp_path):
+    """A NaN classifier made every group 'unsafe' (13 warnings) and then a misleading budget error."""
+    import torchvision
+
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    weights = tmp_path / "nan.pt"
+    torch.save(state, weights)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--weights", str(weights),
+                                 "--out", str(out)])
+    one_line_exit_2(result, "non-finite values", "'fc.weight'")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("body", "fragment"), [
     ("import sys\nsys.exit(3)\n", "importing"),
     ("import sys\ndef make(num_classes=10):\n    sys.exit('bye')\n", "make() raised SystemExit: bye"),
