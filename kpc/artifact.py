@@ -167,6 +167,8 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None, model_fil
     `model`: a fresh, unpruned instance of the architecture (needed for a user's own
     class); `model_file`: `file.py:factory` the caller trusts (needed for file-built models).
     """
+    if not str(path).strip():
+        raise KpcError("the artifact directory is empty: give the folder kpc prune, train or distill wrote")
     path = Path(path)
     if not path.is_dir():
         raise KpcError(f"{path} is not a kpc artifact directory")
@@ -205,6 +207,9 @@ def open_model(text: str, *, weights: str | Path | None = None, num_classes: int
                input_size: tuple[int, int, int] | None = None, pretrained: bool = False,
                model_file: str | None = None) -> LoadedModel:
     """A model spec string or an artifact directory -> a module ready for work."""
+    if not text.strip():  # Path("") is the current directory: the error would name a directory the user never typed
+        raise KpcError("the model is empty: give torchvision:NAME, timm:NAME, FILE.py:FACTORY or a kpc artifact "
+                       "directory")
     if is_artifact(text):
         if weights is not None or num_classes is not None or input_size is not None or pretrained:
             raise KpcError("--weights, --num-classes, --input-size and --pretrained cannot be used with an artifact: "

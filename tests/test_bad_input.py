@@ -92,6 +92,14 @@ def test_a_weights_file_with_a_non_tensor_and_a_factory_that_raises(tmp_path):
     assert not out.exists()
 
 
+def test_an_empty_model_spec(tmp_path):
+    """'' was read as the current directory: 'kpc: error:  is a directory but not a kpc artifact'."""
+    result = runner.invoke(app, ["prune", "", "--budget-ratio", "0.5", "--out", str(tmp_path / "out")])
+    one_line_exit_2(result, "the model is empty")
+    one_line_exit_2(runner.invoke(app, ["inspect", " "]), "the artifact directory is empty")
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_holding_nan_are_refused_by_name(tmp_path):
     """A NaN classifier made every group 'unsafe' (13 warnings) and then a misleading budget error."""
     import torchvision
