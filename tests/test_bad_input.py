@@ -198,6 +198,16 @@ def test_bench_json_naming_a_directory(artifact, tmp_path):
     one_line_exit_2(result, "is a directory")
 
 
+def test_thread_counts_no_cpu_has_are_refused_before_the_work(artifact, tmp_path):
+    """--threads 10000 ran a bench with hundreds of threads for over 10 minutes."""
+    result = runner.invoke(app, ["bench", SPEC, str(artifact), *SMALL, "--iters", "4", "--threads", "10000"])
+    one_line_exit_2(result, "threads 10000 is more than 1024")
+    out = tmp_path / "t.json"
+    result = runner.invoke(app, ["profile", SPEC, *SMALL, "--threads", "10000", "--out", str(out)])
+    one_line_exit_2(result, "threads 10000 is more than 1024")
+    assert not out.exists()
+
+
 def _table(header: dict | None = None, **fields) -> dict:
     table = {
         "schema": "kpc-latency-table/1",
@@ -295,8 +305,9 @@ def test_resume_of_a_malformed_partial_profile(partial, fragment, tmp_path):
     (["--device", "foo"], "--device 'foo' is not a device"),
     (["--seed", str(2**70)], "--seed"),
     (["--subset", "1"], "--subset must be an integer at least 2"),
-    (["--threads", "0"], "--threads must be an integer at least 1"),
-    (["--threads", "-2"], "--threads must be an integer at least 1"),
+    (["--threads", "0"], "--threads must be an integer between 1 and 1024"),
+    (["--threads", "-2"], "--threads must be an integer between 1 and 1024"),
+    (["--threads", "10000"], "--threads must be an integer between 1 and 1024"),
     (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--batch-size", "1"], "--batch-size"),
 ])

@@ -22,6 +22,9 @@ ModelLike = torch.nn.Module | str | Path
 Arrays = Mapping[str, np.ndarray]
 
 
+MAX_THREADS = 1024  # far above any CPU this runs on; more is a typo
+
+
 def resolve_threads(threads: int | None) -> int:
     """Pin a thread count even when none is asked for, so it is always recorded.
 
@@ -32,6 +35,9 @@ def resolve_threads(threads: int | None) -> int:
         return torch.get_num_threads()
     if threads < 1:
         raise ExporterError(f"threads must be a positive integer, got {threads}; omit it to use the default")
+    if threads > MAX_THREADS:  # 10,000 threads ran a bench for over 10 minutes before anyone noticed the typo
+        raise ExporterError(f"threads {threads} is more than {MAX_THREADS}: pass the cores the model will run on "
+                            "(or omit it for torch's default)")
     return threads
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from exporters.runners.base import MAX_THREADS
 from kpc.artifact import LoadedModel, derived_plan, save_artifact
 from kpc.atomic import check_dir_target, check_writable, output_lock
 from kpc.data import DataSpec, TrainingData, training_data
@@ -111,7 +112,7 @@ class TrainSettings:
         if self.workers is not None:
             _integer(self.workers, "--workers", 0)
         if self.threads is not None:
-            _integer(self.threads, "--threads", 1)
+            _integer(self.threads, "--threads", 1, high=MAX_THREADS)
         _number(self.lr, "--lr", low=0.0, strict=True)
         _number(self.weight_decay, "--weight-decay", low=0.0)
         _number(self.warmup_epochs, "--warmup-epochs", low=0.0)
