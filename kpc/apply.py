@@ -74,7 +74,7 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
     """
     module_names = {id(m): n for n, m in source.named_modules()}
     param_names = {id(p): n for n, p in source.named_parameters()}
-    merged: dict[tuple[str, object], tuple[Any, object, set[int]]] = {}
+    merged: dict[tuple[str, object, int | None], tuple[Any, object, set[int], int | None]] = {}
     grouped_inputs: dict[str, set[int]] = {}
     graph = None
     for tp_group, removed in cuts:
@@ -97,13 +97,15 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
                 grouped_inputs.setdefault(name, set()).update(indices)
                 continue
             kind = "parameter" if isinstance(target, nn.Parameter) else "module"
-            entry = merged.setdefault((f"{kind}:{name}", item.dep.handler), (item.dep.handler, target, set()))
+            dim = getattr(item.dep.target, "pruning_dim", None)  # which axis of a parameter or norm the handler cuts
+            entry = merged.setdefault((f"{kind}:{name}", item.dep.handler, dim),
+                                      (item.dep.handler, target, set(), dim))
             entry[2].update(indices)
     if graph is None:
         return
     parameters = dict(model.named_parameters())
     items, lent = [], []
-    for (key, _handler), (handler, traced, indices) in merged.items():
+    for (key, _handler, _dim), (handler, traced, indices, dim) in merged.items():
         kind, name = key.split(":", 1)
         target = parameters.get(name) if kind == "parameter" else _submodule(model, name)
         if target is None:
@@ -112,13 +114,16 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
         if isinstance(pruner, ChannelwiseBufferPruner) and target not in pruner.buffers:
             pruner.buffers[target] = pruner.buffers[traced]  # its buffers are known by module: lend the copy's
             lent.append((pruner, target))
-        items.append(_Item(_Dep(_Target(target), handler), sorted(indices)))
+        items.append(_Item(_Dep(_Target(target), handler, dim), sorted(indices)))
     grouped_convs = [(_submodule(model, name), sorted(indices)) for name, indices in grouped_inputs.items()]
     try:
         extras = output_extras_of(items, graph.is_out_channel_pruning_fn)
         owners = bare_parameter_owners(model, items)
         for item in items:
             target = item.dep.target.module
+            pruner = getattr(item.dep.handler, "__self__", None)
+            if item.dep.dim is not None and hasattr(pruner, "pruning_dim"):
+                pruner.pruning_dim = item.dep.dim  # as torch-pruning's Dependency.__call__ does: pruners are shared
             if isinstance(target, nn.Parameter):
                 name = next(n for n, p in model.named_parameters() if p is target)
                 owner, _, attribute = name.rpartition(".")
@@ -149,9 +154,10 @@ class _Target:
 
 
 class _Dep:
-    def __init__(self, target: _Target, handler: Callable[..., object]) -> None:
+    def __init__(self, target: _Target, handler: Callable[..., object], dim: int | None = None) -> None:
         self.target = target
         self.handler = handler
+        self.dim = dim
 
 
 class _Item:

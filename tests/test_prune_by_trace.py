@@ -18,6 +18,7 @@ from kpc.pruning import analyse_groups
 from kpc.safety import probe_kept
 
 MODELS = {
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),  # (C, 1, 1) layer scales
     "densenet121": lambda: torchvision.models.densenet121(num_classes=10),  # dense concats
     "ghostnet_100": lambda: timm.create_model("ghostnet_100", num_classes=10),  # concat then slice
     "regnety_008": lambda: timm.create_model("regnety_008", num_classes=10),  # grouped convs, SE
@@ -43,3 +44,13 @@ def test_pruning_by_the_trace_cuts_what_tracing_the_copy_cuts(name):
     assert sum(v.numel() for v in traced.state_dict().values()) < sum(v.numel() for v in model.state_dict().values())
     with torch.no_grad():
         torch.testing.assert_close(traced(example), retraced(example))
+
+
+def test_safety_trials_by_the_trace_keep_layer_scales_prunable():
+    """torch-pruning's pruners are shared and told which axis to cut just before each call; trials that
+    skipped that cut a (C, 1, 1) layer scale along the wrong axis and left every ConvNeXt stream whole."""
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(num_classes=10).eval()
+    _graph, groups = analyse_groups(model, torch.randn(1, 3, 32, 32), round_to=8, min_channels=8)
+    unsafe = [(g.root, g.reason) for g in groups if not g.prunable and g.root != "classifier.2"]
+    assert not unsafe
