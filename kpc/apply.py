@@ -79,17 +79,11 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
     graph = None
     for tp_group, removed in cuts:
         graph = graph or tp_compat.graph_of(tp_group)
-        gone = {int(i) for i in removed}
-        for item in tp_group:
-            roots = getattr(item, "root_idxs", None)
-            if roots is None or len(roots) != len(item.idxs):
-                raise NotTraced("a traced group item has no root indices")
-            indices = {int(i) for i, r in zip(item.idxs, roots, strict=True) if int(r) in gone}
-            if not indices:
-                continue
-            target = item.dep.target.module
-            if tp_compat.is_functional_node(target):
-                continue  # a functional op's stand-in in the source's graph: nothing of the model to prune
+        try:
+            found = list(tp_compat.removals(tp_group, removed))
+        except ValueError as exc:
+            raise NotTraced(str(exc)) from exc
+        for item, target, dim, indices in found:
             name = param_names.get(id(target)) if isinstance(target, nn.Parameter) else module_names.get(id(target))
             if name is None:
                 raise NotTraced(f"{type(target).__name__} of a traced group is not part of the model it was traced on")
@@ -97,7 +91,6 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
                 grouped_inputs.setdefault(name, set()).update(indices)
                 continue
             kind = "parameter" if isinstance(target, nn.Parameter) else "module"
-            dim = getattr(item.dep.target, "pruning_dim", None)  # which axis of a parameter or norm the handler cuts
             entry = merged.setdefault((f"{kind}:{name}", item.dep.handler, dim),
                                       (item.dep.handler, target, set(), dim))
             entry[2].update(indices)
@@ -121,15 +114,11 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
         owners = bare_parameter_owners(model, items)
         for item in items:
             target = item.dep.target.module
-            pruner = getattr(item.dep.handler, "__self__", None)
-            if item.dep.dim is not None and hasattr(pruner, "pruning_dim"):
-                pruner.pruning_dim = item.dep.dim  # as torch-pruning's Dependency.__call__ does: pruners are shared
-            if isinstance(target, nn.Parameter):
+            cut = tp_compat.call_handler(item.dep.handler, target, item.idxs, item.dep.dim)
+            if isinstance(target, nn.Parameter):  # the handler returns a new, smaller parameter
                 name = next(n for n, p in model.named_parameters() if p is target)
                 owner, _, attribute = name.rpartition(".")
-                setattr(model.get_submodule(owner) if owner else model, attribute, item.dep.handler(target, item.idxs))
-            else:
-                item.dep.handler(target, item.idxs)
+                setattr(model.get_submodule(owner) if owner else model, attribute, cut)
     finally:
         for pruner, target in lent:  # a trial's copy must not stay reachable from the source's graph
             pruner.buffers.pop(target, None)

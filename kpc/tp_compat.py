@@ -31,7 +31,12 @@ not public:
    unconditionally (GroupNorm's in 1.6.1); a norm built with `bias=False` (timm's metaformer
    GroupNorm1NoBias) raised inside the prune and its group was left whole. The shared slicing
    helper `BasePruningFunc._prune_parameter_and_grad` passes a missing parameter through.
-6. Nothing else: every other call goes through the public API.
+6. **Cutting a copy by a traced group** (`kpc.apply.prune_by_trace`). Each item of a traced
+   group records the root channel each of its indices came from (`root_idxs`), the axis its
+   handler cuts (its node's `pruning_dim`, which torch-pruning sets on the shared pruner
+   before every call) and, for functional ops, a stand-in module of torch-pruning's own.
+   `removals` and `call_handler` read and use those.
+7. Nothing else: every other call goes through the public API.
 
 `install()` applies (1), (3) and (5); it is called by `kpc.groups.build_graph`, never on import. Each
 function checks that the installed torch-pruning still has what it touches and fails with
@@ -43,7 +48,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -206,6 +211,30 @@ def group_with_items(group: Any, items: Iterable[Any]) -> Any:
     subset._group = list(items)
     subset._DG = group._DG
     return subset
+
+
+def removals(group: Any, removed: Iterable[int]) -> Iterator[tuple[Any, Any, int | None, set[int]]]:
+    """(item, its module or parameter, the axis its handler cuts, its indices) for removing root channels
+    `removed` of a group traced with every root channel; items the cut does not reach and torch-pruning's
+    stand-ins for functional ops are skipped. Raises ValueError for an item without root indices."""
+    gone = {int(i) for i in removed}
+    for item in group:
+        roots = getattr(item, "root_idxs", None)
+        if roots is None or len(roots) != len(item.idxs):
+            raise ValueError("a traced group item has no root indices")
+        indices = {int(i) for i, r in zip(item.idxs, roots, strict=True) if int(r) in gone}
+        target = item.dep.target.module
+        if indices and not is_functional_node(target):
+            yield item, target, getattr(item.dep.target, "pruning_dim", None), indices
+
+
+def call_handler(handler: Any, target: Any, indices: list[int], pruning_dim: int | None) -> Any:
+    """Run a torch-pruning handler on `target` as its Dependency would: the pruner is shared, so it is
+    told the axis first (a (C, 1, 1) layer scale cut along the last axis broke every ConvNeXt stream)."""
+    pruner = getattr(handler, "__self__", None)
+    if pruning_dim is not None and hasattr(pruner, "pruning_dim"):
+        pruner.pruning_dim = pruning_dim
+    return handler(target, indices)
 
 
 def is_functional_node(target: Any) -> bool:
