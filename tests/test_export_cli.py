@@ -162,7 +162,7 @@ def test_incomplete_artifact_is_exit_2(artifacts, tmp_path):
         ([], "nothing to export: pass --onnx, --trt or both"),
         (["--onnx", "--int8"], "--int8 applies to TensorRT engines only"),
         (["--onnx", "--opset", "5"], "--opset 5 is out of range"),
-        (["--onnx", "--atol", "-1"], "--atol must be >= 0"),
+        (["--onnx", "--atol", "-1"], "--atol must be a finite number >= 0"),
     ],
 )
 def test_bad_options_are_exit_2(args, fragment, tmp_path):
