@@ -443,7 +443,8 @@ def load_weights(model: nn.Module, weights: Path | str) -> None:
     except KpcError:
         raise
     except Exception as exc:
-        raise KpcError(f"cannot read weights {path}: {_first_line(exc)}") from exc
+        raise KpcError(f"cannot read weights {path} ({_first_line(exc)}): give a state dict saved with torch.save "
+                       "(.pt/.pth) or a .safetensors file") from exc
     if not isinstance(state, dict):
         raise KpcError(f"weights {path} are not a state dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

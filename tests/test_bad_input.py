@@ -92,6 +92,16 @@ def test_a_weights_file_with_a_non_tensor_and_a_factory_that_raises(tmp_path):
     assert not out.exists()
 
 
+def test_a_weights_file_that_is_text(tmp_path):
+    """torch.load's own words ('KeyError: 101') said nothing about what the file should be."""
+    weights = tmp_path / "weights.txt"
+    weights.write_text("conv1.weight: 0.1, 0.2\n")
+    result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", "--weights", str(weights),
+                                 "--out", str(tmp_path / "out")])
+    one_line_exit_2(result, "give a state dict saved with torch.save")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_model_spec(tmp_path):
     """'' was read as the current directory: 'kpc: error:  is a directory but not a kpc artifact'."""
     result = runner.invoke(app, ["prune", "", "--budget-ratio", "0.5", "--out", str(tmp_path / "out")])
