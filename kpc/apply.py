@@ -7,6 +7,7 @@ every recorded round onto a freshly built architecture) and by the safety probes
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -74,7 +75,8 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
     """
     module_names = {id(m): n for n, m in source.named_modules()}
     param_names = {id(p): n for n, p in source.named_parameters()}
-    merged: dict[tuple[str, object, int | None], tuple[Any, object, set[int], int | None]] = {}
+    # (is a parameter, name, handler, axis) -> (the traced target, indices to remove)
+    merged: dict[tuple[bool, str, Any, int | None], tuple[object, set[int]]] = {}
     grouped_inputs: dict[str, set[int]] = {}
     graph = None
     for tp_group, removed in cuts:
@@ -84,40 +86,38 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
         except ValueError as exc:
             raise NotTraced(str(exc)) from exc
         for item, target, dim, indices in found:
-            name = param_names.get(id(target)) if isinstance(target, nn.Parameter) else module_names.get(id(target))
+            is_parameter = isinstance(target, nn.Parameter)
+            name = (param_names if is_parameter else module_names).get(id(target))
             if name is None:
                 raise NotTraced(f"{type(target).__name__} of a traced group is not part of the model it was traced on")
             if is_grouped_conv_input(item):
                 grouped_inputs.setdefault(name, set()).update(indices)
-                continue
-            kind = "parameter" if isinstance(target, nn.Parameter) else "module"
-            entry = merged.setdefault((f"{kind}:{name}", item.dep.handler, dim),
-                                      (item.dep.handler, target, set(), dim))
-            entry[2].update(indices)
+            else:
+                merged.setdefault((is_parameter, name, item.dep.handler, dim), (target, set()))[1].update(indices)
     if graph is None:
         return
     parameters = dict(model.named_parameters())
-    items, lent = [], []
-    for (key, _handler, _dim), (handler, traced, indices, dim) in merged.items():
-        kind, name = key.split(":", 1)
-        target = parameters.get(name) if kind == "parameter" else _submodule(model, name)
+    cuts_in_copy, lent = [], []
+    for (is_parameter, name, handler, dim), (traced, indices) in merged.items():
+        target = parameters.get(name) if is_parameter else _submodule(model, name)
         if target is None:
-            raise NotTraced(f"the copy has no {kind} {name}")
+            raise NotTraced(f"the copy has no parameter {name}")
         pruner = getattr(handler, "__self__", None)
         if isinstance(pruner, ChannelwiseBufferPruner) and target not in pruner.buffers:
             pruner.buffers[target] = pruner.buffers[traced]  # its buffers are known by module: lend the copy's
             lent.append((pruner, target))
-        items.append(_Item(_Dep(_Target(target), handler, dim), sorted(indices)))
+        cuts_in_copy.append((name if is_parameter else None, target, handler, dim, sorted(indices)))
     grouped_convs = [(_submodule(model, name), sorted(indices)) for name, indices in grouped_inputs.items()]
+    # kpc's helpers read torch-pruning group items: item.dep.target.module, item.dep.handler, item.idxs
+    items = [SimpleNamespace(dep=SimpleNamespace(target=SimpleNamespace(module=target), handler=handler), idxs=idxs)
+             for _name, target, handler, _dim, idxs in cuts_in_copy]
     try:
         extras = output_extras_of(items, graph.is_out_channel_pruning_fn)
         owners = bare_parameter_owners(model, items)
-        for item in items:
-            target = item.dep.target.module
-            cut = tp_compat.call_handler(item.dep.handler, target, item.idxs, item.dep.dim)
-            if isinstance(target, nn.Parameter):  # the handler returns a new, smaller parameter
-                name = next(n for n, p in model.named_parameters() if p is target)
-                owner, _, attribute = name.rpartition(".")
+        for parameter_name, target, handler, dim, idxs in cuts_in_copy:
+            cut = tp_compat.call_handler(handler, target, idxs, dim)
+            if parameter_name is not None:  # the handler returns a new, smaller parameter
+                owner, _, attribute = parameter_name.rpartition(".")
                 setattr(model.get_submodule(owner) if owner else model, attribute, cut)
     finally:
         for pruner, target in lent:  # a trial's copy must not stay reachable from the source's graph
@@ -133,26 +133,6 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name) if name else model
     except AttributeError as exc:
         raise NotTraced(f"the copy has no module {name}") from exc
-
-
-class _Target:
-    """The parts of a torch-pruning node that kpc's per-item helpers read: the module or parameter."""
-
-    def __init__(self, module: object) -> None:
-        self.module = module
-
-
-class _Dep:
-    def __init__(self, target: _Target, handler: Callable[..., object], dim: int | None = None) -> None:
-        self.target = target
-        self.handler = handler
-        self.dim = dim
-
-
-class _Item:
-    def __init__(self, dep: _Dep, idxs: list[int]) -> None:
-        self.dep = dep
-        self.idxs = idxs
 
 
 def cut_heads(graph: tp.DependencyGraph, model: nn.Module, root: str, width: int, kept: Sequence[int],
@@ -274,7 +254,7 @@ def replay(model: nn.Module, rounds: Sequence, input_size: Sequence[int]) -> nn.
     example = example_input(input_size)
     modules = {name for name, _ in model.named_modules()}
     for number, plan_round in enumerate(rounds, 1):
-        missing = [g.root for g in getattr(plan_round, "groups", ()) if g.root not in modules]
+        missing = [g.root for g in plan_round.groups if g.root not in modules]
         if missing:  # a group left whole is not replayed, but inspect and reports read its layer
             raise KpcError(f"replaying pruning round {number}: the plan names a layer {missing[0]!r} that this model "
                            "does not have: the plan belongs to another model")

@@ -224,7 +224,7 @@ def removals(group: Any, removed: Iterable[int]) -> Iterator[tuple[Any, Any, int
             raise ValueError("a traced group item has no root indices")
         indices = {int(i) for i, r in zip(item.idxs, roots, strict=True) if int(r) in gone}
         target = item.dep.target.module
-        if indices and not is_functional_node(target):
+        if indices and not _is_functional_node(target):
             yield item, target, getattr(item.dep.target, "pruning_dim", None), indices
 
 
@@ -237,7 +237,7 @@ def call_handler(handler: Any, target: Any, indices: list[int], pruning_dim: int
     return handler(target, indices)
 
 
-def is_functional_node(target: Any) -> bool:
+def _is_functional_node(target: Any) -> bool:
     """A stand-in module torch-pruning puts in its graph for a functional op (concat, split, add, reshape, ...).
 
     Its pruning handler only updates the stand-in's own bookkeeping; the model holds no such module.
