@@ -17,9 +17,12 @@ not public:
    with a stride guessed from the layers around it. ECA's `(B, C) -> (B, 1, C)` before its
    channel-wise Conv1d and GC's `(B, C, H, W) -> (B, C, H*W)` got strides of C, which blew every
    index list up C-fold: a 2,048-channel group took minutes to trace and was left whole at the
-   time limit. `recording_shapes` notes each traced reshape's output shape; a reshape that only moves
-   singleton dims, or flattens the spatial dims of an NCHW tensor, keeps channel indices as
-   they are and gets no mapping (`kept_channel_reshapes`).
+   time limit. `recording_shapes` notes each traced reshape's output shape (for a reshape made
+   inside another op, such as matmul's, autograd's private `_input_metadata` gives it); a reshape
+   that only adds or drops singleton dims, or keeps the batch and channel dims and refactors the
+   ones after them (`(B, C, H, W) <-> (B, C, H*W)`), keeps channel indices as they are and gets no
+   mapping (`kept_channel_reshapes`). On EfficientViM the guessed strides grew index lists to
+   392,000 entries; with this rule its prune took 10 CPU-seconds instead of 126.
 4. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
    conv subclass (timm's ScaledStdConv2d, Conv2dSame) counted as zero: an NFNet's budget was
    taken over its classifier alone. `count_ops_and_params` lends each subclass its nearest
@@ -36,9 +39,22 @@ not public:
    handler cuts (its node's `pruning_dim`, which torch-pruning sets on the shared pruner
    before every call) and, for functional ops, a stand-in module of torch-pruning's own.
    `removals` and `call_handler` read and use those.
-7. Nothing else: every other call goes through the public API.
+7. **A group's duplicate check by target.** While it traces a group, torch-pruning asks
+   `Group.has_pruning_op` whether an item is already there before every step into a visited
+   node, and that method scans the whole item list comparing index lists: quadratic in the
+   group's size. On an attention model (EfficientViM at 224) 130,000 such scans took 90 of a
+   prune's 120 CPU-seconds. `_index_duplicate_checks` answers the same question from a set of
+   (node, handler, indices) keys kept as items are added (nodes compare by identity, handlers
+   and index tuples by value, as the scan compares them).
+8. **Splits and concats along another axis.** torch-pruning maps a split or concat as a cut of
+   the channels unless autograd saved a dim other than 1, and a negative dim is saved as a huge
+   unsigned number, so a gated token MLP's `chunk(2, dim=-1)` of `(B, C, N)` passed as a channel
+   split and shifted a group's indices on every pass round the residual stream (gMixer: every
+   group at its time limit). `kpc.axes.CutAxes` watches the traced forward pass through
+   `recording_shapes` and the split and concat mappings skip the cuts it marks.
+9. Nothing else: every other call goes through the public API.
 
-`install()` applies (1), (3) and (5); it is called by `kpc.groups.build_graph`, never on import. Each
+`install()` applies (1), (3), (5), (7) and (8); it is called by `kpc.groups.build_graph`, never on import. Each
 function checks that the installed torch-pruning still has what it touches and fails with
 one line naming the tested versions when it does not.
 """
@@ -46,6 +62,7 @@ one line naming the tested versions when it does not.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +84,7 @@ RESHAPE_NODE = re.compile(r"view|reshape", re.IGNORECASE)  # the autograd nodes 
 _failures: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 _shapes: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 _kept: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_other_axis_cuts: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
 _installed = False
 
 
@@ -98,9 +116,50 @@ def install() -> None:
         if not getattr(function, "__kpc_tolerant__", False):
             if name == "update_reshape_index_mapping":
                 function = _unless_channels_kept(function)
+            elif name in ("update_split_index_mapping", "update_concat_index_mapping"):
+                function = _unless_other_axis(function)
             setattr(index_mapping, name, _tolerant(function))
     _pass_missing_parameters()
+    _index_duplicate_checks()
     _installed = True
+
+
+def _index_duplicate_checks() -> None:
+    """Answer `Group.has_pruning_op` from the items of the same node instead of scanning them all."""
+    try:
+        from torch_pruning.dependency.group import Group
+    except ImportError as exc:
+        raise _incompatible("torch_pruning.dependency.group.Group") from exc
+    scan = getattr(Group, "has_pruning_op", None)
+    replace = getattr(Group, "__setitem__", None)
+    if not callable(scan) or not callable(replace):
+        raise _incompatible("Group.has_pruning_op and Group.__setitem__")
+    if getattr(scan, "__kpc_indexed__", False):
+        return
+
+    def has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
+        items = self.__dict__.get("_group")
+        if not isinstance(items, list):
+            return scan(self, dep, idxs)
+        index = self.__dict__.get("_kpc_item_keys")
+        if index is None or index[0] is not items or index[1] > len(items):
+            index = [items, 0, set()]  # the list was replaced or shrank: index it again
+            self.__dict__["_kpc_item_keys"] = index
+        keys = index[2]
+        for item_dep, item_idxs in items[index[1]:]:
+            keys.add((id(item_dep.target), item_dep.handler, tuple(item_idxs)))
+        index[1] = len(items)
+        return (id(dep.target), dep.handler, tuple(idxs)) in keys
+
+    def setitem(self: Any, key: Any, value: Any) -> None:
+        self.__dict__.pop("_kpc_item_keys", None)  # an item changed in place: index again on next use
+        replace(self, key, value)
+
+    has_pruning_op.__kpc_indexed__ = True  # type: ignore[attr-defined]
+    has_pruning_op.__wrapped__ = scan  # type: ignore[attr-defined]
+    setitem.__wrapped__ = replace  # type: ignore[attr-defined]
+    Group.has_pruning_op = has_pruning_op
+    Group.__setitem__ = setitem
 
 
 def _pass_missing_parameters() -> None:
@@ -138,31 +197,58 @@ def _unless_channels_kept(update: Callable[[Any, Any], Any]) -> Callable[[Any, A
 
 
 def _keeps_channels(graph: Any, node: Any) -> bool:
-    """A reshape that leaves every channel index where it was: singleton dims moved, or NCHW's H, W flattened."""
-    shapes = _shapes.get(graph)
-    grad_fn = getattr(node, "grad_fn", None)
-    if not shapes or grad_fn is None or grad_fn not in shapes:
+    """A reshape that leaves every channel index where it was.
+
+    Two kinds: one that only adds or drops singleton dims (`(C,) -> (1, C, 1)`), and one that keeps
+    the batch and channel dims and refactors the dims after them (`(B, C, H, W) -> (B, C, H*W)` and
+    back). torch-pruning would map both as flattens with a stride guessed from neighbouring layers:
+    on an attention model that guess fed index lists hundreds of times longer than any channel
+    count back into the trace, which then ran until its time limit.
+    """
+    sizes = _reshape_sizes(graph, node)
+    if sizes is None:
         return False
+    before, after = sizes
+    if [d for d in before if d != 1] == [d for d in after if d != 1]:
+        return True
+    return (len(before) >= 3 and len(after) >= 3 and before[:2] == after[:2]
+            and math.prod(before[2:]) == math.prod(after[2:]))
+
+
+def _reshape_sizes(graph: Any, node: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """A traced reshape's input and output sizes, or None where autograd did not keep them.
+
+    The output size comes from the shapes recorded while tracing, or, for a reshape made inside
+    another op (matmul reshapes its operands where no torch function sees it), from the autograd
+    node's private `_input_metadata` (the shape of the gradient it takes in: its output's).
+    """
+    grad_fn = getattr(node, "grad_fn", None)
+    if grad_fn is None:
+        return None
     before = getattr(grad_fn, "_saved_self_sym_sizes", None) or getattr(grad_fn, "_saved_self_sizes", None)
     if before is None:
-        return False
-    before, after = tuple(int(d) for d in before), shapes[grad_fn]
-    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
-        return False
-    if [d for d in before[1:] if d != 1] == [d for d in after[1:] if d != 1]:
-        return True
-    return len(before) == 4 and len(after) == 3 and after[1] == before[1] and after[2] == before[2] * before[3]
+        return None
+    after = _shapes.get(graph, {}).get(grad_fn)
+    if after is None:
+        metadata = getattr(grad_fn, "_input_metadata", None)
+        if not metadata or not hasattr(metadata[0], "shape"):
+            return None
+        after = metadata[0].shape
+    return tuple(int(d) for d in before), tuple(int(d) for d in after)
 
 
 class _ShapeRecorder(TorchFunctionMode):
     """A torch function mode noting the output shape of every reshape autograd records during tracing."""
 
-    def __init__(self, shapes: dict[Any, tuple[int, ...]]) -> None:
+    def __init__(self, shapes: dict[Any, tuple[int, ...]], watcher: Any = None) -> None:
         super().__init__()
         self.shapes = shapes
+        self.watcher = watcher
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
+        if self.watcher is not None:
+            self.watcher.observe(func, args, kwargs or {}, result)
         for tensor in result if isinstance(result, (tuple, list)) else (result,):
             grad_fn = tensor.grad_fn if isinstance(tensor, torch.Tensor) else None
             if grad_fn is not None and RESHAPE_NODE.search(type(grad_fn).__name__):  # only reshapes are asked about
@@ -170,11 +256,24 @@ class _ShapeRecorder(TorchFunctionMode):
         return result
 
 
-def recording_shapes(graph: Any) -> Any:
-    """Context for `graph.build_dependency(...)`: keeps the traced reshapes' shapes for the reshape mapping."""
+def recording_shapes(graph: Any, cut_axes: Any = None) -> Any:
+    """Context for `graph.build_dependency(...)`: keeps the traced reshapes' shapes for the reshape mapping,
+    and lets `cut_axes` (a `kpc.axes.CutAxes`) tell the splits and concats that do not cut the channels."""
     shapes: dict[Any, tuple[int, ...]] = {}
     _shapes[graph] = shapes
-    return _ShapeRecorder(shapes)
+    if cut_axes is not None:
+        _other_axis_cuts[graph] = cut_axes.other_axis
+    return _ShapeRecorder(shapes, cut_axes)
+
+
+def _unless_other_axis(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def wrapper(graph: Any, node: Any) -> Any:
+        if getattr(node, "grad_fn", None) in _other_axis_cuts.get(graph, ()):
+            return None  # a cut along tokens or space: every piece carries all the channels, indices unchanged
+        return update(graph, node)
+
+    wrapper.__wrapped__ = update  # type: ignore[attr-defined]
+    return wrapper
 
 
 def kept_channel_reshapes(graph: Any) -> set[str]:

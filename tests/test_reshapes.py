@@ -110,3 +110,20 @@ def test_token_mixing_linears_are_found_and_the_channels_pass_through_them(tmp_p
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(reloaded(x), result.model(x))
+
+
+def test_an_attention_model_whose_views_refactor_the_spatial_dims_traces_every_group():
+    """EfficientViM views `(B, C, H*W) <-> (B, C, H, W)` and its attention biases `(N,) -> (1, N, 1)`.
+
+    torch-pruning mapped those views as flattens with strides guessed from nearby layers, so
+    index lists grew past 390,000 entries: 36 of 45 groups hit their time limit (120 s in all).
+    """
+    import timm
+
+    model = timm.create_model("efficientvim_m1", num_classes=10).eval()
+    graph = build_graph(model, torch.randn(1, 3, 64, 64))
+    groups = discover_groups(model, graph)
+    assert not [g.reason for g in groups if "traced" in (g.reason or "")], "every group traced in time"
+    widest_layer = max(max(getattr(m, "out_channels", 0), getattr(m, "out_features", 0)) for m in model.modules())
+    assert max(len(item.idxs) for g in groups if g.tp_group for item in g.tp_group) <= widest_layer
+    assert sum(g.prunable for g in groups) >= 10, {g.root: g.reason for g in groups}
