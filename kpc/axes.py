@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 WALK_LIMIT = 8  # autograd nodes followed back from a layer's input to the transpose that fed it
@@ -120,6 +121,67 @@ def lengthwise_linears(model: nn.Module, example: torch.Tensor) -> list[nn.Modul
     return lengthwise
 
 
+class CutAxes:
+    """Watches the traced forward pass for splits and concats along an axis that is not the channels.
+
+    torch-pruning maps every split and concat as a cut of the channels unless autograd saved
+    a dim other than 1, and autograd saves a negative dim as a huge unsigned number, so a
+    `chunk(2, dim=-1)` passes as a channel split. A gated token-mixing MLP (gMLP, gMixer)
+    chunks `(B, C, N)` along its tokens; mapped as a channel split, every pass round the
+    residual stream shifted the group's indices by half the tokens, and the trace ran until its
+    time limit. `observe` sees each op with its inputs while torch-pruning traces; a split or
+    concat that surely does not cut the channels (along the batch, a token axis, or the middle
+    spatial dim of a 4-D tensor) is noted in `other_axis`, and its channels pass through whole.
+    Where the layout is ambiguous, torch-pruning's mapping stands.
+    """
+
+    def __init__(self, lengthwise: list[nn.Module]) -> None:
+        self._lengthwise_weights = {id(m.weight) for m in lengthwise if isinstance(m, nn.Linear)}
+        self._lengthwise_outputs: set[Any] = set()
+        self._layer_outputs: set[Any] = set()
+        self.other_axis: set[Any] = set()  # autograd nodes of the splits and concats that keep every channel
+
+    def observe(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        if func is F.linear and len(args) >= 2 and isinstance(result, torch.Tensor) and result.grad_fn is not None:
+            outputs = self._lengthwise_outputs if id(args[1]) in self._lengthwise_weights else self._layer_outputs
+            outputs.add(result.grad_fn)
+            return
+        first = result[0] if isinstance(result, (tuple, list)) and result else result
+        grad_fn = first.grad_fn if isinstance(first, torch.Tensor) else None
+        name = type(grad_fn).__name__
+        if name.startswith(("SplitBackward", "SplitWithSizesBackward")):
+            sources = args[:1] if args else (kwargs.get("input"),)
+        elif name.startswith("CatBackward"):
+            sources = tuple(args[0] if args else kwargs.get("tensors", ()))
+        else:
+            return
+        dim = getattr(grad_fn, "_saved_dim", None)
+        if dim is None or first.ndim < 2:
+            return
+        inputs = [s.grad_fn for s in sources if isinstance(s, torch.Tensor)]
+        if not self._cuts_channels(_signed(int(dim)) % first.ndim, first.ndim, inputs):
+            self.other_axis.add(grad_fn)
+
+    def _cuts_channels(self, dim: int, ndim: int, inputs: list[Any]) -> bool:
+        """False only where the cut is surely not along the channels, whichever layout the tensor has."""
+        if dim == 0:
+            return False
+        if ndim == 4:
+            return dim != 2  # H in NCHW and W in NHWC; dims 1 and 3 are the channels in one layout or the other
+        if ndim != 3:
+            return True
+        channels_first = bool(inputs) and all(
+            g is not None and (_reads_another_axis(g, ndim, self._lengthwise_outputs, self._layer_outputs)
+                               or _flattened_from_nchw(g) or _is_flatten_of_nchw(g)) for g in inputs)
+        return _is_channel_axis(dim, ndim, channels_first)
+
+
+def _is_flatten_of_nchw(grad_fn: Any) -> bool:
+    """Whether the node itself reshapes a 4-D tensor (into the 3-D one being cut)."""
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    return RESHAPE.search(type(grad_fn).__name__) is not None and sizes is not None and len(sizes) == 4
+
+
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.LSTM)
 
@@ -142,4 +204,4 @@ def nchw_bare_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return found
 
 
-__all__ = ["channel_axis_convs", "lengthwise_linears", "nchw_bare_parameters"]
+__all__ = ["CutAxes", "channel_axis_convs", "lengthwise_linears", "nchw_bare_parameters"]

@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kpc import tp_compat
-from kpc.axes import channel_axis_convs, lengthwise_linears, nchw_bare_parameters
+from kpc.axes import CutAxes, channel_axis_convs, lengthwise_linears, nchw_bare_parameters
 from kpc.channel_state import channelwise_pruners
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
@@ -126,13 +126,14 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
     tp_compat.install()
     pruners = channelwise_pruners(model, example)
-    lengthwise = [*channel_axis_convs(model), *lengthwise_linears(model, example)]
+    lengthwise_layers = lengthwise_linears(model, example)
+    lengthwise = [*channel_axis_convs(model), *lengthwise_layers]
     bare = nchw_bare_parameters(model)
     per_head = per_head_parameters(model)
 
     def build(ignored: list[nn.Module]) -> tp.DependencyGraph:
         graph = tp.DependencyGraph()
-        with tp_compat.recording_shapes(graph):
+        with tp_compat.recording_shapes(graph, CutAxes(lengthwise_layers)):
             return graph.build_dependency(model, example_inputs=example, verbose=False,
                                           ignored_layers=[*lengthwise, *ignored], customized_pruners=pruners,
                                           unwrapped_parameters=bare, ignored_params=per_head)

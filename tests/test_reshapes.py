@@ -112,6 +112,54 @@ def test_token_mixing_linears_are_found_and_the_channels_pass_through_them(tmp_p
         assert torch.equal(reloaded(x), result.model(x))
 
 
+class GatedMixer(nn.Module):
+    """A gated token MLP (chunk along the tokens of `(B, C, N)`) beside a gated channel MLP (chunk along C).
+
+    Both chunks use `dim=-1`, which autograd saves as an unsigned 2**64 - 1; one cuts tokens, the
+    other channels. With 32 hidden tokens and 32 hidden channels, the sizes alone cannot tell them apart.
+    """
+
+    def __init__(self, dim: int = 32, tokens: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.tokens_fc1 = nn.Linear(tokens, 2 * dim)
+        self.tokens_fc2 = nn.Linear(dim, tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.channels_fc1 = nn.Linear(dim, 2 * dim)
+        self.channels_fc2 = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
+        gate, value = self.tokens_fc1(self.norm1(x).transpose(1, 2)).chunk(2, dim=-1)
+        x = x + self.tokens_fc2(torch.sigmoid(gate) * value).transpose(1, 2)
+        gate, value = self.channels_fc1(self.norm2(x)).chunk(2, dim=-1)
+        x = x + self.channels_fc2(torch.nn.functional.silu(gate) * value)
+        return self.head(x.mean(1))
+
+
+def test_a_chunk_along_the_tokens_passes_the_channels_and_a_chunk_along_the_channels_cuts_them(tmp_path):
+    model = GatedMixer().eval()
+    example = torch.randn(1, 3, 16, 16)
+    groups = discover_groups(model, build_graph(model, example))
+    stream = next(g for g in groups if "stem" in g.layers)
+    assert stream.prunable and stream.width == 32, stream
+    assert {"channels_fc1<", "channels_fc2", "head<", "norm1", "norm2"} <= set(stream.layers), stream.layers
+    assert max(len(item.idxs) for item in stream.tp_group) == 32, "no index shifted past the stream's channels"
+    result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.6), importance="magnitude",
+                       round_to=8, min_channels=8)
+    assert {g.root for g in result.round.groups if not g.prunable} == {"head"}, \
+        {g.root: g.reason for g in result.round.groups}
+    child = result.model
+    assert child.tokens_fc1.in_features == 16 and child.tokens_fc2.out_features == 16, "the token axis is never cut"
+    assert child.channels_fc1.out_features == 2 * child.channels_fc2.in_features, "both halves of the gate cut alike"
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=GatedMixer())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), child(x))
+
+
 def test_an_attention_model_whose_views_refactor_the_spatial_dims_traces_every_group():
     """EfficientViM views `(B, C, H*W) <-> (B, C, H, W)` and its attention biases `(N,) -> (1, N, 1)`.
 
