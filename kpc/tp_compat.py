@@ -43,9 +43,9 @@ not public:
    `Group.has_pruning_op` whether an item is already there before every step into a visited
    node, and that method scans the whole item list comparing index lists: quadratic in the
    group's size. On an attention model (EfficientViM at 224) 130,000 such scans took 90 of a
-   prune's 120 CPU-seconds. `_index_duplicate_checks` answers the same question from a set of
-   (node, handler, indices) keys kept as items are added (nodes compare by identity, handlers
-   and index tuples by value, as the scan compares them).
+   prune's 120 CPU-seconds. `_index_duplicate_checks` compares the index lists of the items with
+   the same node and handler only, kept in a dict as items are added (nodes by identity, handlers
+   by value, index lists by `==`, as the scan compares them).
 8. **Splits and concats along another axis.** torch-pruning maps a split or concat as a cut of
    the channels unless autograd saved a dim other than 1, and a negative dim is saved as a huge
    unsigned number, so a gated token MLP's `chunk(2, dim=-1)` of `(B, C, N)` passed as a channel
@@ -141,18 +141,18 @@ def _index_duplicate_checks() -> None:
         items = self.__dict__.get("_group")
         if not isinstance(items, list):
             return scan(self, dep, idxs)
-        index = self.__dict__.get("_kpc_item_keys")
+        index = self.__dict__.get("_kpc_item_index")
         if index is None or index[0] is not items or index[1] > len(items):
-            index = [items, 0, set()]  # the list was replaced or shrank: index it again
-            self.__dict__["_kpc_item_keys"] = index
-        keys = index[2]
+            index = [items, 0, {}]  # the list was replaced or shrank: index it again
+            self.__dict__["_kpc_item_index"] = index
+        by_target = index[2]
         for item_dep, item_idxs in items[index[1]:]:
-            keys.add((id(item_dep.target), item_dep.handler, tuple(item_idxs)))
+            by_target.setdefault((id(item_dep.target), item_dep.handler), []).append(item_idxs)
         index[1] = len(items)
-        return (id(dep.target), dep.handler, tuple(idxs)) in keys
+        return any(known == idxs for known in by_target.get((id(dep.target), dep.handler), ()))
 
     def setitem(self: Any, key: Any, value: Any) -> None:
-        self.__dict__.pop("_kpc_item_keys", None)  # an item changed in place: index again on next use
+        self.__dict__.pop("_kpc_item_index", None)  # an item changed in place: index again on next use
         replace(self, key, value)
 
     has_pruning_op.__kpc_indexed__ = True  # type: ignore[attr-defined]
