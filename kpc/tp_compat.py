@@ -22,7 +22,11 @@ not public:
    that only adds or drops singleton dims, or keeps the batch and channel dims and refactors the
    ones after them (`(B, C, H, W) <-> (B, C, H*W)`), keeps channel indices as they are and gets no
    mapping (`kept_channel_reshapes`). On EfficientViM the guessed strides grew index lists to
-   392,000 entries; with this rule its prune took 10 CPU-seconds instead of 126.
+   392,000 entries; with this rule its prune took 10 CPU-seconds instead of 126. A stride is
+   right only for a flatten of `(B, C, H, W)` into `(B, C*H*W)` (or back); where torch-pruning
+   guesses one for any other view (Swin's relative position bias, attention maps merged into
+   the batch), it is undone and the view recorded as unmappable, so its groups stay whole with
+   the reason (swin_v2_b: 135 CPU-seconds to refuse, 27 to prune).
 4. **MACs of layer subclasses.** torch-pruning's counter matches a module's exact type, so a
    conv subclass (timm's ScaledStdConv2d, Conv2dSame) counted as zero: an NFNet's budget was
    taken over its classifier alone. `count_ops_and_params` lends each subclass its nearest
@@ -190,10 +194,34 @@ def _unless_channels_kept(update: Callable[[Any, Any], Any]) -> Callable[[Any, A
         if _keeps_channels(graph, node):
             _kept.setdefault(graph, set()).add(str(getattr(node, "name", node)))
             return None
-        return update(graph, node)
+        before = _mappings_around(node)
+        result = update(graph, node)
+        guessed = [dep for dep, mapping in _mappings_around(node).items() if mapping is not before.get(dep)]
+        sizes = _reshape_sizes(graph, node)
+        if guessed and sizes is not None and not _flattens_channels(*sizes):
+            for dep in guessed:  # a stride guessed for a view that is no flatten of NCHW channels: undo it
+                dep.index_mapping[0] = before.get(dep)
+            _failures.setdefault(graph, {})[node] = (f"view {sizes[0]} -> {sizes[1]} at {getattr(node, 'name', node)} "
+                                                     "moves the channels in a way kpc cannot map")
+        return result
 
     wrapper.__wrapped__ = update  # type: ignore[attr-defined]
     return wrapper
+
+
+def _mappings_around(node: Any) -> dict[Any, Any]:
+    """The first index mapping of every dependency into and out of `node` (the slot reshape mapping sets)."""
+    deps = list(getattr(node, "dependencies", ()))
+    for neighbour in (*getattr(node, "inputs", ()), *getattr(node, "outputs", ())):
+        deps.extend(dep for dep in getattr(neighbour, "dependencies", ()) if dep.target is node)
+    return {dep: dep.index_mapping[0] for dep in deps if getattr(dep, "index_mapping", None)}
+
+
+def _flattens_channels(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether a view flattens `(B, C, H, W)` into `(B, C*H*W)` or unflattens it: the one reshape whose channel
+    mapping torch-pruning's stride describes (channel c owns the H*W entries from c*H*W)."""
+    flat, grid = (before, after) if len(before) == 2 else (after, before)
+    return len(flat) == 2 and len(grid) == 4 and flat[0] == grid[0] and flat[1] == math.prod(grid[1:])
 
 
 def _keeps_channels(graph: Any, node: Any) -> bool:

@@ -175,3 +175,39 @@ def test_an_attention_model_whose_views_refactor_the_spatial_dims_traces_every_g
     widest_layer = max(max(getattr(m, "out_channels", 0), getattr(m, "out_features", 0)) for m in model.modules())
     assert max(len(item.idxs) for g in groups if g.tp_group for item in g.tp_group) <= widest_layer
     assert sum(g.prunable for g in groups) >= 10, {g.root: g.reason for g in groups}
+
+
+def test_a_view_that_is_no_flatten_of_the_channels_leaves_its_groups_whole_with_the_reason():
+    """torch-pruning gives any view whose neighbours' widths differ a flatten stride.
+
+    Swin's relative position bias goes `(2401, heads) -> (49, 49, heads)`; a guessed stride
+    mapped it (and on swin_v2_b made index lists 32-fold longer: 120 of a 135 s prune). Such a
+    view is reported and the groups through it stay whole; a true flatten keeps its mapping.
+    """
+    import torchvision
+
+    model = torchvision.models.swin_t(num_classes=10).eval()
+    groups = discover_groups(model, build_graph(model, torch.randn(1, 3, 64, 64)))
+    unmapped = [g for g in groups if "moves the channels in a way kpc cannot map" in (g.reason or "")]
+    assert unmapped and all(not g.prunable for g in unmapped), {g.root: g.reason for g in groups}
+    assert "(2401, 24) -> (49, 49, 24)" in unmapped[0].reason
+    assert sum(g.prunable for g in groups) >= len(groups) - 2, "the other groups are still followed"
+
+
+class FlattenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+def test_a_flatten_of_nchw_channels_keeps_its_stride():
+    model = FlattenHead().eval()
+    groups = {g.root: g for g in discover_groups(model, build_graph(model, torch.randn(1, 3, 4, 4)))}
+    conv = groups["conv"]
+    assert conv.prunable and "fc<" in conv.layers, conv
+    fc_input = next(item for item in conv.tp_group if item.dep.target.module is model.fc)
+    assert sorted(fc_input.idxs) == list(range(128)), "each channel owns its 16 flattened features"
