@@ -65,6 +65,7 @@ one line naming the tested versions when it does not.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import re
@@ -128,14 +129,22 @@ def install() -> None:
     _installed = True
 
 
+def _torch_pruning_attribute(module: str, name: str) -> Any:
+    """`module.name` from torch-pruning, or the one-line incompatibility error naming it."""
+    try:
+        value = getattr(importlib.import_module(module), name, None)
+    except ImportError as exc:
+        raise _incompatible(module) from exc
+    if value is None:
+        raise _incompatible(f"{module}.{name}")
+    return value
+
+
 def _index_duplicate_checks() -> None:
     """Answer `Group.has_pruning_op` from the items of the same node instead of scanning them all."""
-    try:
-        from torch_pruning.dependency.group import Group
-    except ImportError as exc:
-        raise _incompatible("torch_pruning.dependency.group.Group") from exc
-    scan = getattr(Group, "has_pruning_op", None)
-    replace = getattr(Group, "__setitem__", None)
+    group_class = _torch_pruning_attribute("torch_pruning.dependency.group", "Group")
+    scan = getattr(group_class, "has_pruning_op", None)
+    replace = getattr(group_class, "__setitem__", None)
     if not callable(scan) or not callable(replace):
         raise _incompatible("Group.has_pruning_op and Group.__setitem__")
     if getattr(scan, "__kpc_indexed__", False):
@@ -162,17 +171,13 @@ def _index_duplicate_checks() -> None:
     has_pruning_op.__kpc_indexed__ = True  # type: ignore[attr-defined]
     has_pruning_op.__wrapped__ = scan  # type: ignore[attr-defined]
     setitem.__wrapped__ = replace  # type: ignore[attr-defined]
-    Group.has_pruning_op = has_pruning_op
-    Group.__setitem__ = setitem
+    group_class.has_pruning_op = has_pruning_op
+    group_class.__setitem__ = setitem
 
 
 def _pass_missing_parameters() -> None:
     """Let torch-pruning's parameter slicing return None for a parameter the layer does not have."""
-    try:
-        from torch_pruning.pruner import function
-    except ImportError as exc:
-        raise _incompatible("torch_pruning.pruner.function") from exc
-    base = getattr(function, "BasePruningFunc", None)
+    base = _torch_pruning_attribute("torch_pruning.pruner.function", "BasePruningFunc")
     slicing = getattr(base, "_prune_parameter_and_grad", None)
     if not callable(slicing):
         raise _incompatible("pruner.function.BasePruningFunc._prune_parameter_and_grad")
