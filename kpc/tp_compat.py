@@ -281,7 +281,10 @@ class _ShapeRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         if self.watcher is not None:
-            self.watcher.observe(func, args, kwargs or {}, result)
+            try:
+                self.watcher.observe(func, args, kwargs or {}, result)
+            except Exception as exc:  # an op the watcher cannot read keeps torch-pruning's own mapping
+                log.debug("cut-axis check skipped %s: %s: %s", getattr(func, "__name__", func), type(exc).__name__, exc)
         for tensor in result if isinstance(result, (tuple, list)) else (result,):
             grad_fn = tensor.grad_fn if isinstance(tensor, torch.Tensor) else None
             if grad_fn is not None and RESHAPE_NODE.search(type(grad_fn).__name__):  # only reshapes are asked about
