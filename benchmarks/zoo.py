@@ -1,7 +1,7 @@
 """Zoo sweep: every torchvision classifier and one model of every timm family, as a new user would run them.
 
 For each model, in its own subprocess with a time limit, at a small input the model
-accepts (64x64, else the model's own size):
+accepts (64x64, else 224x224, else the model's own size):
 
     kpc prune SPEC --budget-ratio 0.5 --data synthetic ...   then   kpc.load + forward   then   kpc export --onnx
 
@@ -48,6 +48,7 @@ from _record import append_results
 
 ROOT = Path(__file__).resolve().parents[1]
 KPC = [sys.executable, "-m", "kpc"]
+FALLBACK_SIZE = 224  # the second input size tried, before the model's own
 WHOLE_BY_DESIGN = ("network output", "at or below --min-channels")
 CHECK = r'''
 import sys, torch, kpc
@@ -145,8 +146,8 @@ def one_line_error(err: str) -> bool:
 
 
 def sweep_one(spec: str, args: argparse.Namespace, env: dict[str, str], work: Path) -> Outcome:
-    size = args.size
-    for attempt in range(2):
+    sizes = list(dict.fromkeys([args.size, FALLBACK_SIZE, native_size(spec)]))
+    for attempt, size in enumerate(sizes):
         out = work / f"{re.sub(r'[^a-z0-9]+', '-', spec.lower())}-{size}"
         prune = [*KPC, "prune", spec, "--budget-ratio", "0.5", "--data", "synthetic", "--calib-batches", "1",
                  "--calib-batch-size", "2", "--num-classes", "10", "--input-size", f"3x{size}x{size}",
@@ -156,12 +157,11 @@ def sweep_one(spec: str, args: argparse.Namespace, env: dict[str, str], work: Pa
         if code is None:
             outcome.verdict, outcome.detail = "hang", f"prune ran past {args.limit_s} s"
             return outcome
-        if code == 2 and attempt == 0:
-            # any refusal at the small size is tried again at the model's own (a fixed patch grid, a large
-            # stride: vit_h_14 refused 64x64 as "indivisible by patch size", a message the old check missed)
-            size = native_size(spec)
-            if size != args.size:
-                continue
+        if code == 2 and attempt + 1 < len(sizes):
+            # any refusal at the small size is tried again at 224, then at the model's own (a fixed patch grid,
+            # a large stride: vit_h_14 refused 64x64 as "indivisible by patch size"); deepseek_vit_412m's own
+            # 546x546 made a 412M-parameter prune a hang where 224 is accepted
+            continue
         if code == 2 and one_line_error(err):
             outcome.verdict, outcome.detail = "refused", err.strip().splitlines()[-1].removeprefix("kpc: error: ")
             return outcome
