@@ -45,13 +45,16 @@ def _inputs(grad_fn: Any) -> list[Any]:
     return [f for f, _ in grad_fn.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
 
 
+def _reshapes_4d(grad_fn: Any) -> bool:
+    """Whether the autograd node is a reshape of a 4-D tensor."""
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    return RESHAPE.search(type(grad_fn).__name__) is not None and sizes is not None and len(sizes) == 4
+
+
 def _flattened_from_nchw(grad_fn: Any) -> bool:
     """Whether a tensor came straight from a reshape of a 4-D tensor (a patch embedding's `flatten(2)`)."""
     sources = _inputs(grad_fn)
-    if len(sources) != 1 or not RESHAPE.search(type(sources[0]).__name__):
-        return False
-    sizes = getattr(sources[0], "_saved_self_sym_sizes", None)
-    return sizes is not None and len(sizes) == 4
+    return len(sources) == 1 and _reshapes_4d(sources[0])
 
 
 def _reads_another_axis(grad_fn: Any, ndim: int, lengthwise_outputs: set[Any], layer_outputs: set[Any],
@@ -172,14 +175,8 @@ class CutAxes:
             return True
         channels_first = bool(inputs) and all(
             g is not None and (_reads_another_axis(g, ndim, self._lengthwise_outputs, self._layer_outputs)
-                               or _flattened_from_nchw(g) or _is_flatten_of_nchw(g)) for g in inputs)
+                               or _reshapes_4d(g) or _flattened_from_nchw(g)) for g in inputs)
         return _is_channel_axis(dim, ndim, channels_first)
-
-
-def _is_flatten_of_nchw(grad_fn: Any) -> bool:
-    """Whether the node itself reshapes a 4-D tensor (into the 3-D one being cut)."""
-    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
-    return RESHAPE.search(type(grad_fn).__name__) is not None and sizes is not None and len(sizes) == 4
 
 
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,

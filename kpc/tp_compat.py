@@ -196,13 +196,13 @@ def _pass_missing_parameters() -> None:
 
 def _unless_channels_kept(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def wrapper(graph: Any, node: Any) -> Any:
-        if _keeps_channels(graph, node):
+        sizes = _reshape_sizes(graph, node)
+        if sizes is not None and _keeps_channels(*sizes):
             _kept.setdefault(graph, set()).add(str(getattr(node, "name", node)))
             return None
         before = _mappings_around(node)
         result = update(graph, node)
         guessed = [dep for dep, mapping in _mappings_around(node).items() if mapping is not before.get(dep)]
-        sizes = _reshape_sizes(graph, node)
         if guessed and sizes is not None and not _flattens_channels(*sizes):
             for dep in guessed:  # a stride guessed for a view that is no flatten of NCHW channels: undo it
                 dep.index_mapping[0] = before.get(dep)
@@ -229,7 +229,7 @@ def _flattens_channels(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     return len(flat) == 2 and len(grid) == 4 and flat[0] == grid[0] and flat[1] == math.prod(grid[1:])
 
 
-def _keeps_channels(graph: Any, node: Any) -> bool:
+def _keeps_channels(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     """A reshape that leaves every channel index where it was.
 
     Two kinds: one that only adds or drops singleton dims (`(C,) -> (1, C, 1)`), and one that keeps
@@ -238,10 +238,6 @@ def _keeps_channels(graph: Any, node: Any) -> bool:
     on an attention model that guess fed index lists hundreds of times longer than any channel
     count back into the trace, which then ran until its time limit.
     """
-    sizes = _reshape_sizes(graph, node)
-    if sizes is None:
-        return False
-    before, after = sizes
     if [d for d in before if d != 1] == [d for d in after if d != 1]:
         return True
     return (len(before) >= 3 and len(after) >= 3 and before[:2] == after[:2]
