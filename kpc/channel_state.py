@@ -16,7 +16,14 @@ and a model holding either broke in its forward pass once pruned, so its groups 
   `customized_pruners` hook) that slices their buffers and channel-count attributes, so the
   module joins the group of the channels it carries.
 
-Both are detected from what a module holds and how it is called, never from its class name.
+- **Norms torch-pruning does not know.** An RMSNorm (`torch.nn.RMSNorm`, timm's `RmsNorm*`) or a
+  norm built without affine parameters keeps its width in `normalized_shape` and checks its
+  input against it; torch-pruning slices its weight as a bare parameter but leaves the shape,
+  and a parameter-free one (timm's `RmsNormFp32(affine=False)` before deepseek_vit's head) is
+  not in any group at all. `normalized_shape_pruners` gives such classes a pruner that slices
+  their per-channel parameters and shrinks the shape together.
+
+All are detected from what a module holds and how it is called, never from its class name.
 A module that looks per-channel but is not breaks the safety probe's forward pass, and its
 group is left whole with that error, as for any other unsafe group.
 """
@@ -199,5 +206,76 @@ def channelwise_pruners(model: nn.Module, example: torch.Tensor) -> dict[type, C
     return pruners
 
 
-__all__ = ["ChannelwiseBufferPruner", "bare_parameter_owners", "channelwise_pruners", "output_extras",
-           "output_extras_of", "prune_output_extras", "update_owner_shapes"]
+class NormalizedShapePruner(tp.pruner.function.BasePruningFunc):
+    """Prunes a norm over the last (channel) dimension that torch-pruning has no pruner for.
+
+    Its per-channel parameters (weight, bias: shape `normalized_shape`) lose the removed rows and
+    `normalized_shape` its width; in and out are the same channels, as for a LayerNorm.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = self.get_out_channels(layer)
+        gone = {int(i) for i in idxs}
+        keep = torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long)
+        for name, parameter in list(layer.named_parameters(recurse=False)):
+            if tuple(parameter.shape) == (width,):
+                setattr(layer, name, self._prune_parameter_and_grad(parameter, keep.to(parameter.device), 0))
+        layer.normalized_shape = (*tuple(layer.normalized_shape)[:-1], len(keep))
+        for name, value in list(vars(layer).items()):
+            if type(value) is int and value == width and CHANNEL_COUNT_ATTRIBUTE.search(name):
+                setattr(layer, name, len(keep))
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.normalized_shape[-1])
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return self.get_out_channels(layer)
+
+
+def _normalizes_channels(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> bool:
+    """A call of a one-dimensional norm over its input's channels: shape kept, `normalized_shape` = (C,),
+    every parameter of shape (C,)."""
+    first = inputs[0] if inputs else None
+    shape = getattr(module, "normalized_shape", None)
+    if not (isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor) and first.shape == output.shape
+            and first.ndim >= 2 and isinstance(shape, tuple | list) and len(shape) == 1 and type(shape[0]) is int):
+        return False
+    width = shape[0]
+    if width not in (first.shape[-1], first.shape[1]):
+        return False
+    return all(tuple(p.shape) == (width,) for p in module.parameters(recurse=False))
+
+
+def normalized_shape_pruners(model: nn.Module, example: torch.Tensor) -> dict[type, NormalizedShapePruner]:
+    """torch-pruning pruners for norm classes it does not know, whose every called instance normalizes one
+    channel dimension (`_normalizes_channels`). Classes torch-pruning prunes itself (LayerNorm) are left to it."""
+    candidates = [m for m in model.modules()
+                  if isinstance(getattr(m, "normalized_shape", None), tuple | list)
+                  and not any(True for _ in m.children())
+                  and tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE]
+    if not candidates:
+        return {}
+    calls: dict[nn.Module, bool] = {}
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        calls[module] = calls.get(module, True) and _normalizes_channels(module, inputs, output)
+
+    training = model.training
+    model.eval()
+    try:
+        forward_with_hooks(model, example, candidates, hook)
+    except Exception:  # the model's own forward fails: graph building reports that, not this probe
+        return {}
+    finally:
+        model.train(training)
+    pruner = NormalizedShapePruner()
+    classes = {type(m) for m in calls}
+    return {cls: pruner for cls in classes if all(ok for m, ok in calls.items() if type(m) is cls)}
+
+
+__all__ = ["ChannelwiseBufferPruner", "NormalizedShapePruner", "bare_parameter_owners", "channelwise_pruners",
+           "normalized_shape_pruners", "output_extras", "output_extras_of", "prune_output_extras",
+           "update_owner_shapes"]

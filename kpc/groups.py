@@ -21,7 +21,7 @@ from torch import nn
 
 from kpc import tp_compat
 from kpc.axes import CutAxes, channel_axis_convs, lengthwise_linears, nchw_bare_parameters
-from kpc.channel_state import channelwise_pruners
+from kpc.channel_state import channelwise_pruners, normalized_shape_pruners
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
 from kpc.heads import per_head_parameters

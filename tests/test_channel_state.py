@@ -226,3 +226,49 @@ def test_norms_without_a_bias_are_pruned_with_their_group(tmp_path):
     reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=NoBiasNormNet())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(example), child(example))
+
+
+class TokenNormNet(nn.Module):
+    """Tokens from a conv stem, a normed MLP on the residual stream, then a norm without parameters before the head.
+
+    torch.nn.RMSNorm and a parameter-free norm both keep their width in `normalized_shape`, which
+    torch-pruning does not know to shrink: the stream's group broke in the probe and was left whole.
+    """
+
+    def __init__(self, norm: type[nn.Module] = nn.RMSNorm, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 4, stride=4)
+        self.norm1 = norm(32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.norm = norm(32, elementwise_affine=False)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.fc2(torch.relu(self.fc1(self.norm1(x))))
+        return self.head(self.norm(x.mean(1)))
+
+
+def test_an_rms_norm_and_a_parameter_free_norm_shrink_with_the_stream(tmp_path):
+    from kpc.apply import apply_kept
+    from kpc.channel_state import NormalizedShapePruner, normalized_shape_pruners
+
+    example = torch.randn(1, 3, 32, 32)
+    model = TokenNormNet().eval()
+    pruners = normalized_shape_pruners(model, example)
+    assert list(pruners) == [nn.RMSNorm] and isinstance(pruners[nn.RMSNorm], NormalizedShapePruner)
+    assert normalized_shape_pruners(TokenNormNet(nn.LayerNorm), example) == {}, "torch-pruning prunes LayerNorm"
+    with torch.no_grad():
+        model.norm1.weight.copy_(torch.arange(32.0))
+    kept = list(range(1, 32, 2))
+    apply_kept(model, example, {"fc2": (32, kept)})
+    assert model.norm1.normalized_shape == model.norm.normalized_shape == (16,)
+    assert torch.equal(model.norm1.weight, torch.arange(32.0)[kept]) and model.head.in_features == 16
+    result = kpc.prune(TokenNormNet().eval(), example_inputs=example, budget=kpc.Budget(ratio=0.5),
+                       importance="magnitude", round_to=8, min_channels=8)
+    assert {g.root: g.reason for g in result.round.groups if not g.prunable} == {"head": "network output (head)"}
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=TokenNormNet())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), result.model(x))
