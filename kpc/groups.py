@@ -125,7 +125,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, *, time_limit_s: int = 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, time_limit_s: int) -> tp.DependencyGraph:
     tp_compat.install()
-    pruners = channelwise_pruners(model, example)
+    pruners = {**normalized_shape_pruners(model, example), **channelwise_pruners(model, example)}
     lengthwise_layers = lengthwise_linears(model, example)
     lengthwise = [*channel_axis_convs(model), *lengthwise_layers]
     bare = nchw_bare_parameters(model)
@@ -179,6 +179,10 @@ def _each_group(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, object |
         except TimeoutError:
             visited.add(module)
             yield module, None, f"dependencies not traced within {limit} s (torch-pruning)"
+            continue
+        except tp_compat.RunawayTrace as exc:
+            visited.add(module)
+            yield module, None, f"dependencies not traceable: {exc}"
             continue
         except Exception as exc:  # torch-pruning's index mapping fails on some split/concat patterns
             visited.add(module)

@@ -49,7 +49,9 @@ not public:
    group's size. On an attention model (EfficientViM at 224) 130,000 such scans took 90 of a
    prune's 120 CPU-seconds. `_index_duplicate_checks` compares the index lists of the items with
    the same node and handler only, kept in a dict as items are added (nodes by identity, handlers
-   by value, index lists by `==`, as the scan compares them).
+   by value, index lists hashed as tuples). A node that collects more than
+   `MAX_INDEX_LISTS_PER_NODE` different lists is a mapping going round a cycle and raises
+   `RunawayTrace` (deepseek_vit's rotary attention: each qkv group ran into its 10 s limit).
 8. **Splits and concats along another axis.** torch-pruning maps a split or concat as a cut of
    the channels unless autograd saved a dim other than 1, and a negative dim is saved as a huge
    unsigned number, so a gated token MLP's `chunk(2, dim=-1)` of `(B, C, N)` passed as a channel
@@ -140,6 +142,42 @@ def _torch_pruning_attribute(module: str, name: str) -> Any:
     return value
 
 
+# A node reached with this many different index lists while one group is traced is a mapping that
+# goes round a cycle shifting the indices each time (deepseek_vit's rotary attention: the q, k and v
+# of one projection reached each other through unbind and concat without end); a real group meets a
+# node through a few paths, each with one list.
+MAX_INDEX_LISTS_PER_NODE = 64
+
+
+class RunawayTrace(RuntimeError):
+    """torch-pruning's search for one group's channels keeps finding new index lists for one node."""
+
+
+class _IndexLists:
+    """The index lists of a group's items at one node and handler: hashed where they can be, else a list."""
+
+    def __init__(self) -> None:
+        self.hashed: set[tuple[Any, ...]] = set()
+        self.unhashable: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.hashed) + len(self.unhashable)
+
+    def add(self, idxs: Any) -> None:
+        try:
+            self.hashed.add(tuple(idxs))
+        except TypeError:
+            self.unhashable.append(idxs)
+
+    def __contains__(self, idxs: Any) -> bool:
+        try:
+            if tuple(idxs) in self.hashed:
+                return True
+        except TypeError:
+            pass
+        return any(known == idxs for known in self.unhashable)
+
+
 def _index_duplicate_checks() -> None:
     """Answer `Group.has_pruning_op` from the items of the same node instead of scanning them all."""
     group_class = _torch_pruning_attribute("torch_pruning.dependency.group", "Group")
@@ -160,9 +198,15 @@ def _index_duplicate_checks() -> None:
             self.__dict__["_kpc_item_index"] = index
         by_target = index[2]
         for item_dep, item_idxs in items[index[1]:]:
-            by_target.setdefault((id(item_dep.target), item_dep.handler), []).append(item_idxs)
+            by_target.setdefault((id(item_dep.target), item_dep.handler), _IndexLists()).add(item_idxs)
         index[1] = len(items)
-        return any(known == idxs for known in by_target.get((id(dep.target), dep.handler), ()))
+        known = by_target.get((id(dep.target), dep.handler))
+        if known is None:
+            return False
+        if len(known) > MAX_INDEX_LISTS_PER_NODE:
+            raise RunawayTrace(f"the channel mapping through {dep.target.name} does not settle: it was reached "
+                               f"with {len(known)} different index lists")
+        return idxs in known
 
     def setitem(self: Any, key: Any, value: Any) -> None:
         self.__dict__.pop("_kpc_item_index", None)  # an item changed in place: index again on next use

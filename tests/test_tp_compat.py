@@ -77,3 +77,19 @@ def test_install_is_idempotent_and_keeps_one_wrapper():
     tp_compat._index_duplicate_checks()
     assert Group.has_pruning_op is indexed
     assert not getattr(indexed.__wrapped__, "__kpc_indexed__", False)
+
+
+def test_a_mapping_that_goes_round_a_cycle_is_stopped_with_its_node():
+    """deepseek_vit's rotary attention: each qkv group's indices came back shifted through unbind and concat,
+    without end, and every block ran into the 10 s limit (32 blocks: the whole discovery budget)."""
+    import timm
+
+    from kpc.groups import discover_groups
+
+    model = timm.create_model("deepseek_vit_412m", depth=1, embed_dim=64, num_heads=2, img_size=28,
+                              num_classes=10).eval()
+    example = torch.randn(1, 3, 28, 28)
+    groups = {g.root: g for g in discover_groups(model, build_graph(model, example), never_prune={"head"})}
+    qkv = groups["encoder.blocks.0.attn.qkv"]
+    assert not qkv.prunable and "does not settle" in qkv.reason, qkv.reason
+    assert groups["encoder.blocks.0.mlp.fc1"].prunable and groups["encoder.blocks.0.mlp.fc2"].prunable
