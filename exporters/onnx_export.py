@@ -29,7 +29,7 @@ import torch
 
 from exporters.errors import ExporterError
 from exporters.modelcopy import copy_model
-from exporters.onnx_rewrites import exportable
+from exporters.onnx_rewrites import exportable, rms_norm_decomposed
 from exporters.tensors import default_output_names, flatten_outputs
 
 EXPORTER = "torchscript"
@@ -110,17 +110,18 @@ def _run_exporter(
         # notices would otherwise be printed on every export of a sweep.
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
         warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=input_names,
-            output_names=output_names,
-            opset_version=opset,
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        with rms_norm_decomposed():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+                dynamo=False,
+            )
 
 
 def _count_outputs(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> int:

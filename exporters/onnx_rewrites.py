@@ -6,14 +6,23 @@ classifiers: VGG and AlexNet pool a 2x2 map (a 64x64 image) to 7x7 or 6x6. Adapt
 pooling is linear in each spatial axis, so for the input size the graph is exported at it is
 exactly ``P_h @ x @ P_w^T`` with two constant averaging matrices, which every runtime runs as
 MatMul. Only the batch axis of an exported graph may vary, so fixing H and W loses nothing.
+
+The exporter has no lowering of ``aten::rms_norm`` at any opset it implements (ONNX's
+RMSNormalization arrives at opset 23), so every model with an ``nn.RMSNorm`` or timm's RmsNorm
+(aimv2, gemma4's ViT) failed to export. :func:`rms_norm_decomposed` computes it, while the
+exporter traces, from the elementary operations that define it, which every opset has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from exporters.modelcopy import copy_model
 
@@ -82,3 +91,28 @@ def exportable(module: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
     for name, (size_in, size_out) in rewrite.items():
         rewritten.set_submodule(name, MatmulAdaptiveAvgPool2d(size_in, size_out).to(args[0].device))
     return rewritten
+
+
+def _rms_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
+              eps: float | None = None) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last ``len(normalized_shape)`` dims, as torch defines it
+    (eps None: the machine epsilon of x's dtype)."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    epsilon = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + epsilon)
+    return y if weight is None else y * weight
+
+
+class _DecomposeRmsNorm(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.rms_norm or func is torch.rms_norm:
+            return _rms_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def rms_norm_decomposed() -> Iterator[None]:
+    """While active, ``F.rms_norm`` and ``torch.rms_norm`` run as pow, mean, rsqrt and mul (see module docstring)."""
+    with _DecomposeRmsNorm():
+        yield

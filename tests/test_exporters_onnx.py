@@ -209,3 +209,28 @@ def test_a_pool_the_exporter_cannot_lower_is_exported_as_matrix_products(tmp_pat
     assert isinstance(model.avgpool, torch.nn.AdaptiveAvgPool2d), "the caller's model is untouched"
     checks = validate_onnx(model, path, {"input": x.numpy()}, atol=ATOL, rtol=RTOL)
     raise_on_failures(checks)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_is_exported_as_the_operations_that_define_it(tmp_path, eps):
+    """The exporter has no aten::rms_norm at any opset it implements: aimv2 and gemma4's ViT failed to export."""
+    from exporters.onnx_rewrites import rms_norm_decomposed
+
+    norm = torch.nn.RMSNorm(16, eps=eps)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4, stride=4), torch.nn.Flatten(2), _Transpose(), norm,
+                                torch.nn.Flatten(1), torch.nn.Linear(16 * 16, 10)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        with rms_norm_decomposed():
+            torch.testing.assert_close(model(x), expected)
+    path = export_onnx(model, {"input": x}, tmp_path / "rms.onnx", opset=17, dynamic_batch=True)
+    assert any(node.op_type == "ReduceMean" for node in onnx.load(str(path)).graph.node)
+    raise_on_failures(validate_onnx(model, path, {"input": x.numpy()}, atol=ATOL, rtol=RTOL))
+
+
+class _Transpose(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
