@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated specs instead of the whole zoo")
     parser.add_argument("--sample", type=int, help="N models spread evenly over the zoo's sorted list (every k-th), "
                         "for a sweep that fits in a session")
+    parser.add_argument("--shard", type=_shard, help="K/N: the models whose place in the zoo's sorted list is K modulo "
+                        "N, so N runs (one per session) sweep the whole zoo between them")
     parser.add_argument("--sample-offset", type=float, default=0.0,
                         help="where in each k-step the sample starts, 0 to 1: another offset picks other models")
     parser.add_argument("--limit-s", type=int, default=300, help="time limit per subprocess")
@@ -218,6 +220,16 @@ def check_artifact(outcome: Outcome, out: Path, args: argparse.Namespace, env: d
     return outcome
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected K/N, such as 0/2") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: K must be in 0..N-1")
+    return index, count
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     specs = args.only.split(",") if args.only else [*torchvision_models(), *timm_families()]
@@ -225,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         step = len(specs) / args.sample
         offset = min(max(args.sample_offset, 0.0), 0.999)
         specs = [specs[int((i + offset) * step)] for i in range(args.sample)]
+    if args.shard:
+        specs = specs[args.shard[0]::args.shard[1]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="kpc-zoo-") as tmp:
@@ -233,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(outcome)
             print(f"[{index}/{len(specs)}] {spec}: {outcome.verdict} ({outcome.cpu_s:.0f} CPU-s) {outcome.detail}",
                   flush=True)
+            if args.json:  # after every model, so an interrupted sweep keeps what it measured
+                args.json.write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
             for child in Path(tmp).iterdir():  # artifacts of big models add up: keep the disk free
                 subprocess.run(["rm", "-rf", str(child)], check=False)
     counts = {v: sum(1 for o in outcomes if o.verdict == v) for v in ("pruned", "partial", "refused", "broken",
@@ -248,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
     sampled = f" (every k-th of the zoo, --sample, offset {args.sample_offset:g})" if args.sample else ""
+    if args.shard:
+        sampled += f" (shard {args.shard[0]}/{args.shard[1]}: every {args.shard[1]}-th of the zoo's sorted list)"
     if not args.no_record:
         append_results("Zoo sweep: prune 0.5, reload, export (issue 12)",
                        ["model", "verdict", "within 1% of the budget", "input", "prune CPU s", "prune wall s",
