@@ -29,7 +29,7 @@ import torch
 
 from exporters.errors import ExporterError
 from exporters.modelcopy import copy_model
-from exporters.onnx_rewrites import exportable, rms_norm_decomposed
+from exporters.onnx_rewrites import decomposed, exportable
 from exporters.tensors import default_output_names, flatten_outputs
 
 EXPORTER = "torchscript"
@@ -110,7 +110,7 @@ def _run_exporter(
         # notices would otherwise be printed on every export of a sweep.
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
         warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
-        with rms_norm_decomposed():
+        with decomposed():
             torch.onnx.export(
                 module,
                 args,

@@ -9,8 +9,12 @@ MatMul. Only the batch axis of an exported graph may vary, so fixing H and W los
 
 The exporter has no lowering of ``aten::rms_norm`` at any opset it implements (ONNX's
 RMSNormalization arrives at opset 23), so every model with an ``nn.RMSNorm`` or timm's RmsNorm
-(aimv2, gemma4's ViT) failed to export. :func:`rms_norm_decomposed` computes it, while the
-exporter traces, from the elementary operations that define it, which every opset has.
+(aimv2, gemma4's ViT) failed to export. Its lowering of ``Tensor.unfold`` (sliding windows, as
+in timm's halo attention) needs the input's size, which a padded tensor of a dynamic-batch
+graph does not carry ("input size not accessible": halonet, haloregnetz did not export).
+:func:`decomposed` computes both, while the exporter traces, from elementary operations every
+opset has: rms_norm as pow, mean, rsqrt and mul; unfold as one index_select of the windows'
+positions and a reshape.
 """
 
 from __future__ import annotations
@@ -103,16 +107,29 @@ def _rms_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Te
     return y if weight is None else y * weight
 
 
-class _DecomposeRmsNorm(TorchFunctionMode):
+def _unfold(x: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tensor:
+    """``x.unfold(dimension, size, step)``: the windows' positions gathered along ``dimension``, each window's
+    elements moved to a new last axis."""
+    axis = dimension % x.ndim
+    count = (int(x.shape[axis]) - size) // step + 1
+    positions = (torch.arange(count) * step).unsqueeze(1) + torch.arange(size)  # (count, size)
+    windows = x.index_select(axis, positions.flatten().to(x.device))
+    windows = windows.unflatten(axis, (count, size))
+    return windows.movedim(axis + 1, -1)
+
+
+_DECOMPOSITIONS: dict[Any, Any] = {torch.nn.functional.rms_norm: _rms_norm, torch.rms_norm: _rms_norm,
+                                   torch.Tensor.unfold: _unfold}
+
+
+class _Decompose(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.rms_norm or func is torch.rms_norm:
-            return _rms_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+        return _DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def rms_norm_decomposed() -> Iterator[None]:
-    """While active, ``F.rms_norm`` and ``torch.rms_norm`` run as pow, mean, rsqrt and mul (see module docstring)."""
-    with _DecomposeRmsNorm():
+def decomposed() -> Iterator[None]:
+    """While active, rms_norm and ``Tensor.unfold`` run as the elementary operations that define them
+    (see module docstring); every other operation runs as it is."""
+    with _Decompose():
         yield

@@ -214,7 +214,7 @@ def test_a_pool_the_exporter_cannot_lower_is_exported_as_matrix_products(tmp_pat
 @pytest.mark.parametrize("eps", [None, 1e-6])
 def test_rms_norm_is_exported_as_the_operations_that_define_it(tmp_path, eps):
     """The exporter has no aten::rms_norm at any opset it implements: aimv2 and gemma4's ViT failed to export."""
-    from exporters.onnx_rewrites import rms_norm_decomposed
+    from exporters.onnx_rewrites import decomposed
 
     norm = torch.nn.RMSNorm(16, eps=eps)
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_rms_norm_is_exported_as_the_operations_that_define_it(tmp_path, eps):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x)
-        with rms_norm_decomposed():
+        with decomposed():
             torch.testing.assert_close(model(x), expected)
     path = export_onnx(model, {"input": x}, tmp_path / "rms.onnx", opset=17, dynamic_batch=True)
     assert any(node.op_type == "ReduceMean" for node in onnx.load(str(path)).graph.node)
@@ -234,3 +234,33 @@ def test_rms_norm_is_exported_as_the_operations_that_define_it(tmp_path, eps):
 class _Transpose(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2)
+
+
+class _Windows(torch.nn.Module):
+    """Halo attention's key/value windows: a padded map cut into overlapping blocks with Tensor.unfold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 9 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = torch.nn.functional.pad(self.conv(x), [1, 1, 1, 1]).unfold(2, 4, 3).unfold(3, 4, 3)
+        return self.head(kv.flatten(1))
+
+
+def test_unfold_is_exported_as_a_gather_of_its_windows(tmp_path):
+    """The exporter's unfold needs the input size, which a padded tensor of a dynamic-batch graph lacks:
+    timm's halonet and haloregnetz did not export."""
+    from exporters.onnx_rewrites import decomposed
+
+    model = _Windows().eval()
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        with decomposed():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    path = export_onnx(model, {"input": x}, tmp_path / "windows.onnx", opset=17, dynamic_batch=True)
+    raise_on_failures(validate_onnx(model, path, {"input": x.numpy()}, atol=ATOL, rtol=RTOL))
+    y = torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    raise_on_failures(validate_onnx(model, path, {"input": y.numpy()}, atol=ATOL, rtol=RTOL))
