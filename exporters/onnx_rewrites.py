@@ -14,7 +14,8 @@ in timm's halo attention) needs the input's size, which a padded tensor of a dyn
 graph does not carry ("input size not accessible": halonet, haloregnetz did not export).
 :func:`decomposed` computes both, while the exporter traces, from elementary operations every
 opset has: rms_norm as pow, mean, rsqrt and mul; unfold as one index_select of the windows'
-positions and a reshape.
+positions and a reshape; an adaptive average pool called as a function, where its sizes do not
+divide, as the same two matrix products as the module rewrite above.
 """
 
 from __future__ import annotations
@@ -118,8 +119,23 @@ def _unfold(x: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tens
     return windows.movedim(axis + 1, -1)
 
 
+def _adaptive_avg_pool2d(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d``; where an output size does not divide its input (which the exporter refuses),
+    as the two matrix products of `MatmulAdaptiveAvgPool2d`, for a pool called in a forward rather than held
+    as a module (timm's VGG pools its pre-logits map this way)."""
+    size_in = (int(x.shape[-2]), int(x.shape[-1]))
+    wanted = output_size if isinstance(output_size, tuple | list) else (output_size, output_size)
+    size_out = tuple(size_in[i] if wanted[i] is None else int(wanted[i]) for i in range(2))
+    if size_in[0] % size_out[0] == 0 and size_in[1] % size_out[1] == 0:
+        return torch.nn.functional.adaptive_avg_pool2d(x, output_size)
+    rows = averaging_matrix(size_in[0], size_out[0]).to(x.device, x.dtype)
+    cols_t = averaging_matrix(size_in[1], size_out[1]).t().contiguous().to(x.device, x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols_t)
+
+
 _DECOMPOSITIONS: dict[Any, Any] = {torch.nn.functional.rms_norm: _rms_norm, torch.rms_norm: _rms_norm,
-                                   torch.Tensor.unfold: _unfold}
+                                   torch.Tensor.unfold: _unfold,
+                                   torch.nn.functional.adaptive_avg_pool2d: _adaptive_avg_pool2d}
 
 
 class _Decompose(TorchFunctionMode):
@@ -129,7 +145,7 @@ class _Decompose(TorchFunctionMode):
 
 @contextlib.contextmanager
 def decomposed() -> Iterator[None]:
-    """While active, rms_norm and ``Tensor.unfold`` run as the elementary operations that define them
+    """While active, rms_norm, ``Tensor.unfold`` and non-dividing adaptive pools run as elementary operations
     (see module docstring); every other operation runs as it is."""
     with _Decompose():
         yield

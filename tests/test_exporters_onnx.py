@@ -264,3 +264,23 @@ def test_unfold_is_exported_as_a_gather_of_its_windows(tmp_path):
     raise_on_failures(validate_onnx(model, path, {"input": x.numpy()}, atol=ATOL, rtol=RTOL))
     y = torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(1))
     raise_on_failures(validate_onnx(model, path, {"input": y.numpy()}, atol=ATOL, rtol=RTOL))
+
+
+class _FunctionalPool(torch.nn.Module):
+    """A pool called as a function, as timm's VGG pools its pre-logits map: 2x2 to 3x3 at a small input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.head = torch.nn.Linear(4 * 3 * 3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), (3, 3)).flatten(1))
+
+
+def test_a_functional_adaptive_pool_the_exporter_cannot_lower_is_exported_as_matrix_products(tmp_path):
+    model = _FunctionalPool().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    path = export_onnx(model, {"input": x}, tmp_path / "pool.onnx", opset=17, dynamic_batch=True)
+    assert any(node.op_type == "MatMul" for node in onnx.load(str(path)).graph.node)
+    raise_on_failures(validate_onnx(model, path, {"input": x.numpy()}, atol=ATOL, rtol=RTOL))
