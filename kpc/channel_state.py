@@ -122,6 +122,32 @@ def update_owner_shapes(found: Iterable[tuple[nn.Module, str, tuple[int, ...]]])
                 setattr(owner, attribute, new)
 
 
+def _kept(width: int, removed: Sequence[int]) -> torch.Tensor:
+    gone = {int(i) for i in removed}
+    return torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long)
+
+
+def _set_channel_counts(layer: nn.Module, width: int, kept: int) -> None:
+    """Replace `width` by `kept` in the layer's integer attributes named as channel counts."""
+    for name, value in list(vars(layer).items()):
+        if type(value) is int and value == width and CHANNEL_COUNT_ATTRIBUTE.search(name):
+            setattr(layer, name, kept)
+
+
+def _probe(model: nn.Module, example: torch.Tensor, modules: Sequence[nn.Module], hook: Any) -> bool:
+    """One eval-mode forward pass with `hook` on `modules`; False when the model's own forward fails
+    (graph building reports that, not this probe). A training-mode pass would move BatchNorm's statistics."""
+    training = model.training
+    model.eval()
+    try:
+        forward_with_hooks(model, example, modules, hook)
+    except Exception:
+        return False
+    finally:
+        model.train(training)
+    return True
+
+
 class ChannelwiseBufferPruner(tp.pruner.function.BasePruningFunc):
     """Prunes a parameter-free module's per-channel buffers (and its channel count) with its channels.
 
@@ -138,14 +164,11 @@ class ChannelwiseBufferPruner(tp.pruner.function.BasePruningFunc):
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         width = self._width(layer)
-        gone = {int(i) for i in idxs}
-        keep = torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long)
+        keep = _kept(width, idxs)
         for name in self.buffers[layer]:
             buffer = getattr(layer, name)
             setattr(layer, name, buffer.index_select(0, keep.to(buffer.device)).contiguous())
-        for name, value in list(vars(layer).items()):
-            if type(value) is int and value == width and CHANNEL_COUNT_ATTRIBUTE.search(name):
-                setattr(layer, name, len(keep))
+        _set_channel_counts(layer, width, len(keep))
         return layer
 
     prune_in_channels = prune_out_channels
@@ -190,14 +213,8 @@ def channelwise_pruners(model: nn.Module, example: torch.Tensor) -> dict[type, C
         if names:
             found[module] = names
 
-    training = model.training
-    model.eval()  # a training-mode pass would move BatchNorm's running statistics
-    try:
-        forward_with_hooks(model, example, candidates, hook)
-    except Exception:  # the model's own forward fails: graph building reports that, not this probe
+    if not _probe(model, example, candidates, hook):
         return {}
-    finally:
-        model.train(training)
     pruners: dict[type, ChannelwiseBufferPruner] = {}
     for cls in {type(m) for m in found}:
         instances = [m for m in called if type(m) is cls]
@@ -215,15 +232,12 @@ class NormalizedShapePruner(tp.pruner.function.BasePruningFunc):
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         width = self.get_out_channels(layer)
-        gone = {int(i) for i in idxs}
-        keep = torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long)
+        keep = _kept(width, idxs)
         for name, parameter in list(layer.named_parameters(recurse=False)):
             if tuple(parameter.shape) == (width,):
                 setattr(layer, name, self._prune_parameter_and_grad(parameter, keep.to(parameter.device), 0))
         layer.normalized_shape = (*tuple(layer.normalized_shape)[:-1], len(keep))
-        for name, value in list(vars(layer).items()):
-            if type(value) is int and value == width and CHANNEL_COUNT_ATTRIBUTE.search(name):
-                setattr(layer, name, len(keep))
+        _set_channel_counts(layer, width, len(keep))
         return layer
 
     prune_in_channels = prune_out_channels
@@ -263,14 +277,8 @@ def normalized_shape_pruners(model: nn.Module, example: torch.Tensor) -> dict[ty
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         calls[module] = calls.get(module, True) and _normalizes_channels(module, inputs, output)
 
-    training = model.training
-    model.eval()
-    try:
-        forward_with_hooks(model, example, candidates, hook)
-    except Exception:  # the model's own forward fails: graph building reports that, not this probe
+    if not _probe(model, example, candidates, hook):
         return {}
-    finally:
-        model.train(training)
     pruner = NormalizedShapePruner()
     classes = {type(m) for m in calls}
     return {cls: pruner for cls in classes if all(ok for m, ok in calls.items() if type(m) is cls)}
