@@ -29,7 +29,7 @@ import torch
 
 from exporters.errors import ExporterError
 from exporters.modelcopy import copy_model
-from exporters.onnx_rewrites import decomposed, exportable
+from exporters.onnx_rewrites import decomposed
 from exporters.tensors import default_output_names, flatten_outputs
 
 EXPORTER = "torchscript"
@@ -65,7 +65,6 @@ def export_onnx(
     path = Path(path)
     if not example_inputs:
         raise ExporterError("export needs at least one example input; pass {'input': tensor}")
-    module = exportable(module, tuple(example_inputs.values()))
     if fp16:
         module = copy_model(module).half()
         example_inputs = {k: v.half() if v.is_floating_point() else v for k, v in example_inputs.items()}

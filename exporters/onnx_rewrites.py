@@ -1,4 +1,4 @@
-"""Rewrites that let the ONNX exporter lower a module it otherwise refuses, computing the same thing.
+"""Rewrites that let the ONNX exporter lower operations it otherwise refuses, computing the same thing.
 
 The TorchScript exporter lowers ``nn.AdaptiveAvgPool2d`` only when every output size divides
 the input size (it becomes a plain AveragePool). At small inputs that fails for common
@@ -14,22 +14,19 @@ in timm's halo attention) needs the input's size, which a padded tensor of a dyn
 graph does not carry ("input size not accessible": halonet, haloregnetz did not export).
 :func:`decomposed` computes both, while the exporter traces, from elementary operations every
 opset has: rms_norm as pow, mean, rsqrt and mul; unfold as one index_select of the windows'
-positions and a reshape; an adaptive average pool called as a function, where its sizes do not
-divide, as the same two matrix products as the module rewrite above.
+positions and a reshape; an adaptive average pool whose sizes do not divide (a module's, or one
+called as a function, as timm's VGG does) as the two matrix products above.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-
-from exporters.modelcopy import copy_model
 
 
 def averaging_matrix(size_in: int, size_out: int) -> torch.Tensor:
@@ -52,50 +49,6 @@ class MatmulAdaptiveAvgPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(torch.matmul(self.rows, x), self.cols_t)
-
-
-def _pool_sizes(module: nn.AdaptiveAvgPool2d, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
-    height, width = int(shape[-2]), int(shape[-1])
-    out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
-    return (height, width), (height if out[0] is None else int(out[0]), width if out[1] is None else int(out[1]))
-
-
-def exportable(module: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
-    """``module`` itself, or a copy whose adaptive average pools the exporter cannot lower are rewritten.
-
-    The pools' input sizes come from one forward pass on ``args``; a pool whose output size
-    divides its input is left to the exporter.
-    """
-    seen: dict[str, set[tuple[int, ...]]] = {}
-    hooks = []
-    for name, child in module.named_modules():
-        if isinstance(child, nn.AdaptiveAvgPool2d) and name:
-            hooks.append(child.register_forward_hook(
-                lambda _m, inputs, _out, name=name: seen.setdefault(name, set()).add(tuple(inputs[0].shape[-2:]))))
-    if not hooks:
-        return module
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.inference_mode():
-            module(*args)
-    finally:
-        module.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    rewrite = {}
-    for name, shapes in seen.items():
-        if len(shapes) != 1:  # one pool called at several sizes: no single pair of matrices fits it
-            continue
-        size_in, size_out = _pool_sizes(module.get_submodule(name), next(iter(shapes)))
-        if size_in[0] % size_out[0] or size_in[1] % size_out[1]:
-            rewrite[name] = (size_in, size_out)
-    if not rewrite:
-        return module
-    rewritten = copy_model(module)
-    for name, (size_in, size_out) in rewrite.items():
-        rewritten.set_submodule(name, MatmulAdaptiveAvgPool2d(size_in, size_out).to(args[0].device))
-    return rewritten
 
 
 def _rms_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
@@ -121,16 +74,14 @@ def _unfold(x: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tens
 
 def _adaptive_avg_pool2d(x: torch.Tensor, output_size: Any) -> torch.Tensor:
     """``F.adaptive_avg_pool2d``; where an output size does not divide its input (which the exporter refuses),
-    as the two matrix products of `MatmulAdaptiveAvgPool2d`, for a pool called in a forward rather than held
-    as a module (timm's VGG pools its pre-logits map this way)."""
+    as the two matrix products of `MatmulAdaptiveAvgPool2d`. Every pool goes through here, a module's
+    (``nn.AdaptiveAvgPool2d`` calls this function) or one called in a forward (timm's VGG pre-logits)."""
     size_in = (int(x.shape[-2]), int(x.shape[-1]))
     wanted = output_size if isinstance(output_size, tuple | list) else (output_size, output_size)
     size_out = tuple(size_in[i] if wanted[i] is None else int(wanted[i]) for i in range(2))
     if size_in[0] % size_out[0] == 0 and size_in[1] % size_out[1] == 0:
         return torch.nn.functional.adaptive_avg_pool2d(x, output_size)
-    rows = averaging_matrix(size_in[0], size_out[0]).to(x.device, x.dtype)
-    cols_t = averaging_matrix(size_in[1], size_out[1]).t().contiguous().to(x.device, x.dtype)
-    return torch.matmul(torch.matmul(rows, x), cols_t)
+    return MatmulAdaptiveAvgPool2d(size_in, size_out).to(x.device, x.dtype)(x)
 
 
 _DECOMPOSITIONS: dict[Any, Any] = {torch.nn.functional.rms_norm: _rms_norm, torch.rms_norm: _rms_norm,
@@ -143,9 +94,7 @@ class _Decompose(TorchFunctionMode):
         return _DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def decomposed() -> Iterator[None]:
-    """While active, rms_norm, ``Tensor.unfold`` and non-dividing adaptive pools run as elementary operations
-    (see module docstring); every other operation runs as it is."""
-    with _Decompose():
-        yield
+def decomposed() -> TorchFunctionMode:
+    """A context in which rms_norm, ``Tensor.unfold`` and non-dividing adaptive pools run as elementary
+    operations (see module docstring); every other operation runs as it is."""
+    return _Decompose()

@@ -153,31 +153,6 @@ class RunawayTrace(RuntimeError):
     """torch-pruning's search for one group's channels keeps finding new index lists for one node."""
 
 
-class _IndexLists:
-    """The index lists of a group's items at one node and handler: hashed where they can be, else a list."""
-
-    def __init__(self) -> None:
-        self.hashed: set[tuple[Any, ...]] = set()
-        self.unhashable: list[Any] = []
-
-    def __len__(self) -> int:
-        return len(self.hashed) + len(self.unhashable)
-
-    def add(self, idxs: Any) -> None:
-        try:
-            self.hashed.add(tuple(idxs))
-        except TypeError:
-            self.unhashable.append(idxs)
-
-    def __contains__(self, idxs: Any) -> bool:
-        try:
-            if tuple(idxs) in self.hashed:
-                return True
-        except TypeError:
-            pass
-        return any(known == idxs for known in self.unhashable)
-
-
 def _index_duplicate_checks() -> None:
     """Answer `Group.has_pruning_op` from the items of the same node instead of scanning them all."""
     group_class = _torch_pruning_attribute("torch_pruning.dependency.group", "Group")
@@ -198,7 +173,7 @@ def _index_duplicate_checks() -> None:
             self.__dict__["_kpc_item_index"] = index
         by_target = index[2]
         for item_dep, item_idxs in items[index[1]:]:
-            by_target.setdefault((id(item_dep.target), item_dep.handler), _IndexLists()).add(item_idxs)
+            by_target.setdefault((id(item_dep.target), item_dep.handler), set()).add(tuple(item_idxs))
         index[1] = len(items)
         known = by_target.get((id(dep.target), dep.handler))
         if known is None:
@@ -206,7 +181,7 @@ def _index_duplicate_checks() -> None:
         if len(known) > MAX_INDEX_LISTS_PER_NODE:
             raise RunawayTrace(f"the channel mapping through {dep.target.name} does not settle: it was reached "
                                f"with {len(known)} different index lists")
-        return idxs in known
+        return tuple(idxs) in known  # an index is an int or torch-pruning's (idx, root_idx) tuple
 
     def setitem(self: Any, key: Any, value: Any) -> None:
         self.__dict__.pop("_kpc_item_index", None)  # an item changed in place: index again on next use
