@@ -200,6 +200,7 @@ class PruneRound:
     counted_samples: list[float] = field(default_factory=list)  # every timing of the kept plan (latency)
     latency_table: dict[str, Any] | None = None
     bn_recalibration: dict[str, Any] | None = None
+    seconds: dict[str, dict[str, float]] | None = None  # each step's {"wall_s", "cpu_s"} (kpc.stopwatch)
     extra: dict[str, Any] = field(default_factory=dict)  # keys of newer or older writers, kept as they were
 
     @property
@@ -229,6 +230,8 @@ class PruneRound:
             record["latency_table"] = self.latency_table
         if self.bn_recalibration is not None:
             record["bn_recalibration"] = self.bn_recalibration
+        if self.seconds is not None:
+            record["seconds"] = self.seconds
         return {**self.extra, **record}
 
     @classmethod
@@ -263,8 +266,26 @@ class PruneRound:
             counted_samples=[float(_check(x, float, f"{where}.counted_samples[{i}]")) for i, x in enumerate(samples)],
             latency_table=_take(data, "latency_table", dict, where, required=False),
             bn_recalibration=_take(data, "bn_recalibration", dict, where, required=False),
+            seconds=_step_seconds(_take(data, "seconds", dict, where, required=False), f"{where}.seconds"),
             extra=extra,
         )
+
+
+def _step_seconds(data: dict[str, Any] | None, where: str) -> dict[str, dict[str, float]] | None:
+    """A round's step times: {step: {"wall_s": s, "cpu_s": s}}, every figure finite and not negative."""
+    if data is None:
+        return None
+    steps = {}
+    for step, record in data.items():
+        _check(record, dict, f"{where}.{step}")
+        figures = {}
+        for key in ("wall_s", "cpu_s"):
+            value = _take(record, key, float, f"{where}.{step}")
+            if value < 0:
+                raise PlanError(f"{where}.{step}.{key} is {value:g}: seconds cannot be negative")
+            figures[key] = value
+        steps[str(step)] = figures
+    return steps
 
 
 @dataclass

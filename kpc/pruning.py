@@ -58,6 +58,7 @@ from kpc.planner import (
 )
 from kpc.safety import check_forward, confirm_head_layouts, find_unsafe_groups, first_line, probe_kept
 from kpc.sensitivity import measure_values
+from kpc.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
     result = pruner.run()
     if chosen.bn_recalibrate:
         source = recalibration if recalibration is not None else pruner.calibration
-        result.round.bn_recalibration = recalibrate_batchnorm(result.model, source, chosen.bn_recalibrate)
+        with pruner.clock.step("batchnorm"):
+            result.round.bn_recalibration = recalibrate_batchnorm(result.model, source, chosen.bn_recalibrate)
         result.model.eval()
+    result.round.seconds = pruner.clock.as_json()
+    log.info("prune steps: %s", pruner.clock.summary())
     return result
 
 
@@ -201,15 +205,19 @@ class _Replayable:
 
 
 def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, min_channels: int,
-                   ignore: Sequence[str] = ()) -> tuple[Any, list[ChannelGroup]]:
+                   ignore: Sequence[str] = (), clock: Stopwatch | None = None) -> tuple[Any, list[ChannelGroup]]:
     """Build the graph, list the groups and mark the ones that cannot be pruned safely (left whole, with why)."""
-    graph = build_graph(model, example)
-    groups = discover_groups(model, graph, ignore=ignore, never_prune=find_classifier(model, example),
-                             min_channels=min_channels)
-    mark_head_groups(model, groups)
-    confirm_head_layouts(model, example, graph, groups)
+    clock = clock or Stopwatch()
+    with clock.step("graph"):
+        graph = build_graph(model, example)
+    with clock.step("groups"):
+        groups = discover_groups(model, graph, ignore=ignore, never_prune=find_classifier(model, example),
+                                 min_channels=min_channels)
+        mark_head_groups(model, groups)
+        confirm_head_layouts(model, example, graph, groups)
     candidates = [g for g in groups if g.prunable]
-    unsafe = find_unsafe_groups(model, example, candidates, probe_kept(round_to, min_channels))
+    with clock.step("probe"):
+        unsafe = find_unsafe_groups(model, example, candidates, probe_kept(round_to, min_channels))
     for index, reason in unsafe.items():
         for group in leave_whole(groups, index, f"unsafe to prune: {reason}"):
             log.info("group %s is left whole: %s", group.root, group.reason)
@@ -242,6 +250,7 @@ class _Pruner:
         self.substituted: list[str] = []  # groups ranked by magnitude: Taylor found no gradient there
         self.gradient_precision: str | None = None  # the importance pass's number format, once it ran
         self.gradient_images = 0  # images the importance pass read
+        self.clock = Stopwatch()
         try:
             with torch.no_grad():
                 reference = self.work(example)
@@ -257,40 +266,45 @@ class _Pruner:
 
     def run(self) -> PruneResult:
         graph, groups = self.analyse()
-        scores = self.score(groups)
-        make_cost, round_to = self.cost_factory()
-        cost: CostModel = make_cost(self.work, self.example, graph, groups)
+        with self.clock.step("importance"):
+            scores = self.score(groups)
+        with self.clock.step("cost model"):
+            make_cost, round_to = self.cost_factory()
+            cost: CostModel = make_cost(self.work, self.example, graph, groups)
         round_to = math.lcm(round_to, int(cost.width_step))
         state = _State(groups, scores, round_to, self.settings.min_channels)
-        self.measure_sensitivity(graph, groups, state)
-        full_widths = np.array([g.width for g in groups], dtype=np.float64)
-        full_cost = cost.total(full_widths)
-        floor = minimum_cost(cost, full_widths, state.choices)
-        limit = self.limit(full_cost, cost)
-        smallest = self.check_reachable(limit, floor, full_cost, cost, state, full_widths, round_to)
-        loop = ClosedLoop(cost.landing, limit, floor, full_cost, unit=cost.unit, scale=cost.scale,
-                          confirm=cost.unit == "ms")
-        if smallest is not None:
-            loop.seed(*smallest)
+        if self.settings.sensitivity and self.calibration is not None:
+            with self.clock.step("sensitivity"):
+                self.measure_sensitivity(graph, groups, state)
+        with self.clock.step("solve"):  # the closed loop: solves, builds, counts or timings
+            full_widths = np.array([g.width for g in groups], dtype=np.float64)
+            full_cost = cost.total(full_widths)
+            floor = minimum_cost(cost, full_widths, state.choices)
+            limit = self.limit(full_cost, cost)
+            smallest = self.check_reachable(limit, floor, full_cost, cost, state, full_widths, round_to)
+            loop = ClosedLoop(cost.landing, limit, floor, full_cost, unit=cost.unit, scale=cost.scale,
+                              confirm=cost.unit == "ms")
+            if smallest is not None:
+                loop.seed(*smallest)
 
-        def solve(target: float) -> Solution:
-            low = minimum_cost(cost, full_widths, state.choices)
-            return solve_widths(cost, full_widths, state.choices, min(max(target, low), full_cost),
-                                solver=self.settings.solver, bins=self.settings.bins)
+            def solve(target: float) -> Solution:
+                low = minimum_cost(cost, full_widths, state.choices)
+                return solve_widths(cost, full_widths, state.choices, min(max(target, low), full_cost),
+                                    solver=self.settings.solver, bins=self.settings.bins)
 
-        def realise(solution: Solution) -> Realised:
-            return self.build(solution, state)
+            def realise(solution: Solution) -> Realised:
+                return self.build(solution, state)
 
-        outcome = loop.run(solve, realise, cost.measure)
-        kept = outcome.kept
-        if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
-            raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
-                           f"{cost.unit} against {limit / cost.scale:.4g}")
-        if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
-            kept, frontier = self.fill(kept, cost, state, limit)
-            # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the
-            # budget, no plan lands closer; that is a landing, not a miss
-            outcome.landed = cost.landing.lands(kept.counted, limit) or frontier
+            outcome = loop.run(solve, realise, cost.measure)
+            kept = outcome.kept
+            if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
+                raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
+                               f"{cost.unit} against {limit / cost.scale:.4g}")
+            if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
+                kept, frontier = self.fill(kept, cost, state, limit)
+                # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the
+                # budget, no plan lands closer; that is a landing, not a miss
+                outcome.landed = cost.landing.lands(kept.counted, limit) or frontier
         plan_round = PruneRound(
             budget=self.budget.to_json(), cost_unit=cost.unit, full_cost=float(full_cost / cost.scale),
             limit=float(limit / cost.scale), predicted_cost=float(kept.solution.cost / cost.scale),
@@ -399,7 +413,7 @@ class _Pruner:
     def analyse(self) -> tuple[Any, list[ChannelGroup]]:
         s = self.settings
         return analyse_groups(self.work, self.example, round_to=s.round_to or DEFAULT_ROUND_TO,
-                              min_channels=s.min_channels, ignore=s.ignore)
+                              min_channels=s.min_channels, ignore=s.ignore, clock=self.clock)
 
     def score(self, groups: list[ChannelGroup]) -> Any:
         s = self.settings

@@ -97,6 +97,9 @@ def test_prune_a_users_own_class_with_a_plain_dataloader(pruned):
     kept = {g.root: g for g in r.groups}
     assert kept["head"].prunable is False
     assert any(g.pruned for g in r.groups), "something was cut"
+    # the plan says where the prune's time went, step by step
+    assert {"graph", "probe", "importance", "cost model", "solve", "batchnorm"} <= set(r.seconds)
+    assert all(0 <= s["wall_s"] < 600 and 0 <= s["cpu_s"] < 1200 for s in r.seconds.values())
     with torch.no_grad():
         assert result.model(example).shape == model(example).shape == (1, 10)
     assert kpc.Plan.from_json(result.plan.to_json()).to_json() == result.plan.to_json()

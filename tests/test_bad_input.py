@@ -269,6 +269,8 @@ def test_a_plot_into_a_missing_folder_is_made(tmp_path):
     (lambda p: p["rounds"][0]["groups"][0].pop("prunable"), "prunable is missing"),
     (lambda p: p["rounds"][0]["groups"][0].update(kept=[10_000]), "kept should list distinct channel indices"),
     (lambda p: p.update(format="kpc-artifact/99"), "not a kpc plan"),
+    (lambda p: p["rounds"][0]["seconds"]["graph"].update(cpu_s=-1), "seconds.graph.cpu_s is -1"),
+    (lambda p: p["rounds"][0]["seconds"].update(graph=3), "seconds.graph should be"),
     # a group left whole is not replayed: its layer was read only by inspect, which crashed (exit 3)
     (lambda p: next(g for g in p["rounds"][0]["groups"] if not g["prunable"]).update(root="x"),
      "names a layer 'x' that this model does not have"),

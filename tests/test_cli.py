@@ -42,6 +42,7 @@ def test_prune_inspect_load_on_fashion_mnist(tmp_path):
     assert any(g["kept_width"] < g["width"] for g in summary["groups"])
     table = runner.invoke(app, ["inspect", str(out)])
     assert table.exit_code == 0 and "layer1.0.conv1" in table.output
+    assert "round 1 took" in table.output and "importance" in summary["rounds"][0]["seconds"]
     model = kpc.load(out)
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 

@@ -38,7 +38,7 @@ def summarize(path: Path, model_file: str | None = None) -> dict[str, Any]:
         group["root_params_after"] = sum(p.numel() for p in loaded.model.get_submodule(group["root"]).parameters())
     rounds = [{"budget": r.budget, "cost_unit": r.cost_unit, "full_cost": r.full_cost,
                "predicted_cost": r.predicted_cost, "counted_cost": r.counted_cost, "landed": r.landed,
-               "importance": r.importance, "solver": r.solver} for r in plan.rounds]
+               "importance": r.importance, "solver": r.solver, "seconds": r.seconds} for r in plan.rounds]
     return {
         "artifact": str(path), "kind": plan.kind, "model": loaded.label, "input_size": list(loaded.input_size),
         "rounds": rounds, "groups": groups, "metrics": plan.metrics,
@@ -102,3 +102,9 @@ def inspect_command(
                   f"{t['base_params']:,.0f} -> {t['params']:,.0f}",
                   f"{t['macs'] / t['base_macs']:.1%} of the MACs")
     out_console.print(table)
+    for number, plan_round in enumerate(summary["rounds"], 1):
+        steps = plan_round.get("seconds") or {}
+        if steps:  # where a long prune's time went (rounds written before kpc recorded it have none)
+            ordered = sorted(steps.items(), key=lambda item: -item[1]["wall_s"])
+            out_console.print(f"round {number} took " + ", ".join(f"{name} {record['wall_s']:.1f} s"
+                                                                   for name, record in ordered))
