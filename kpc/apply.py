@@ -149,7 +149,8 @@ def cut_heads(graph: tp.DependencyGraph, model: nn.Module, root: str, width: int
     if cut is None:  # not a KpcError: a safety trial that prunes two projections of one attention lands here
         raise ValueError(f"the cut of {root} by heads keeps {len(keep)} of its {width} rows, which are not "
                          "whole heads of its attention module")
-    removed = [i for i in range(width) if i not in set(keep)]
+    kept_rows = set(keep)  # built once: a ViT-H projection has 3,840 rows, rebuilt per row it took 14 s
+    removed = [i for i in range(width) if i not in kept_rows]
     _remove_heads(graph, members, model.get_submodule(root), width, removed, cut[0], cut[1])
     shrink_attention(model, root, width, keep)
 
@@ -165,7 +166,8 @@ def _remove_heads(graph: tp.DependencyGraph, members: Sequence[tuple[object, Cal
     it head after head (the (heads, per-head) reshape every attention module ends with).
     """
     heads = layout.heads
-    gone = [h for h in range(heads) if h not in set(kept_heads)]
+    kept_set = set(kept_heads)
+    gone = [h for h in range(heads) if h not in kept_set]
     for module, handler in members:
         if not isinstance(module, nn.Module):
             raise ValueError(f"a head cut of {type(root).__name__} reaches a bare parameter coupled to its channels")

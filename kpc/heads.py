@@ -89,8 +89,13 @@ def companion_layout(layout: HeadLayout, width: int) -> HeadLayout:
 
 
 def attention_of(model: nn.Module, root: str) -> tuple[str, nn.Module] | None:
-    """The module that splits `root`'s output into heads: its parent or grandparent (LeViT wraps the linear),
-    when that holds an integer head count."""
+    """The module that splits `root`'s output into heads: its parent, or its grandparent when the parent only
+    wraps it (LeViT's linear-and-norm), when that holds an integer head count.
+
+    A grandparent reached through a module holding other layers is a block that keeps its attention's head
+    count, not the attention: torchvision's ViT EncoderBlock (and DaViT's, Swin V2's, TinyViT's blocks)
+    reached through the MLP, whose hidden layer would otherwise be cut only in whole "heads" of 1/12 of it.
+    """
     parts = root.split(".")
     for up in (1, 2):
         if len(parts) < up:  # up to the model itself (an attention module checked on its own)
@@ -102,8 +107,16 @@ def attention_of(model: nn.Module, root: str) -> tuple[str, nn.Module] | None:
             return None
         heads = getattr(holder, HEAD_COUNT_ATTRIBUTE, None)
         if type(heads) is int and heads >= 2:
+            if up == 2 and not _only_wraps(model.get_submodule(".".join(parts[:-1])), model.get_submodule(root)):
+                return None
             return name, holder
     return None
+
+
+def _only_wraps(wrapper: nn.Module, layer: nn.Module) -> bool:
+    """True when `layer` is the only layer with weights in `wrapper` besides norms (a linear with its norm)."""
+    return not any(other is not layer and isinstance(other, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                   for other in wrapper.modules())
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -214,3 +214,18 @@ def test_two_head_candidates_of_one_attention_do_not_refuse_the_model():
     result = kpc.prune(model, example_inputs=example, budget=kpc.Budget(ratio=0.6), importance="magnitude")
     with torch.no_grad():
         assert result.model(example).shape == (1, 10)
+
+
+def test_a_block_that_keeps_its_attentions_head_count_does_not_cut_its_mlp_by_heads():
+    """torchvision's EncoderBlock stores `num_heads` beside its MLP: the MLP's hidden layer was taken for a head
+    projection of the block and cut only in twelfths (and the confirmation copied the model twice per try)."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    assert model.encoder.layers[0].num_heads == 4  # the block holds the head count, as in vit_b_16
+    _graph, groups = analyse_groups(model, torch.randn(1, 3, 32, 32), round_to=1, min_channels=1)
+    hidden = [g for g in groups if g.root.endswith("mlp.0")]
+    assert len(hidden) == 2
+    for group in hidden:
+        assert group.prunable and group.blocks == 1 and not group.head_layouts, (group.root, group.blocks)
