@@ -115,7 +115,22 @@ META_COUNT_MIN_PARAMETERS = 20_000_000
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     """Independent count: MACs (torch-pruning's counter for layers, `kpc.matmuls` for activation products)
-    and parameters.
+    and parameters."""
+    total, params, _per_module, _products = _count(model, example)
+    return total, params
+
+
+def macs_by_module(model: nn.Module, example: torch.Tensor
+                   ) -> tuple[float, dict[nn.Module, float | None], dict[nn.Module, int]]:
+    """The whole model's MACs, each layer's (None where the counter counts none) and each module's
+    activation products (attention cores), which the total includes."""
+    total, _params, per_module, products = _count(model, example)
+    return total, per_module, products
+
+
+def _count(model: nn.Module, example: torch.Tensor
+           ) -> tuple[float, float, dict[nn.Module, float | None], dict[nn.Module, int]]:
+    """(MACs, parameters, MACs per layer, activation products per module), per module keyed by `model`'s modules.
 
     A large model is counted on a copy whose tensors live on the meta device (`meta_shadow`):
     MACs depend on shapes alone, and the counter's deep copy and two forward passes of a ViT-H
@@ -124,18 +139,23 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     shadow = meta_shadow(model)
     if shadow is not None:
         try:
-            return count_macs_on_device(shadow, torch.empty_like(example, device="meta"))
+            total, params, per_module, products = _count_on(shadow, torch.empty_like(example, device="meta"))
         except Exception as exc:  # an op without a meta kernel, a value read from the data
             log.debug("counting MACs on the meta device failed (%s); counting on the model itself", exc)
-    return count_macs_on_device(model, example)
+        else:
+            original = dict(zip(shadow.modules(), model.modules(), strict=True))
+            return (total, params, {original[m]: v for m, v in per_module.items()},
+                    {original[m]: v for m, v in products.items()})
+    return _count_on(model, example)
 
 
-def count_macs_on_device(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
-    """`count_macs` on the model's own tensors."""
+def _count_on(model: nn.Module, example: torch.Tensor
+              ) -> tuple[float, float, dict[nn.Module, float | None], dict[nn.Module, int]]:
+    """`_count` on the model's own tensors, whatever device they live on."""
     detach_cached_tensors(model)  # the counter deep-copies the model
-    macs, params = tp_compat.count_ops_and_params(model, example)
+    macs, params, per_module, _ = tp_compat.count_ops_and_params(model, example, layer_wise=True)
     products = activation_matmul_macs(model, example, tp_compat.counted_whole)
-    return float(macs + sum(products.values())), float(params)
+    return float(macs + sum(products.values())), float(params), per_module, products
 
 
 def meta_shadow(model: nn.Module, *, min_parameters: int = META_COUNT_MIN_PARAMETERS) -> nn.Module | None:
@@ -157,30 +177,6 @@ def meta_shadow(model: nn.Module, *, min_parameters: int = META_COUNT_MIN_PARAME
     if any(t.device.type != "meta" for t in (*shadow.parameters(), *shadow.buffers())):
         return None
     return shadow
-
-
-def macs_by_module(model: nn.Module, example: torch.Tensor
-                   ) -> tuple[float, dict[nn.Module, float | None], dict[nn.Module, int]]:
-    """The whole model's MACs, each layer's (None where the counter counts none) and each module's
-    activation products (attention cores), which the total includes; a large model on its meta copy."""
-    shadow = meta_shadow(model)
-    if shadow is not None:
-        try:
-            total, per_module, products = _macs_by_module(shadow, torch.empty_like(example, device="meta"))
-            original = dict(zip(shadow.modules(), model.modules(), strict=True))
-            return (total, {original[m]: v for m, v in per_module.items()},
-                    {original[m]: v for m, v in products.items()})
-        except Exception as exc:
-            log.debug("counting MACs per module on the meta device failed (%s); counting on the model itself", exc)
-    return _macs_by_module(model, example)
-
-
-def _macs_by_module(model: nn.Module, example: torch.Tensor
-                    ) -> tuple[float, dict[nn.Module, float | None], dict[nn.Module, int]]:
-    detach_cached_tensors(model)  # the counter deep-copies the model
-    total, _params, per_module, _ = tp_compat.count_ops_and_params(model, example, layer_wise=True)
-    products = activation_matmul_macs(model, example, tp_compat.counted_whole)
-    return float(total + sum(products.values())), per_module, products
 
 
 class FlopsModel:

@@ -273,9 +273,7 @@ class _Pruner:
             cost: CostModel = make_cost(self.work, self.example, graph, groups)
         round_to = math.lcm(round_to, int(cost.width_step))
         state = _State(groups, scores, round_to, self.settings.min_channels)
-        if self.settings.sensitivity and self.calibration is not None:
-            with self.clock.step("sensitivity"):
-                self.measure_sensitivity(graph, groups, state)
+        self.measure_sensitivity(graph, groups, state)
         with self.clock.step("solve"):  # the closed loop: solves, builds, counts or timings
             full_widths = np.array([g.width for g in groups], dtype=np.float64)
             full_cost = cost.total(full_widths)
@@ -403,9 +401,10 @@ class _Pruner:
             return
         parameter = next(self.work.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        measured = measure_values(self.work, graph, groups, state.choices, self.calibration,
-                                  batches=s.calib_batches, points=s.sensitivity,
-                                  bf16=resolve_precision(s.importance_precision, device) == "bf16")
+        with self.clock.step("sensitivity"):
+            measured = measure_values(self.work, graph, groups, state.choices, self.calibration,
+                                      batches=s.calib_batches, points=s.sensitivity,
+                                      bf16=resolve_precision(s.importance_precision, device) == "bf16")
         if measured is not None:
             state.measured = measured
             state.rebuild()

@@ -37,9 +37,13 @@ class Stopwatch:
         return {name: {key: round(value, 2) for key, value in record.items()} for name, record in self.steps.items()}
 
     def summary(self) -> str:
-        """One line: every step's wall seconds, the slowest first."""
-        ordered = sorted(self.steps.items(), key=lambda item: -item[1]["wall_s"])
-        return ", ".join(f"{name} {record['wall_s']:.1f} s" for name, record in ordered)
+        return steps_summary(self.steps)
 
 
-__all__ = ["Stopwatch"]
+def steps_summary(steps: dict[str, dict[str, float]]) -> str:
+    """One line: every step's wall seconds, the slowest first (a Stopwatch's, or a plan round's `seconds`)."""
+    ordered = sorted(steps.items(), key=lambda item: -item[1]["wall_s"])
+    return ", ".join(f"{name} {record['wall_s']:.1f} s" for name, record in ordered)
+
+
+__all__ = ["Stopwatch", "steps_summary"]

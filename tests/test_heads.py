@@ -235,19 +235,17 @@ def test_a_block_that_keeps_its_attentions_head_count_does_not_cut_its_mlp_by_he
 def test_a_meta_copy_counts_what_the_model_itself_counts(name):
     """Large models are counted on meta tensors (kpc.costs.meta_shadow): the count must equal the CPU's, module for
     module, attention products (ViT), cached per-head biases (LeViT) and squeeze-excite (MobileNetV3) included."""
-    from kpc.costs import _macs_by_module, count_macs_on_device, macs_by_module, meta_shadow
+    from kpc.costs import _count_on, macs_by_module, meta_shadow
 
     model = timm.create_model(name, num_classes=10).eval()
     example = torch.randn(1, 3, 224, 224)
     shadow = meta_shadow(model, min_parameters=0)
     assert shadow is not None and next(shadow.parameters()).device.type == "meta"
     assert next(model.parameters()).device.type == "cpu", "the model keeps its own tensors"
-    meta_example = torch.empty_like(example, device="meta")
-    assert count_macs_on_device(shadow, meta_example) == count_macs_on_device(model, example)
-    on_meta = _macs_by_module(shadow, meta_example)
-    on_cpu = _macs_by_module(model, example)
-    assert on_meta[0] == on_cpu[0]
+    on_meta = _count_on(shadow, torch.empty_like(example, device="meta"))
+    on_cpu = _count_on(model, example)
+    assert on_meta[:2] == on_cpu[:2]  # MACs and parameters
     shadow_names = {m: n for n, m in shadow.named_modules()}
-    assert {shadow_names[m]: v for m, v in on_meta[1].items()} == \
-        {n: on_cpu[1][m] for n, m in model.named_modules() if m in on_cpu[1]}
+    assert {shadow_names[m]: v for m, v in on_meta[2].items()} == \
+        {n: on_cpu[2][m] for n, m in model.named_modules() if m in on_cpu[2]}
     assert macs_by_module(model, example)[0] == on_cpu[0]

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from kpc.cli._common import ModelFileOpt, flag, handle_errors, out_console
+from kpc.stopwatch import steps_summary
 
 
 def register(app: typer.Typer) -> None:
@@ -105,6 +106,4 @@ def inspect_command(
     for number, plan_round in enumerate(summary["rounds"], 1):
         steps = plan_round.get("seconds") or {}
         if steps:  # where a long prune's time went (rounds written before kpc recorded it have none)
-            ordered = sorted(steps.items(), key=lambda item: -item[1]["wall_s"])
-            out_console.print(f"round {number} took " + ", ".join(f"{name} {record['wall_s']:.1f} s"
-                                                                   for name, record in ordered))
+            out_console.print(f"round {number} took {steps_summary(steps)}")
