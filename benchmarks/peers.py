@@ -8,18 +8,20 @@ each pruner's CPU seconds, counted MACs, and speedup over the unpruned model on 
 and torch-cpu (serving sessions, alternating blocks, 95% interval); then kpc's model timed
 directly against ModelOpt's (>1: kpc's is faster). Target: kpc at least as fast (>= 1.00).
 
-Part 2, accuracy (the kpc-trained ResNet-18 Fashion-MNIST teacher of _fmnist.py): every
-pruner at 50% of the FLOPs, and kpc also with a latency budget equal to ModelOpt's measured
-latency (its speedup over the teacher, asked as a latency ratio of kpc's table: at 28x28 the
-teacher runs in about half a millisecond, and absolute medians from separate runs move by 40%
-on a shared host); for each child its speedup over the teacher and its speed against
-ModelOpt's child, both timed interleaved on ort-cpu, its test accuracy straight after pruning
-(BatchNorm re-estimated on the same batches) and after the same short fine-tune. kpc runs
-twice at each budget: with its defaults (summed Taylor values, 256 calibration images) and with
-measured sensitivity (`--importance consumer-l2 --sensitivity 5` on 1,024 images).
-ModelOpt scores its candidate subnets by validation accuracy (the last 5,000 training
-images, BatchNorm calibrated by ModelOpt on training batches). The question it answers:
-at the same measured latency, whose model is most accurate?
+Part 2, accuracy (the kpc-trained ResNet-18 Fashion-MNIST teacher of _fmnist.py): ModelOpt
+FastNAS at 50% of the FLOPs, and kpc, with its defaults and with measured sensitivity
+(`--importance consumer-l2 --sensitivity 5` on 1,024 images), each pruned along a ladder of
+FLOPs budgets (`--ladder`). Every child is timed against ModelOpt's child, interleaved on
+ort-cpu, and scored straight after pruning (BatchNorm re-estimated on the same batches) on
+the validation split (the last 5,000 training images) and the test split. Of each ladder,
+the child compared is the most accurate on validation among those at least as fast as
+ModelOpt's (median ratio >= 1.00); its test accuracy, and after the same short fine-tune,
+is reported. ModelOpt scores its candidate subnets by validation accuracy (BatchNorm
+calibrated by ModelOpt on training batches). The question it answers: at the same measured
+latency, whose model is most accurate? (At 28x28 the teacher runs in about half a
+millisecond; a latency budget in milliseconds, or a table's latency ratio, taken from a
+separate run moves by tens of percent on a shared host, so the ladder is matched by
+measurement.)
 
     .venv/bin/python benchmarks/peers.py --work /tmp/kpc-bench [--part speed|accuracy|both]
 """
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _fmnist import SIZE, TEACHER_DESCRIPTION, accuracy, batches, dataset, macs, teacher, tp_prune
+from _fmnist import SIZE, accuracy, batches, dataset, macs, teacher, teacher_description
 from _record import append_results
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -172,6 +174,18 @@ def part_speed(args: argparse.Namespace) -> None:
     for importance in ("magnitude", "taylor"):
         name = f"Torch-Pruning global {importance}, ratio bisected"
         children[name], seconds[name] = timed(lambda importance=importance: tp(importance))
+    for runtime in filter(None, args.lut_runtimes.split(",")):
+        # kpc's latency budget at ModelOpt's measured latency: does a table of the runtime keep more of the model
+        # (MACs) than a FLOPs search at the same speed? The table is measured once per machine (not counted).
+        table_path = args.work / f"r50-{runtime}-{args.threads}t.json"
+        table = kpc.load_table(table_path) if table_path.is_file() else \
+            kpc.profile(base, example, runtime=runtime, threads=args.threads, out=table_path)
+        over = run_bench(ModelSide(base, size, "baseline"), ModelSide(children["ModelOpt FastNAS flops 50%"], size,
+                                                                       "ModelOpt"),
+                         BenchSettings(runtime=runtime, threads=args.threads, iters=args.iters))["speedup"]["ratio"]
+        name = f"kpc --lut ({runtime} table) --budget-ratio {1 / over:.3f} (ModelOpt's measured latency ratio)"
+        children[name], seconds[name] = timed(lambda table=table, over=over: kpc.prune(
+            base, example, kpc.Budget(ratio=1 / over, table=table), calibration=synthetic, bn_recalibrate=0).model)
     reports = speedups(base, children, size, args.runtimes.split(","), args.threads, args.iters)
     rows = []
     for name, child in children.items():
@@ -199,6 +213,7 @@ def part_speed(args: argparse.Namespace) -> None:
     if not args.no_record:
         append_results("Peers on speed: ResNet-50 at half its FLOPs (issue 15)", headers, rows, threads=args.threads,
                        notes=["CPU seconds of each pruner's call in this process (all threads; imports excluded); "
+                              "(--lut arms: the table's profiling not counted); "
                               "synthetic calibration, 2 batches of 8 for the Taylor pruners; ModelOpt FastNAS scores "
                               "a subnet by minus the MSE of its logits to the parent's on 4 of those images",
                               f"speedups: {args.iters} runs per model in alternating blocks, serving sessions",
@@ -210,14 +225,16 @@ def part_speed(args: argparse.Namespace) -> None:
 
 
 def part_accuracy(args: argparse.Namespace) -> None:
-    parent = teacher(args.work)
+    """Each kpc setting pruned along a ladder of budgets; the one compared is the most accurate on validation
+    among those that run at least as fast as ModelOpt's child (both timed interleaved)."""
+    parent = teacher(args.work, epochs=args.teacher_epochs)
     base = parent.model.eval()
     example = torch.randn(1, *SIZE)
     base_macs = macs(base)
     calibration = batches("train", 8, seed=0)
     bn = batches("train", 20, seed=1)
     val_subset = Subset(dataset("val"), range(1000))
-    settings = BenchSettings(runtime="ort-cpu", threads=args.threads, iters=args.iters)
+    settings = BenchSettings(runtime="ort-cpu", threads=args.threads, iters=args.accuracy_iters)
 
     def score(model: nn.Module) -> float:
         model.eval()
@@ -228,75 +245,80 @@ def part_accuracy(args: argparse.Namespace) -> None:
                 seen += len(labels)
         return correct / seen
 
-    children, seconds = {}, {}
     reference = "ModelOpt FastNAS flops 50%"
-    children[reference], seconds[reference] = timed(lambda: modelopt_fastnas(
+    modelopt, modelopt_seconds = timed(lambda: modelopt_fastnas(
         base, example, 0.5, [images for images, _labels in bn], score, args.work / "modelopt-r18.pth"))
-    # Sub-millisecond medians from separate runs move by 40% on a shared host; a speedup over the
-    # teacher, timed interleaved, is what carries over to kpc's own latency ratio budget.
-    modelopt_speedup = run_bench(ModelSide(base, SIZE, "teacher"), ModelSide(children[reference], SIZE, reference),
-                                 settings)["speedup"]["ratio"]
-    name = "kpc --budget-ratio 0.5 --runtime ort-cpu"
-    children[name], seconds[name] = timed(lambda: kpc.prune(
-        base, example, kpc.Budget(ratio=0.5, target={"runtime": "ort-cpu"}), calibration=calibration,
-        bn_recalibrate=0).model)
-    table_path = args.work / f"r18-fmnist-{args.threads}t.json"
-    table = kpc.load_table(table_path) if table_path.is_file() else \
-        kpc.profile(base, example, runtime="ort-cpu", threads=args.threads, out=table_path)
-    name = f"kpc --lut --budget-ratio {1 / modelopt_speedup:.3f} (ModelOpt's latency ratio)"
-    children[name], seconds[name] = timed(lambda: kpc.prune(
-        base, example, kpc.Budget(ratio=1 / modelopt_speedup, table=table), calibration=calibration,
-        bn_recalibrate=0).model)
-    # kpc.sensitivity: widths valued on the output, on 1,024 training images (ModelOpt reads 640 for its
-    # BatchNorm and scores on 1,000)
+    over_teacher = run_bench(ModelSide(base, SIZE, "teacher"), ModelSide(modelopt, SIZE, reference),
+                             settings)["speedup"]
     measured = kpc.PruneSettings(importance="consumer-l2", sensitivity=5, calib_batches=32)
     more = batches("train", measured.calib_batches, seed=0)
-    name = "kpc --budget-ratio 0.5 --runtime ort-cpu --importance consumer-l2 --sensitivity 5 --calib-batches 32"
-    children[name], seconds[name] = timed(lambda: kpc.prune(
-        base, example, kpc.Budget(ratio=0.5, target={"runtime": "ort-cpu"}), calibration=more,
-        bn_recalibrate=0, settings=measured).model)
-    name = (f"kpc --lut --budget-ratio {1 / modelopt_speedup:.3f} --importance consumer-l2 --sensitivity 5 "
-            "--calib-batches 32")
-    children[name], seconds[name] = timed(lambda: kpc.prune(
-        base, example, kpc.Budget(ratio=1 / modelopt_speedup, table=table), calibration=more,
-        bn_recalibrate=0, settings=measured).model)
-    for importance, uniform in (("magnitude", True), ("taylor", False)):
-        name = f"Torch-Pruning {'uniform' if uniform else 'global'} {importance}"
-        children[name], seconds[name] = timed(lambda importance=importance, uniform=uniform: tp_prune(
-            base, base_macs * 0.5, importance=importance, global_pruning=not uniform, calibration=calibration))
+    arms = [("kpc (defaults)", kpc.PruneSettings(), calibration),
+            ("kpc --importance consumer-l2 --sensitivity 5 --calib-batches 32", measured, more)]
     if args.only:
-        children = {name: child for name, child in children.items()
-                    if name == reference or any(part in name for part in args.only.split(","))}
-    rows = []
-    for name, child in children.items():
-        over_teacher = run_bench(ModelSide(base, SIZE, "teacher"), ModelSide(child, SIZE, name), settings)["speedup"]
-        if name == reference:
-            over_modelopt = "1 (itself)"
-        else:
-            versus = run_bench(ModelSide(children[reference], SIZE, reference), ModelSide(child, SIZE, name),
-                               settings)["speedup"]
-            over_modelopt = f"{versus['ratio']:.3f}x ({versus['ci_low']:.3f}-{versus['ci_high']:.3f})"
-        recalibrated = copy.deepcopy(child)
+        arms = [arm for arm in arms if any(part in arm[0] for part in args.only.split(","))]
+    ladder = [float(value) for value in args.ladder.split(",")]
+
+    def evaluate(model: nn.Module) -> tuple[nn.Module, float, float]:
+        recalibrated = copy.deepcopy(model)
         recalibrate_batchnorm(recalibrated, bn, len(bn))
-        oneshot = accuracy(recalibrated, "test")
-        tuned = finetune(recalibrated, name, args)
-        rows.append([name, f"{seconds[name]:.0f}", f"{macs(child) / base_macs:.3f}",
-                     f"{over_teacher['ratio']:.2f}x ({over_teacher['ci_low']:.2f}-{over_teacher['ci_high']:.2f})",
-                     over_modelopt, f"{oneshot:.2f}", f"{tuned:.2f}"])
-        print(" | ".join(rows[-1]), flush=True)
-    headers = ["pruner (ResNet-18 Fashion-MNIST teacher)", "CPU-s", "MACs / teacher", "speedup over the teacher",
-               "speed / ModelOpt's (>1: faster)", "test top-1 one-shot (BN re-estimated)",
-               f"test top-1 after {args.epochs} epochs"]
+        return recalibrated, accuracy(recalibrated, "val"), accuracy(recalibrated, "test")
+
+    modelopt_bn, modelopt_val, modelopt_test = evaluate(modelopt)
+    rows = [[reference, "flops 50%", f"{modelopt_seconds:.0f}", f"{macs(modelopt) / base_macs:.3f}",
+             "1 (itself)", f"{modelopt_val:.2f}", f"{modelopt_test:.2f}", "reference"]]
+    print(" | ".join(rows[-1]), f"(over the teacher {over_teacher['ratio']:.2f}x)", flush=True)
+    verdicts, tuned = [], {reference: finetune(modelopt_bn, reference, args)}
+    for label, prune_settings, data in arms:
+        points = []
+        for ratio in ladder:
+            budget = kpc.Budget(ratio=ratio, target={"runtime": "ort-cpu"})
+            child, seconds = timed(lambda budget=budget, prune_settings=prune_settings, data=data: kpc.prune(
+                base, example, budget, calibration=data, bn_recalibrate=0, settings=prune_settings).model)
+            versus = run_bench(ModelSide(modelopt, SIZE, reference), ModelSide(child, SIZE, label),
+                               settings)["speedup"]
+            recalibrated, val, test = evaluate(child)
+            points.append((ratio, versus, val, test, recalibrated, len(rows)))
+            rows.append([label, f"--budget-ratio {ratio:g} --runtime ort-cpu", f"{seconds:.0f}",
+                         f"{macs(child) / base_macs:.3f}",
+                         f"{versus['ratio']:.3f}x ({versus['ci_low']:.3f}-{versus['ci_high']:.3f})",
+                         f"{val:.2f}", f"{test:.2f}", ""])
+            print(" | ".join(rows[-1]), flush=True)
+        fast_enough = [point for point in points if point[1]["ratio"] >= 1.0]
+        if not fast_enough:
+            verdicts.append([label, "no budget of the ladder ran at ModelOpt's speed", "-", "-", "-", "-",
+                             "NOT met"])
+            continue
+        ratio, versus, val, test, chosen, row = max(fast_enough, key=lambda point: point[2])
+        rows[row][-1] = "chosen"
+        name = f"{label} --budget-ratio {ratio:g}"
+        tuned[name] = finetune(chosen, name, args)
+        verdicts.append([label, f"--budget-ratio {ratio:g}", f"{versus['ratio']:.3f}x", f"{test:.2f}",
+                         f"{modelopt_test:.2f}", f"{tuned[name]:.2f} / {tuned[reference]:.2f}",
+                         "met" if test >= modelopt_test else "NOT met"])
+        print(" | ".join(verdicts[-1]), flush=True)
+    headers = ["pruner (ResNet-18 Fashion-MNIST teacher)", "budget", "CPU-s", "MACs / teacher",
+               "speed / ModelOpt's (>1: faster; 95% CI)", "val top-1 one-shot", "test top-1 one-shot",
+               "at ModelOpt's latency"]
+    verdict_headers = ["kpc setting", "chosen on validation (fastest enough, most accurate)",
+                       "speed / ModelOpt's", "kpc test top-1 one-shot", "ModelOpt's test top-1 one-shot",
+                       f"test top-1 after {args.epochs} epochs, kpc / ModelOpt",
+                       "target: kpc >= ModelOpt at its latency"]
+    print(" | ".join(verdict_headers))
     if not args.no_record:
         teacher_test = accuracy(base, "test")
+        notes = [f"teacher ({teacher_description(args.teacher_epochs)}) test {teacher_test:.2f}%",
+                 "BatchNorm re-estimated on the same 20 batches of 32 for every child; one-shot = no fine-tune; "
+                 f"fine-tune: cross-entropy, kpc.train.fit, {args.epochs} epochs on {args.subset} training images, "
+                 f"lr {args.lr}, seed 0 (chosen children and ModelOpt's only)",
+                 "ModelOpt's score: top-1 on 1,000 validation images (last 5,000 training images)",
+                 f"speeds: ort-cpu, batch 1, serving sessions, {args.accuracy_iters} runs per model in alternating "
+                 f"blocks (95% interval); ModelOpt's child over the teacher {over_teacher['ratio']:.2f}x",
+                 "chosen: of each setting's ladder, the child with the best validation top-1 among those "
+                 "whose median speed is at least ModelOpt's child's; the test split is reported"]
         append_results("Peers on accuracy at a measured latency (issue 15)", headers, rows, threads=args.threads,
-                       notes=[f"teacher ({TEACHER_DESCRIPTION}) test {teacher_test:.2f}%",
-                              "BatchNorm re-estimated on the same 20 batches of 32 "
-                              "for every child; fine-tune: cross-entropy, kpc.train.fit, "
-                              f"{args.epochs} epochs on {args.subset} training images, lr {args.lr}, seed 0",
-                              "ModelOpt's score: top-1 on 1,000 validation images (last 5,000 training images)",
-                              "speeds: ort-cpu, batch 1, serving sessions, alternating blocks (95% interval); kpc's "
-                              "latency arm asks for ModelOpt's measured speedup as a latency ratio of its table"])
+                       notes=notes)
+        append_results("kpc against ModelOpt at ModelOpt's measured latency (issue 15)", verdict_headers,
+                       verdicts, threads=args.threads, notes=notes[:1])
 
 
 def finetune(model: nn.Module, name: str, args: argparse.Namespace) -> float:
@@ -321,8 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--subset", type=int, default=15_000)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--only", help="accuracy part: comma-separated substrings of the arms to report "
-                        "(ModelOpt's always; every arm is still pruned)")
+    parser.add_argument("--only", help="accuracy part: comma-separated substrings of the kpc settings to run "
+                        "('defaults', 'sensitivity'); ModelOpt's always")
+    parser.add_argument("--lut-runtimes", default="",
+                        help="speed part: also prune kpc with a latency table of these runtimes (profiled into --work "
+                        "if missing), asked for ModelOpt's measured latency ratio")
+    parser.add_argument("--ladder", default="0.4,0.45,0.5,0.55",
+                        help="accuracy part: the FLOPs ratios each kpc setting is pruned to")
+    parser.add_argument("--accuracy-iters", type=int, default=2000,
+                        help="accuracy part: runs per model when timing a child against ModelOpt's (sub-ms models)")
+    parser.add_argument("--teacher-epochs", type=int, default=30,
+                        help="accuracy part: the teacher's schedule (30: the published teacher; fewer train faster)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
