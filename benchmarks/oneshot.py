@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _fmnist import TEACHER_DESCRIPTION, accuracy, batches, macs, stage_widths, teacher, tp_prune
+from _fmnist import accuracy, batches, macs, stage_widths, teacher, teacher_description, tp_prune
 from _record import append_results
 from rich.console import Console
 from rich.table import Table
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", help="comma-separated subset of the arms")
     parser.add_argument("--teacher", type=Path, help="another teacher artifact trained on the same split (1x28x28 "
                         "Fashion-MNIST), e.g. torchvision's resnet18 from `kpc train`; default: the cached one")
+    parser.add_argument("--teacher-epochs", type=int, default=30,
+                        help="the cached teacher's schedule (30: the published teacher; fewer train faster)")
     parser.add_argument("--no-record", action="store_true")
     return parser.parse_args(argv)
 
@@ -74,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console()
-    loaded = open_model(str(args.teacher)) if args.teacher else teacher(args.work)
+    loaded = open_model(str(args.teacher)) if args.teacher else teacher(args.work, epochs=args.teacher_epochs)
     parent = loaded.model.eval()
     built = loaded.plan.model
     description = f"{built.get('source')}:{built.get('name')} trained by kpc train, {args.teacher}" if args.teacher \
-        else TEACHER_DESCRIPTION
+        else teacher_description(args.teacher_epochs)
     base_macs = macs(parent)
     teacher_val, teacher_test = accuracy(parent, "val"), accuracy(parent, "test")
     console.print(f"teacher: val {teacher_val:.2f}%  test {teacher_test:.2f}%  {base_macs / 1e6:.1f} MMACs")
