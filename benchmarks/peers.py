@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -356,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="accuracy part: the teacher's schedule (30: the published teacher; fewer train faster)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
+    # kpc's own account of each prune (closed-loop rounds, sensitivity progress) in the benchmark's log
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("modelopt", "torch", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     if args.part in ("speed", "both"):
