@@ -34,9 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = (1, 28, 28)
 TRAIN_IMAGES = 55_000  # the teacher's training images; the rest of the training split is validation
 TEACHER_SPEC = f"{Path(__file__).resolve().with_name('fmnist_net.py')}:resnet18_small"
-TEACHER_EPOCHS = 30
-TEACHER_DESCRIPTION = ("ResNet-18 laid out for 28x28 (benchmarks/fmnist_net.py:resnet18_small), trained by kpc "
-                       "train on the first 55,000 Fashion-MNIST training images, 30 epochs")
+TEACHER_EPOCHS = 30  # the published teacher's schedule
 
 
 def teacher_args(epochs: int = TEACHER_EPOCHS) -> list[str]:
@@ -45,7 +43,11 @@ def teacher_args(epochs: int = TEACHER_EPOCHS) -> list[str]:
 
 
 def teacher_description(epochs: int = TEACHER_EPOCHS) -> str:
-    return TEACHER_DESCRIPTION.replace("30 epochs", f"{epochs} epochs")
+    return ("ResNet-18 laid out for 28x28 (benchmarks/fmnist_net.py:resnet18_small), trained by kpc train on the "
+            f"first 55,000 Fashion-MNIST training images, {epochs} epochs")
+
+
+TEACHER_DESCRIPTION = teacher_description()
 
 
 def teacher(work: Path, spec: str = TEACHER_SPEC, epochs: int = TEACHER_EPOCHS) -> LoadedModel:

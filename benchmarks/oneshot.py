@@ -30,7 +30,16 @@ import time
 from pathlib import Path
 
 import torch
-from _fmnist import accuracy, batches, macs, stage_widths, teacher, teacher_description, tp_prune
+from _fmnist import (
+    TEACHER_EPOCHS,
+    accuracy,
+    batches,
+    macs,
+    stage_widths,
+    teacher,
+    teacher_description,
+    tp_prune,
+)
 from _record import append_results
 from rich.console import Console
 from rich.table import Table
@@ -66,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", help="comma-separated subset of the arms")
     parser.add_argument("--teacher", type=Path, help="another teacher artifact trained on the same split (1x28x28 "
                         "Fashion-MNIST), e.g. torchvision's resnet18 from `kpc train`; default: the cached one")
-    parser.add_argument("--teacher-epochs", type=int, default=30,
+    parser.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS,
                         help="the cached teacher's schedule (30: the published teacher; fewer train faster)")
     parser.add_argument("--no-record", action="store_true")
     return parser.parse_args(argv)

@@ -9,19 +9,19 @@ and torch-cpu (serving sessions, alternating blocks, 95% interval); then kpc's m
 directly against ModelOpt's (>1: kpc's is faster). Target: kpc at least as fast (>= 1.00).
 
 Part 2, accuracy (the kpc-trained ResNet-18 Fashion-MNIST teacher of _fmnist.py): ModelOpt
-FastNAS at 50% of the FLOPs, and kpc, with its defaults and with measured sensitivity
-(`--importance consumer-l2 --sensitivity 5` on 1,024 images), each pruned along a ladder of
-FLOPs budgets (`--ladder`). Every child is timed against ModelOpt's child, interleaved on
-ort-cpu, and scored straight after pruning (BatchNorm re-estimated on the same batches) on
-the validation split (the last 5,000 training images) and the test split. Of each ladder,
-the child compared is the most accurate on validation among those at least as fast as
-ModelOpt's (median ratio >= 1.00); its test accuracy, and after the same short fine-tune,
-is reported. ModelOpt scores its candidate subnets by validation accuracy (BatchNorm
-calibrated by ModelOpt on training batches). The question it answers: at the same measured
-latency, whose model is most accurate? (At 28x28 the teacher runs in about half a
-millisecond; a latency budget in milliseconds, or a table's latency ratio, taken from a
-separate run moves by tens of percent on a shared host, so the ladder is matched by
-measurement.)
+FastNAS and Torch-Pruning (uniform magnitude, global Taylor) at 50% of the FLOPs, and kpc,
+with its defaults and with measured sensitivity (`--importance consumer-l2 --sensitivity 5`
+on 1,024 images), each pruned along a ladder of FLOPs budgets (`--ladder`). Every child is
+timed against ModelOpt's child, interleaved on ort-cpu, and scored straight after pruning
+(BatchNorm re-estimated on the same batches) on the validation split (the last 5,000
+training images) and the test split. Of each kpc ladder, the child compared is the most
+accurate on validation among those at least as fast as ModelOpt's (median ratio >= 1.00);
+its test accuracy, and after the same short fine-tune, is reported. ModelOpt scores its
+candidate subnets by validation accuracy (BatchNorm calibrated by ModelOpt on training
+batches). The question it answers: at the same measured latency, whose model is most
+accurate? (At 28x28 the teacher runs in about half a millisecond; a latency budget in
+milliseconds, or a table's latency ratio, taken from a separate run moves by tens of
+percent on a shared host, so the ladder is matched by measurement.)
 
     .venv/bin/python benchmarks/peers.py --work /tmp/kpc-bench [--part speed|accuracy|both]
 """
@@ -35,10 +35,20 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from _fmnist import SIZE, accuracy, batches, dataset, macs, teacher, teacher_description
+from _fmnist import (
+    SIZE,
+    TEACHER_EPOCHS,
+    accuracy,
+    batches,
+    dataset,
+    macs,
+    teacher,
+    teacher_description,
+    tp_prune,
+)
 from _record import append_results
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -225,6 +235,15 @@ def part_speed(args: argparse.Namespace) -> None:
                        threads=args.threads, notes=["both children timed against each other in alternating blocks"])
 
 
+class LadderPoint(NamedTuple):
+    ratio: float
+    versus: dict[str, Any]  # the child's speed against ModelOpt's child (run_bench's "speedup")
+    val: float
+    test: float
+    recalibrated: nn.Module
+    row: int  # its row in the table
+
+
 def part_accuracy(args: argparse.Namespace) -> None:
     """Each kpc setting pruned along a ladder of budgets; the one compared is the most accurate on validation
     among those that run at least as fast as ModelOpt's child (both timed interleaved)."""
@@ -268,6 +287,16 @@ def part_accuracy(args: argparse.Namespace) -> None:
     rows = [[reference, "flops 50%", f"{modelopt_seconds:.0f}", f"{macs(modelopt) / base_macs:.3f}",
              "1 (itself)", f"{modelopt_val:.2f}", f"{modelopt_test:.2f}", "reference"]]
     print(" | ".join(rows[-1]), f"(over the teacher {over_teacher['ratio']:.2f}x)", flush=True)
+    for importance, uniform in (("magnitude", True), ("taylor", False)):
+        name = f"Torch-Pruning {'uniform' if uniform else 'global'} {importance}"
+        child, seconds = timed(lambda importance=importance, uniform=uniform: tp_prune(
+            base, base_macs * 0.5, importance=importance, global_pruning=not uniform, calibration=calibration))
+        versus = run_bench(ModelSide(modelopt, SIZE, reference), ModelSide(child, SIZE, name), settings)["speedup"]
+        _recalibrated, val, test = evaluate(child)
+        rows.append([name, "flops 50% (ratio bisected)", f"{seconds:.0f}", f"{macs(child) / base_macs:.3f}",
+                     f"{versus['ratio']:.3f}x ({versus['ci_low']:.3f}-{versus['ci_high']:.3f})", f"{val:.2f}",
+                     f"{test:.2f}", ""])
+        print(" | ".join(rows[-1]), flush=True)
     verdicts, tuned = [], {reference: finetune(modelopt_bn, reference, args)}
     for label, prune_settings, data in arms:
         points = []
@@ -278,24 +307,24 @@ def part_accuracy(args: argparse.Namespace) -> None:
             versus = run_bench(ModelSide(modelopt, SIZE, reference), ModelSide(child, SIZE, label),
                                settings)["speedup"]
             recalibrated, val, test = evaluate(child)
-            points.append((ratio, versus, val, test, recalibrated, len(rows)))
+            points.append(LadderPoint(ratio, versus, val, test, recalibrated, len(rows)))
             rows.append([label, f"--budget-ratio {ratio:g} --runtime ort-cpu", f"{seconds:.0f}",
                          f"{macs(child) / base_macs:.3f}",
                          f"{versus['ratio']:.3f}x ({versus['ci_low']:.3f}-{versus['ci_high']:.3f})",
                          f"{val:.2f}", f"{test:.2f}", ""])
             print(" | ".join(rows[-1]), flush=True)
-        fast_enough = [point for point in points if point[1]["ratio"] >= 1.0]
+        fast_enough = [point for point in points if point.versus["ratio"] >= 1.0]
         if not fast_enough:
             verdicts.append([label, "no budget of the ladder ran at ModelOpt's speed", "-", "-", "-", "-",
                              "NOT met"])
             continue
-        ratio, versus, val, test, chosen, row = max(fast_enough, key=lambda point: point[2])
-        rows[row][-1] = "chosen"
-        name = f"{label} --budget-ratio {ratio:g}"
-        tuned[name] = finetune(chosen, name, args)
-        verdicts.append([label, f"--budget-ratio {ratio:g}", f"{versus['ratio']:.3f}x", f"{test:.2f}",
+        best = max(fast_enough, key=lambda point: point.val)
+        rows[best.row][-1] = "chosen"
+        name = f"{label} --budget-ratio {best.ratio:g}"
+        tuned[name] = finetune(best.recalibrated, name, args)
+        verdicts.append([label, f"--budget-ratio {best.ratio:g}", f"{best.versus['ratio']:.3f}x", f"{best.test:.2f}",
                          f"{modelopt_test:.2f}", f"{tuned[name]:.2f} / {tuned[reference]:.2f}",
-                         "met" if test >= modelopt_test else "NOT met"])
+                         "met" if best.test >= modelopt_test else "NOT met"])
         print(" | ".join(verdicts[-1]), flush=True)
     headers = ["pruner (ResNet-18 Fashion-MNIST teacher)", "budget", "CPU-s", "MACs / teacher",
                "speed / ModelOpt's (>1: faster; 95% CI)", "val top-1 one-shot", "test top-1 one-shot",
@@ -353,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="accuracy part: the FLOPs ratios each kpc setting is pruned to")
     parser.add_argument("--accuracy-iters", type=int, default=2000,
                         help="accuracy part: runs per model when timing a child against ModelOpt's (sub-ms models)")
-    parser.add_argument("--teacher-epochs", type=int, default=30,
+    parser.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS,
                         help="accuracy part: the teacher's schedule (30: the published teacher; fewer train faster)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
