@@ -9,6 +9,7 @@ latency plan lands in a window around the budget and the loop aims inside it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +63,7 @@ class CostModel(Protocol):
 
     def option_costs(self, widths: np.ndarray, group: int, options: np.ndarray) -> np.ndarray: ...
 
-    def measure(self, model: Any) -> float:
-        """The real cost of a built model: counted MACs or timed milliseconds, in internal units."""
+    def measure(self, model: Any) -> float | Sequence[float]:
+        """The real cost of a built model, in internal units: counted MACs (one exact figure) or timed
+        milliseconds (one figure per runtime session; their scatter is the timing's noise)."""
         ...

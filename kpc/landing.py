@@ -12,13 +12,21 @@ Two rules keep it honest on a noisy machine:
 * **The kept plan's figure pools every timing of it.** For latency the kept plan is
   timed once more at the end and the reported cost is the median of its timings, with
   their spread, not the luckiest one.
+* **No refining below the timer's resolution.** A timing is several samples (one per
+  runtime session); their scatter, pooled over every plan measured, says how far apart two
+  timings of one plan fall on this machine. A plan whose timing is within that noise of
+  the aim is as centred as the machine can tell, and a new plan predicted within that
+  noise of one already measured is not measured as if it were new evidence: on a shared
+  2-core VM plans predicted within 0.3% of each other timed 80-90 ms, and the loop spent
+  eight rounds (1,118 CPU-s) chasing it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +56,16 @@ class Candidate:
     def counted(self) -> float:
         return float(statistics.median(self.samples))
 
+    def standard_error(self, noise: float | None = None) -> float:
+        """The relative standard error of this plan's figure: from `noise` (one sample's relative
+        scatter) if given, else from its own samples; 0 with a single sample and no `noise`."""
+        if noise is None:
+            mean = statistics.fmean(self.samples)
+            if len(self.samples) < 2 or mean <= 0:
+                return 0.0
+            noise = statistics.stdev(self.samples) / mean
+        return noise / math.sqrt(len(self.samples))
+
 
 @dataclass
 class Realised:
@@ -65,6 +83,16 @@ class LandingResult:
     landed: bool
 
 
+def samples_of(measured: float | Sequence[float]) -> list[float]:
+    """A measurement as samples: a count is one exact sample; a timing is one sample per runtime session."""
+    if isinstance(measured, Sequence | np.ndarray):
+        values = [float(v) for v in measured]
+        if not values:
+            raise ValueError("a measurement without a single sample")
+        return values
+    return [float(measured)]
+
+
 def plan_key(widths: Any) -> tuple[float, ...]:
     """What makes two solves the same plan: their widths."""
     return tuple(float(w) for w in np.asarray(widths).ravel())
@@ -80,11 +108,55 @@ class ClosedLoop:
         self.attempts: list[Attempt] = []
         self.candidates: dict[tuple[float, ...], Candidate] = {}
 
-    def seed(self, solution: Any, model: Any, counted: float) -> None:
+    def seed(self, solution: Any, model: Any, measured: float | Sequence[float]) -> None:
         """A plan measured before the loop (the all-smallest one): a candidate and a point, never measured again."""
         key = plan_key(solution.widths)
-        self.attempts.append(Attempt(solution.cost, solution.cost, counted))
-        self.candidates[key] = Candidate(key, model, solution, [counted], len(self.attempts))
+        candidate = Candidate(key, model, solution, samples_of(measured), len(self.attempts) + 1)
+        self.attempts.append(Attempt(solution.cost, solution.cost, candidate.counted))
+        self.candidates[key] = candidate
+
+    def noise(self) -> float:
+        """One sample's relative scatter, pooled over every plan with more than one sample; 0 with none.
+
+        Pooled rather than per plan: three samples of one plan can agree by chance (1.7% against a
+        typical 4% on a shared VM), and one plan's luck would then pass for the machine's resolution.
+        """
+        squares, freedom = 0.0, 0
+        for candidate in self.candidates.values():
+            if len(candidate.samples) < 2:
+                continue
+            mean = statistics.fmean(candidate.samples)
+            if mean <= 0:
+                continue
+            squares += sum((s / mean - 1) ** 2 for s in candidate.samples)
+            freedom += len(candidate.samples) - 1
+        return math.sqrt(squares / freedom) if freedom else 0.0
+
+    def centred(self, candidate: Candidate) -> bool:
+        """In the window, and at the aim as closely as this machine's timings can tell.
+
+        The aim window widens by the plan's standard error (pooled noise over its samples): a
+        plan 3% from the aim whose figure is uncertain by 3% cannot be told from one at the aim,
+        and solving again would only chase the timer.
+        """
+        if not self.landing.lands(candidate.counted, self.limit):
+            return False
+        slack = candidate.standard_error(self.noise()) * candidate.counted / self.limit
+        return self.landing.lands(candidate.counted, self.limit, aim=True, slack=slack)
+
+    def indistinguishable(self, solution: Any) -> Candidate | None:
+        """A measured plan the cost model puts within the timings' resolution of `solution`, if any.
+
+        Timing such a plan would be one more noisy sample of the same latency, read by the loop as new
+        evidence; it counts as a repeat instead. Exact costs (FLOPs) have no noise: only the same widths
+        repeat.
+        """
+        noise = self.noise()
+        if noise <= 0:
+            return None
+        near = [c for c in self.candidates.values()
+                if abs(solution.cost - c.solution.cost) <= c.standard_error(noise) * abs(c.solution.cost)]
+        return min(near, key=lambda c: abs(solution.cost - c.solution.cost), default=None)
 
     def _clamp(self, target: float) -> float:
         return min(max(target, self.floor), self.ceiling)
@@ -96,11 +168,11 @@ class ClosedLoop:
         while True:
             solution = solve(target)
             key = plan_key(solution.widths)
-            known = self.candidates.get(key)
+            known = self.candidates.get(key) or self.indistinguishable(solution)
             if known is not None:
                 repeats += 1
                 self.attempts.append(Attempt(target, solution.cost, known.counted, repeat_of=known.attempt))
-                if repeats > MAX_REPEATS or self.landing.lands(known.counted, self.limit, aim=True):
+                if repeats > MAX_REPEATS or self.centred(known):
                     break
                 target = self._nudge(target, known.counted, repeats)
                 continue
@@ -113,15 +185,17 @@ class ClosedLoop:
                 if errors > self.max_errors:
                     break
                 continue
-            counted = float(measure(realised.model))
-            candidate = Candidate(key, realised.model, solution, [counted], len(self.attempts) + 1)
+            candidate = Candidate(key, realised.model, solution, samples_of(measure(realised.model)),
+                                  len(self.attempts) + 1)
+            counted = candidate.counted
             self.candidates[key] = candidate
             self.attempts.append(Attempt(target, solution.cost, counted))
             measured_rounds += 1
             if self.unit == "ms":
-                log.info("round %d: predicted %.3f ms, measured %.3f ms (budget %.3f ms)", measured_rounds,
-                         solution.cost / self.scale, counted / self.scale, self.limit / self.scale)
-            if self.landing.lands(counted, self.limit, aim=True) or measured_rounds >= self.landing.max_rounds:
+                log.info("round %d: predicted %.3f ms, measured %.3f ms +-%.1f%% (budget %.3f ms)", measured_rounds,
+                         solution.cost / self.scale, counted / self.scale,
+                         100 * candidate.standard_error(self.noise()), self.limit / self.scale)
+            if self.centred(candidate) or measured_rounds >= self.landing.max_rounds:
                 break
             repeats = 0
             target = self._clamp(next_target(self.attempts, self.landing.aim_at(self.limit), self.landing))
@@ -130,45 +204,57 @@ class ClosedLoop:
 
             last = next((a.error for a in reversed(self.attempts) if a.error), "no plan could be built")
             raise KpcError(f"no pruned model could be built under the budget ({last})")
-        kept = choose(list(self.candidates.values()), self.limit, self.landing)
+        kept = choose(list(self.candidates.values()), self.limit, self.landing, self.centred)
         if self.confirm:  # time the kept plan once more: its figure is the median of every timing of it
-            kept.samples.append(float(measure(kept.model)))
+            kept.samples.extend(samples_of(measure(kept.model)))
             self._settle(kept, measure)
+        self._warn_if_coarse()
         return LandingResult(kept, self.attempts, self._landed(kept))
 
-    def _settle(self, kept: Candidate, measure: Callable[[Any], float]) -> None:
-        """Time the kept plan again while its timings disagree by more than the window is wide and miss it.
+    def _settle(self, kept: Candidate, measure: Callable[[Any], float | Sequence[float]]) -> None:
+        """Time the kept plan again while its figure is less certain than the window is wide and misses it.
 
         Two timings of one plan can differ by more than the whole window on a launch-bound GPU
         (4.27 and 5.08 ms for one ResNet-50 child on an H200: a 17% spread against a 7% window);
         their median then says little about the landing. Up to SETTLE_TIMINGS more timings
-        make it a median of several; timings that agree, or a median inside the window, stop it.
+        make it a median of more samples; a figure whose +-2 standard errors fit in the window's
+        width, or a median inside the window, stops it.
         """
         width = self.landing.window[1] - self.landing.window[0]
         for _ in range(SETTLE_TIMINGS):
             if self.landing.lands(kept.counted, self.limit) or kept.counted <= 0:
                 return
-            if (max(kept.samples) - min(kept.samples)) / kept.counted <= width:
+            if 4 * kept.standard_error() <= width:
                 return
-            kept.samples.append(float(measure(kept.model)))
+            kept.samples.extend(samples_of(measure(kept.model)))
+
+    def _warn_if_coarse(self) -> None:
+        """Say so when one timing on this machine is less certain than the landing window is wide."""
+        noise = self.noise()
+        width = self.landing.window[1] - self.landing.window[0]
+        if self.unit == "ms" and noise > width:
+            log.warning("timings on this machine scatter by %.1f%% (one runtime session against another), more than "
+                        "the landing window %s is wide: the landing is as close as the machine can tell; time on a "
+                        "quieter machine, or with more threads free, for a closer one", 100 * noise,
+                        self.landing.describe())
 
     def _landed(self, kept: Candidate) -> bool:
-        """In the window; or, for timings, outside it by less than the spread of the kept plan's own timings.
+        """In the window; or, for timings, outside it by less than two standard errors of the kept plan's figure.
 
-        A plan timed twice at values further apart than its distance to the window cannot be told
+        A plan whose own timings scatter further than its distance to the window cannot be told
         to be outside it on this machine (a 0.05 ms model: -5.7% against a -5% edge).
         """
         if self.landing.lands(kept.counted, self.limit):
             return True
         if not self.confirm or len(kept.samples) < 2 or kept.counted <= 0:
             return False
-        spread = (max(kept.samples) - min(kept.samples)) / kept.counted
-        if not self.landing.lands(kept.counted, self.limit, slack=spread):
+        uncertain = 2 * kept.standard_error()
+        if not self.landing.lands(kept.counted, self.limit, slack=uncertain):
             return False
         log.warning("the kept plan measures %.4g %s against a budget of %.4g (%+.1f%%), outside the window %s by less "
-                    "than the spread of its own timings (%.1f%%): counted as landed", kept.counted / self.scale,
-                    self.unit, self.limit / self.scale, 100 * (kept.counted / self.limit - 1),
-                    self.landing.describe(), 100 * spread)
+                    "than two standard errors of its own timings (%.1f%%): counted as landed",
+                    kept.counted / self.scale, self.unit, self.limit / self.scale,
+                    100 * (kept.counted / self.limit - 1), self.landing.describe(), 100 * uncertain)
         return True
 
     def _nudge(self, target: float, counted: float, repeats: int) -> float:
@@ -216,10 +302,12 @@ def next_target(attempts: list[Attempt], aim: float, landing: Landing) -> float:
     return guess
 
 
-def choose(candidates: list[Candidate], limit: float, landing: Landing) -> Candidate:
-    """The best plan near the aim; else the one in the window closest to the aim; else the largest within
-    the window's top; else the smallest."""
-    centred = [c for c in candidates if landing.lands(c.counted, limit, aim=True)]
+def choose(candidates: list[Candidate], limit: float, landing: Landing,
+           is_centred: Callable[[Candidate], bool] | None = None) -> Candidate:
+    """The best plan near the aim (`is_centred`, by default inside the aim window); else the one in the window
+    closest to the aim; else the largest within the window's top; else the smallest."""
+    is_centred = is_centred or (lambda c: landing.lands(c.counted, limit, aim=True))
+    centred = [c for c in candidates if is_centred(c)]
     if centred:
         return max(centred, key=lambda c: c.solution.value)
     landed = [c for c in candidates if landing.lands(c.counted, limit)]

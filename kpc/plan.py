@@ -197,7 +197,8 @@ class PruneRound:
     min_channels: int = 1
     ignore: list[str] = field(default_factory=list)
     landed: bool | None = None  # None for rounds written before kpc-artifact/2
-    counted_samples: list[float] = field(default_factory=list)  # every timing of the kept plan (latency)
+    # latency: every timing of the kept plan, one figure per runtime session
+    counted_samples: list[float] = field(default_factory=list)
     latency_table: dict[str, Any] | None = None
     bn_recalibration: dict[str, Any] | None = None
     seconds: dict[str, dict[str, float]] | None = None  # each step's {"wall_s", "cpu_s"} (kpc.stopwatch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import logging
 import math
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,7 +42,7 @@ from kpc.importance import (
     resolve_precision,
     score_groups,
 )
-from kpc.landing import ClosedLoop, Realised
+from kpc.landing import ClosedLoop, Realised, samples_of
 from kpc.modelcopy import copy_model
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
@@ -391,7 +392,7 @@ class _Pruner:
         built = self.build(solution, state)
         if built.model is None:
             return None
-        return Candidate(plan_key(widths), built.model, solution, [float(cost.measure(built.model))],
+        return Candidate(plan_key(widths), built.model, solution, samples_of(cost.measure(built.model)),
                          grown_from.attempt)
 
     def measure_sensitivity(self, graph: Any, groups: list[ChannelGroup], state: _State) -> None:
@@ -513,8 +514,10 @@ class _Pruner:
                            f"({full_cost / cost.scale:.4g} {cost.unit}): nothing to prune; ask for less")
         return limit
 
-    def check_reachable(self, limit: float, floor: float, full_cost: float, cost: CostModel, state: _State,
-                        full_widths: np.ndarray, round_to: int) -> tuple[Solution, nn.Module, float] | None:
+    def check_reachable(
+        self, limit: float, floor: float, full_cost: float, cost: CostModel, state: _State, full_widths: np.ndarray,
+        round_to: int,
+    ) -> tuple[Solution, nn.Module, float | Sequence[float]] | None:
         """Refuse a budget below the smallest cost any plan reaches, naming that minimum.
 
         Returns the all-smallest plan when it was built and timed (latency budgets), so that
@@ -543,13 +546,14 @@ class _Pruner:
         built = self.build(solution, state)
         if built.model is None:
             return None
-        measured = cost.measure(built.model)
+        samples = cost.measure(built.model)
+        measured = statistics.median(samples_of(samples))
         log.info("every group at its smallest width: predicted %.4g ms, measured %.4g ms", floor, measured)
         if measured > limit * (1 + cost.landing.window[1]):
             raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost: {measured:.4g} ms "
                            f"measured on the table's target with every group at its smallest width ({smallest}); "
                            "ask for at least that")
-        return solution, built.model, measured
+        return solution, built.model, samples
 
     def build(self, solution: Solution, state: _State) -> Realised:
         """The pruned copy for a solution, run once; a failure leaves the guilty groups whole."""

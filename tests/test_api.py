@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import kpc
+from kpc.latency.model import SESSIONS
 
 
 class SqueezeExcite(nn.Module):
@@ -158,7 +159,8 @@ def test_profile_and_bench_take_modules(pruned):
     assert table.header["model"].endswith("MyNet")
     latency = kpc.prune(model, example, kpc.Budget(ms=0.7 * table.header["full_model_ms"], table=table),
                         calibration=_loader(1), min_channels=16)
-    assert latency.round.cost_unit == "ms" and len(latency.round.counted_samples) == 2
+    timings, left = divmod(len(latency.round.counted_samples), SESSIONS)  # one figure per runtime session
+    assert latency.round.cost_unit == "ms" and timings >= 2 and left == 0
 
 
 def test_batchnorm_is_recalibrated_on_the_data_and_recorded(pruned):

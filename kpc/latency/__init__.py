@@ -54,12 +54,12 @@ def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequenc
     measure_target = {k: given[k] if given.get(k) is not None else header[k] for k in TARGET_KEYS}
     timers: list[RelativeTimer] = []
 
-    def measure(pruned: Any) -> float:
-        """The pruned model timed interleaved with the unpruned one, in the table's milliseconds."""
+    def measure(pruned: Any) -> list[float]:
+        """The pruned model timed interleaved with the unpruned one, in the table's milliseconds, per session."""
         if not timers:
             timers.append(RelativeTimer(baseline, tuple(input_size), **measure_target, iters=CLOSED_LOOP_ITERS,
                                         reference_ms=float(header["full_model_ms"])))
-        return timers[0](pruned)
+        return timers[0].session_ms(pruned)
 
     def make(model: Any, example: Any, graph: Any, groups: Any) -> LatencyModel:
         layers = layers_for(model, example, graph, groups, round_to, min_channels)

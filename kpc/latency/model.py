@@ -91,10 +91,11 @@ class LatencyModel:
             delta += r.activation_ms * layer.out.share(group) * step * layer.out_elements / self.activation_full
         return delta
 
-    def measure(self, model: nn.Module) -> float:
+    def measure(self, model: nn.Module) -> list[float]:
+        """The model timed on the table's target: one figure per runtime session (see `RelativeTimer`)."""
         if self.measure_model is None:
             raise RuntimeError("this latency model has no runtime attached to measure with")
-        return float(self.measure_model(model))
+        return [float(v) for v in self.measure_model(model)]
 
 
 # Each model of a pair is timed for at least this long per baseline session. A fixed run count
@@ -102,6 +103,7 @@ class LatencyModel:
 # times with 100 runs gave ratios from 0.40 to 0.79 (cv 22%) on a shared 2-core VM, with 1,000
 # runs 0.54-0.65 (cv 8%); the closed loop was chasing that noise.
 MIN_SECONDS_PER_SESSION = 0.4
+SESSIONS = 3  # baseline sessions per timing: the ratio's mean, and the scatter that says how noisy it is
 
 class RelativeTimer:
     """Time models against the unpruned baseline, in alternating blocks, and report ratio x reference ms.
@@ -121,7 +123,7 @@ class RelativeTimer:
 
     def __init__(self, baseline: nn.Module, input_size: tuple[int, ...], *, runtime: str, batch: int, threads: int,
                  precision: str, reference_ms: float | None = None, warmup: int = 10, iters: int = 60,
-                 sessions: int = 3) -> None:
+                 sessions: int = SESSIONS) -> None:
         from exporters import get_runner
 
         self.settings = {"runtime": runtime, "threads": threads, "precision": precision}
@@ -157,6 +159,14 @@ class RelativeTimer:
 
     def ratio(self, model: nn.Module) -> float:
         """Mean over baseline sessions of median(model) / median(baseline), each pair timed in alternating blocks."""
+        return float(np.mean(self.session_ratios(model)))
+
+    def session_ms(self, model: nn.Module) -> list[float]:
+        """One figure per baseline session, in the reference's milliseconds: their scatter is the timing's noise."""
+        return [r * self.reference_ms for r in self.session_ratios(model)]
+
+    def session_ratios(self, model: nn.Module) -> list[float]:
+        """median(model) / median(baseline) for each baseline session, each pair timed in alternating blocks."""
         from exporters import blocked, get_runner
 
         source = self._source(model, "candidate")
@@ -172,7 +182,7 @@ class RelativeTimer:
                     base, candidate = blocked(baseline, self.inputs, runner, self.inputs, blocks=blocks,
                                               per_block=-(-rounds // blocks), warmup=self.warmup)
             ratios.append(candidate.median_ms / base.median_ms)
-        return float(np.mean(ratios))
+        return ratios
 
     def _rounds_for(self, seconds: float) -> int:
         """Runs of the baseline that take `seconds`: small models need many more than `iters`."""
