@@ -69,6 +69,11 @@ def prune_once(checkout: Path, table: Path, args: argparse.Namespace, out: Path)
     timed = [a for a in attempts if a.get("counted") is not None and a.get("repeat_of") is None]
     samples = last.get("counted_samples") or []
     noise = statistics.stdev(samples) / statistics.fmean(samples) if len(samples) > 1 else float("nan")
+    for a in attempts:  # round by round, for the log: what each solve predicted and what its plan timed
+        counted = a.get("counted", float("nan"))
+        print(f"    target {a['target']:.3f} predicted {a['predicted']:.3f} counted {counted:.3f}"
+              + (f" (repeat of {a['repeat_of']})" if a.get("repeat_of") else "") + (" error" if a.get("error") else ""),
+              flush=True)
     return {"cpu": cpu, "wall": wall, "timed": len(timed), "solves": len(attempts),
             "repeats": sum(a.get("repeat_of") is not None for a in attempts), "limit": last["limit"],
             "counted": last["counted_cost"], "landed": last.get("landed"), "samples": len(samples),
