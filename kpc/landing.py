@@ -4,7 +4,7 @@ The cost model predicts; only the built model counted (FLOPs) or timed on the ru
 (latency) says whether a plan fits. The loop corrects the internal target the knapsack
 solves for until the measured cost lands in the cost model's window (`Landing`).
 
-Two rules keep it honest on a noisy machine:
+Three rules keep it honest on a noisy machine:
 
 * **A plan is never measured twice as if it were new evidence.** When a new target
   yields a plan already measured, the target moves on (further each time) without
