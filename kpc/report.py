@@ -63,7 +63,7 @@ def build_report(pipeline: Any, actions: dict[str, str], run_seconds: float | No
         "budget": prune_round.limit,
         "unpruned_cost": prune_round.full_cost,
         "predicted": prune_round.predicted_cost,
-        "measured_at_prune": prune_round.counted_cost,  # median of every timing of the kept plan
+        "measured_at_prune": prune_round.counted_cost,  # median over every session of every timing of the kept plan
         "measured_at_prune_samples": samples,
         "landed": prune_round.landed,
         "rounds": [a.to_json() for a in prune_round.attempts],
@@ -147,7 +147,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lat, acc, gate = report["latency"], report["accuracy"], report["gate"]
     verdict = {True: "PASSED", False: "FAILED", None: "no gate set"}[gate["passed"]]
     samples = lat.get("measured_at_prune_samples") or []
-    spread = f" (median of {len(samples)} timings, {min(samples):.3f}-{max(samples):.3f})" if len(samples) > 1 else ""
+    spread = (f" (median of {len(samples)} figures, one per runtime session of each timing, "
+              f"{min(samples):.3f}-{max(samples):.3f})" if len(samples) > 1 else "")
     lines = [f"# kpc run: {report['model']} on {report['target']['runtime']}", "",
              f"Verification: **{verdict}**" + ("".join(f"\n- {f}" for f in gate["failures"])), "",
              "| figure | value |", "|---|---|",
