@@ -265,6 +265,24 @@ def test_a_new_plan_predicted_within_the_noise_of_a_measured_one_is_not_timed():
     assert result.kept.counted == pytest.approx(0.97)
 
 
+def test_timings_scattering_wider_than_the_window_are_reported(caplog):
+    """Sessions 20% apart: the landing is as close as the machine can tell, and the log says so."""
+    import logging
+
+    import numpy as np
+
+    from kpc.cost_model import LATENCY_LANDING
+    from kpc.landing import ClosedLoop, Realised
+    from kpc.planner import Solution
+
+    loop = ClosedLoop(LATENCY_LANDING, 1.0, 0.1, 2.0, unit="ms", confirm=True)
+    with caplog.at_level(logging.WARNING, logger="kpc.landing"):
+        result = loop.run(lambda target: Solution(np.array([8.0]), target, 1.0, 1), lambda s: Realised(model=1),
+                          lambda model: [0.88, 0.98, 1.08])
+    assert loop.noise() > LATENCY_LANDING.window[1] - LATENCY_LANDING.window[0]
+    assert "scatter by" in caplog.text and result.kept.counted == pytest.approx(0.98)
+
+
 def test_exact_counts_have_no_noise():
     """FLOPs are counted, one exact figure per plan: the loop's noise is 0 and only equal widths repeat."""
     import numpy as np
