@@ -283,6 +283,23 @@ def test_timings_scattering_wider_than_the_window_are_reported(caplog):
     assert "scatter by" in caplog.text and result.kept.counted == pytest.approx(0.98)
 
 
+def test_the_noise_is_read_near_the_budget():
+    """The all-smallest plan, timed first at a quarter of the budget, scatters by 30%; the plans near the budget by
+    1%: the loop's resolution is theirs, not the floor's."""
+    import numpy as np
+
+    from kpc.cost_model import LATENCY_LANDING
+    from kpc.landing import Candidate, ClosedLoop
+    from kpc.planner import Solution
+
+    loop = ClosedLoop(LATENCY_LANDING, 1.0, 0.1, 2.0, unit="ms")
+    loop.seed(Solution(np.array([8.0]), 0.2, 1.0, 0), "floor", [0.18, 0.25, 0.32])
+    assert loop.noise() > 0.25  # nothing else timed yet: the floor's scatter is all there is
+    near = Candidate((16.0,), "near", Solution(np.array([16.0]), 0.98, 2.0, 1), [0.97, 0.98, 0.99], 2)
+    loop.candidates[near.key] = near
+    assert loop.noise() == pytest.approx(0.0102, rel=0.01)
+
+
 def test_exact_counts_have_no_noise():
     """FLOPs are counted, one exact figure per plan: the loop's noise is 0 and only equal widths repeat."""
     import numpy as np
