@@ -72,10 +72,12 @@ def prune_once(checkout: Path, table: Path, args: argparse.Namespace, out: Path)
     for a in attempts:  # round by round, for the log: what each solve predicted and what its plan timed
         counted = a.get("counted", float("nan"))
         print(f"    target {a['target']:.3f} predicted {a['predicted']:.3f} counted {counted:.3f}"
-              + (f" (repeat of {a['repeat_of']})" if a.get("repeat_of") else "") + (" error" if a.get("error") else ""),
+              + (f" ({'timed again' if a.get('timed_again') else 'repeat'} of {a['repeat_of']})"
+                 if a.get("repeat_of") else "") + (" error" if a.get("error") else ""),
               flush=True)
     return {"cpu": cpu, "wall": wall, "timed": len(timed), "solves": len(attempts),
-            "repeats": sum(a.get("repeat_of") is not None for a in attempts), "limit": last["limit"],
+            "repeats": sum(a.get("repeat_of") is not None and not a.get("timed_again") for a in attempts),
+            "again": sum(bool(a.get("timed_again")) for a in attempts), "limit": last["limit"],
             "counted": last["counted_cost"], "landed": last.get("landed"), "samples": len(samples),
             "noise": noise, "coarse": "scatter by" in log}
 
@@ -93,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = ensure_table(args)
     arms = [("this checkout", ROOT)] + ([("--compare", args.compare.resolve())] if args.compare else [])
-    headers = ["arm", "repeat", "plans timed", "solves", "repeats", "kept plan's samples", "their scatter",
-               "budget ms", "landed ms", "vs budget", "landed", "CPU-s", "wall s"]
+    headers = ["arm", "repeat", "plans timed", "solves", "repeats (not timed)", "timed again", "kept plan's samples",
+               "their scatter", "budget ms", "landed ms", "vs budget", "landed", "CPU-s", "wall s"]
     rows, cpu_by_arm = [], {name: [] for name, _ in arms}
     with tempfile.TemporaryDirectory(prefix="kpc-closed-loop-") as tmp:
         for repeat in range(args.repeats):
             for name, checkout in arms:
                 r = prune_once(checkout, table, args, Path(tmp) / f"{repeat}-{len(rows)}")
                 cpu_by_arm[name].append(r["cpu"])
-                rows.append([name, repeat + 1, r["timed"], r["solves"], r["repeats"], r["samples"],
+                rows.append([name, repeat + 1, r["timed"], r["solves"], r["repeats"], r["again"], r["samples"],
                              f"{100 * r['noise']:.1f}%", f"{r['limit']:.2f}", f"{r['counted']:.2f}",
                              f"{100 * (r['counted'] / r['limit'] - 1):+.1f}%", r["landed"], f"{r['cpu']:.0f}",
                              f"{r['wall']:.0f}"])

@@ -209,7 +209,8 @@ class ClosedLoop:
                 known.samples.extend(samples_of(measure(known.model)))
                 known.timings += 1
                 measured_rounds += 1
-                self.attempts.append(Attempt(target, solution.cost, known.counted, repeat_of=known.attempt))
+                self.attempts.append(Attempt(target, solution.cost, known.counted, repeat_of=known.attempt,
+                                             timed_again=True))
                 if self.unit == "ms":
                     log.info("round %d: the plan of solve %d again (this solve is within the timings' noise of it): "
                              "%.3f ms +-%.1f%% over %d timings (budget %.3f ms)", measured_rounds, known.attempt,

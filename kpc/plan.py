@@ -157,13 +157,17 @@ class Attempt:
     predicted: float
     counted: float | None = None  # None: the plan failed its forward check (see `error`)
     error: str | None = None
-    repeat_of: int | None = None  # the attempt (1-based) whose plan this solve reproduced: not measured again
+    repeat_of: int | None = None  # the attempt (1-based) whose plan this solve reproduced (or is within noise of)
+    # with repeat_of: that plan was timed again here and `counted` pools all its timings so far (else not measured)
+    timed_again: bool = False
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"target": self.target, "predicted": self.predicted}
         for key in ("counted", "error", "repeat_of"):
             if getattr(self, key) is not None:
                 record[key] = getattr(self, key)
+        if self.timed_again:
+            record["timed_again"] = True
         return record
 
     @classmethod
@@ -172,7 +176,8 @@ class Attempt:
         return cls(_take(data, "target", float, where), _take(data, "predicted", float, where),
                    _take(data, "counted", float, where, required=False),
                    _take(data, "error", str, where, required=False),
-                   _take(data, "repeat_of", int, where, required=False))
+                   _take(data, "repeat_of", int, where, required=False),
+                   bool(_take(data, "timed_again", bool, where, required=False, default=False)))
 
 
 @dataclass
