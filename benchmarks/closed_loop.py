@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _process import run_child
 from _record import append_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_process(command: list[str], cwd: Path, threads: int) -> tuple[float, float, str]:
     """CPU seconds (user + sys of the process and its threads), wall seconds and stderr of one child."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(cwd)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:5])} ... failed ({done.returncode}): {done.stderr[-800:]}")
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, done.stderr
+    child = run_child(command, cwd=cwd, threads=threads, pythonpath=cwd)
+    return child.cpu_s, child.wall_s, child.stderr
 
 
 def ensure_table(args: argparse.Namespace) -> Path:

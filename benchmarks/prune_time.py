@@ -15,14 +15,13 @@ Target (issue 15): kpc in at most 30 CPU-seconds and below the bisection loop's.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _process import run_child
 from _record import append_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,18 +52,8 @@ print(f"{macs / base:.4f}")
 
 
 def cpu_seconds(command: list[str], threads: int) -> tuple[float, float, str]:
-    import os
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise RuntimeError(f"{command[:4]} failed: {done.stderr[-500:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return cpu, wall, done.stdout.strip() or done.stderr.strip().splitlines()[-1]
+    child = run_child(command, cwd=ROOT, threads=threads)
+    return child.cpu_s, child.wall_s, child.stdout.strip() or child.stderr.strip().splitlines()[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
