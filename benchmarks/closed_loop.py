@@ -30,12 +30,6 @@ from _record import append_results
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_process(command: list[str], cwd: Path, threads: int) -> tuple[float, float, str]:
-    """CPU seconds (user + sys of the process and its threads), wall seconds and stderr of one child."""
-    child = run_child(command, cwd=cwd, threads=threads, pythonpath=cwd)
-    return child.cpu_s, child.wall_s, child.stderr
-
-
 def ensure_table(args: argparse.Namespace) -> Path:
     """The table every arm prunes with: profiled once on this machine, reused while it exists."""
     name = args.model.replace(":", "-").replace("/", "-")
@@ -43,16 +37,16 @@ def ensure_table(args: argparse.Namespace) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"profiling {args.model} on {args.runtime} into {path} ...", flush=True)
-        cpu, wall, _ = run_process([sys.executable, "-m", "kpc", "profile", args.model, "--runtime", args.runtime,
-                                    "--threads", str(args.threads), "--out", str(path)], ROOT, args.threads)
-        print(f"  profiled in {wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
+        child = run_child([sys.executable, "-m", "kpc", "profile", args.model, "--runtime", args.runtime,
+                           "--threads", str(args.threads), "--out", str(path)], cwd=ROOT, threads=args.threads)
+        print(f"  profiled in {child.wall_s:.0f} s wall, {child.cpu_s:.0f} CPU-s", flush=True)
     return path
 
 
 def prune_once(checkout: Path, table: Path, args: argparse.Namespace, out: Path) -> dict[str, object]:
     command = [sys.executable, "-m", "kpc", "-v", "prune", args.model, "--lut", str(table), "--budget-ratio",
                str(args.budget_ratio), "--data", "synthetic", "--calib-batches", "2", "--out", str(out)]
-    cpu, wall, log = run_process(command, checkout, args.threads)
+    child = run_child(command, cwd=checkout, threads=args.threads, pythonpath=checkout)
     plan = json.loads((out / "plan.json").read_text())
     last = plan["rounds"][-1]
     attempts = last["attempts"]
@@ -65,11 +59,11 @@ def prune_once(checkout: Path, table: Path, args: argparse.Namespace, out: Path)
               + (f" ({'timed again' if a.get('timed_again') else 'repeat'} of {a['repeat_of']})"
                  if a.get("repeat_of") else "") + (" error" if a.get("error") else ""),
               flush=True)
-    return {"cpu": cpu, "wall": wall, "timed": len(timed), "solves": len(attempts),
+    return {"cpu": child.cpu_s, "wall": child.wall_s, "timed": len(timed), "solves": len(attempts),
             "repeats": sum(a.get("repeat_of") is not None and not a.get("timed_again") for a in attempts),
             "again": sum(bool(a.get("timed_again")) for a in attempts), "limit": last["limit"],
             "counted": last["counted_cost"], "landed": last.get("landed"), "samples": len(samples),
-            "noise": noise, "coarse": "scatter by" in log}
+            "noise": noise}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,11 @@ class Candidate:
     def counted(self) -> float:
         return float(statistics.median(self.samples))
 
+    def add(self, measured: float | Sequence[float]) -> None:
+        """Pool one more measurement of this plan with its earlier ones."""
+        self.samples.extend(samples_of(measured))
+        self.timings += 1
+
     def standard_error(self, noise: float | None = None) -> float:
         """The relative standard error of this plan's figure: from `noise` (one sample's relative
         scatter) if given, else from its own samples; 0 with a single sample and no `noise`."""
@@ -198,7 +203,7 @@ class ClosedLoop:
         return min(max(target, self.floor), self.ceiling)
 
     def run(self, solve: Callable[[float], Any], realise: Callable[[Any], Realised],
-            measure: Callable[[Any], float]) -> LandingResult:
+            measure: Callable[[Any], float | Sequence[float]]) -> LandingResult:
         target = self._clamp(self.limit)
         measured_rounds = errors = repeats = 0
         while True:
@@ -206,48 +211,34 @@ class ClosedLoop:
             key = plan_key(solution.widths)
             known = self.candidates.get(key) or self.indistinguishable(solution)
             if known is not None and self.undecided(known) and measured_rounds < self.landing.max_rounds:
-                known.samples.extend(samples_of(measure(known.model)))
-                known.timings += 1
-                measured_rounds += 1
+                known.add(measure(known.model))  # pooled with its earlier timings, not a new plan
                 self.attempts.append(Attempt(target, solution.cost, known.counted, repeat_of=known.attempt,
                                              timed_again=True))
-                if self.unit == "ms":
-                    log.info("round %d: the plan of solve %d again (this solve is within the timings' noise of it): "
-                             "%.3f ms +-%.1f%% over %d timings (budget %.3f ms)", measured_rounds, known.attempt,
-                             known.counted / self.scale, 100 * known.standard_error(self.noise()), known.timings,
-                             self.limit / self.scale)
-                if self.centred(known) or measured_rounds >= self.landing.max_rounds:
-                    break
-                repeats = 0
-                target = self._clamp(next_target(self.evidence(), self.landing.aim_at(self.limit), self.landing))
-                continue
-            if known is not None:
+                timed = known
+            elif known is not None:
                 repeats += 1
                 self.attempts.append(Attempt(target, solution.cost, known.counted, repeat_of=known.attempt))
                 if repeats > MAX_REPEATS or self.centred(known):
                     break
                 target = self._nudge(target, known, repeats)
                 continue
-            realised = realise(solution)
-            if realised.error is not None:
-                self.attempts.append(Attempt(target, solution.cost, error=realised.error))
-                if realised.restart:
-                    self.candidates.clear()
-                errors += 1
-                if errors > self.max_errors:
-                    break
-                continue
-            candidate = Candidate(key, realised.model, solution, samples_of(measure(realised.model)),
+            else:
+                realised = realise(solution)
+                if realised.error is not None:
+                    self.attempts.append(Attempt(target, solution.cost, error=realised.error))
+                    if realised.restart:
+                        self.candidates.clear()
+                    errors += 1
+                    if errors > self.max_errors:
+                        break
+                    continue
+                timed = Candidate(key, realised.model, solution, samples_of(measure(realised.model)),
                                   len(self.attempts) + 1)
-            counted = candidate.counted
-            self.candidates[key] = candidate
-            self.attempts.append(Attempt(target, solution.cost, counted))
+                self.candidates[key] = timed
+                self.attempts.append(Attempt(target, solution.cost, timed.counted))
             measured_rounds += 1
-            if self.unit == "ms":
-                log.info("round %d: predicted %.3f ms, measured %.3f ms +-%.1f%% (budget %.3f ms)", measured_rounds,
-                         solution.cost / self.scale, counted / self.scale,
-                         100 * candidate.standard_error(self.noise()), self.limit / self.scale)
-            if self.centred(candidate) or measured_rounds >= self.landing.max_rounds:
+            self._log_round(measured_rounds, timed, again=timed is known)
+            if self.centred(timed) or measured_rounds >= self.landing.max_rounds:
                 break
             repeats = 0
             target = self._clamp(next_target(self.evidence(), self.landing.aim_at(self.limit), self.landing))
@@ -258,8 +249,7 @@ class ClosedLoop:
             raise KpcError(f"no pruned model could be built under the budget ({last})")
         kept = choose(list(self.candidates.values()), self.limit, self.landing, self.centred)
         if self.confirm:  # time the kept plan once more: its figure is the median of every timing of it
-            kept.samples.extend(samples_of(measure(kept.model)))
-            kept.timings += 1
+            kept.add(measure(kept.model))
             self._settle(kept, measure)
         self._warn_if_coarse()
         return LandingResult(kept, self.attempts, self._landed(kept))
@@ -279,8 +269,19 @@ class ClosedLoop:
                 return
             if 4 * kept.standard_error() <= width:
                 return
-            kept.samples.extend(samples_of(measure(kept.model)))
-            kept.timings += 1
+            kept.add(measure(kept.model))
+
+    def _log_round(self, rounds: int, timed: Candidate, *, again: bool) -> None:
+        if self.unit != "ms":
+            return
+        error = 100 * timed.standard_error(self.noise())
+        if again:
+            log.info("round %d: the plan of solve %d again (this solve is within the timings' noise of it): %.3f ms "
+                     "+-%.1f%% over %d timings (budget %.3f ms)", rounds, timed.attempt, timed.counted / self.scale,
+                     error, timed.timings, self.limit / self.scale)
+        else:
+            log.info("round %d: predicted %.3f ms, measured %.3f ms +-%.1f%% (budget %.3f ms)", rounds,
+                     timed.solution.cost / self.scale, timed.counted / self.scale, error, self.limit / self.scale)
 
     def _warn_if_coarse(self) -> None:
         """Say so when one timing on this machine is less certain than the landing window is wide."""
@@ -367,10 +368,9 @@ def next_target(attempts: list[Attempt], aim: float, landing: Landing) -> float:
 
 
 def choose(candidates: list[Candidate], limit: float, landing: Landing,
-           is_centred: Callable[[Candidate], bool] | None = None) -> Candidate:
-    """The best plan near the aim (`is_centred`, by default inside the aim window); else the one in the window
+           is_centred: Callable[[Candidate], bool]) -> Candidate:
+    """The best plan near the aim (`is_centred`: as close as the timings can tell); else the one in the window
     closest to the aim; else the largest within the window's top; else the smallest."""
-    is_centred = is_centred or (lambda c: landing.lands(c.counted, limit, aim=True))
     centred = [c for c in candidates if is_centred(c)]
     if centred:
         return max(centred, key=lambda c: c.solution.value)

@@ -177,7 +177,7 @@ class Attempt:
                    _take(data, "counted", float, where, required=False),
                    _take(data, "error", str, where, required=False),
                    _take(data, "repeat_of", int, where, required=False),
-                   bool(_take(data, "timed_again", bool, where, required=False, default=False)))
+                   _take(data, "timed_again", bool, where, required=False, default=False))
 
 
 @dataclass

@@ -184,8 +184,11 @@ def test_budget_ms_prune_lands_near_the_budget(table_path, tmp_path):
     samples = r.counted_samples
     built = next(i for i, a in enumerate(r.attempts, start=1)
                  if a.repeat_of is None and a.counted is not None and a.predicted == r.predicted_cost)
-    in_loop = 1 + sum(a.timed_again and a.repeat_of == built for a in r.attempts)
-    assert 1 <= in_loop <= MAX_TIMINGS
+    again = [a for a in r.attempts if a.timed_again and a.repeat_of == built]
+    in_loop = 1 + len(again)
+    assert in_loop <= MAX_TIMINGS, again
+    for timing, attempt in enumerate(again, start=2):  # each timing again records the pooled figure so far
+        assert attempt.counted == pytest.approx(float(np.median(samples[:timing * SESSIONS]))), (attempt, samples)
     timings, left = divmod(len(samples), SESSIONS)
     assert left == 0 and in_loop + 1 <= timings <= in_loop + 1 + SETTLE_TIMINGS, (in_loop, samples)
     width = LATENCY_LANDING.window[1] - LATENCY_LANDING.window[0]
