@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kpc.artifact import open_model
@@ -31,6 +32,7 @@ from kpc.latency.profiler import (
     layers_for,
     model_layers,
     profile,
+    pruned_copy,
     time_layer,
 )
 from kpc.latency.table import Entry
@@ -318,3 +320,31 @@ def test_resume_refuses_a_partial_profile_of_another_format(tmp_path):
     with pytest.raises(KpcError, match=r"another kpc version.*delete it"):
         profile(loaded.model, loaded.example_input(), SETTINGS, out, resume=True)
     assert not out.exists()
+
+
+class _Ghost(torch.nn.Module):
+    """A group whose channels are two convs' outputs concatenated, added to the stem's (timm's GhostNet
+    bottleneck): keeping its first channels would leave the second conv without any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.first = torch.nn.Conv2d(32, 16, 1)
+        self.second = torch.nn.Conv2d(32, 16, 1)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return self.head((torch.cat([self.first(x), self.second(x)], 1) + x).mean((2, 3)))
+
+
+def test_a_profile_variant_keeps_channels_of_every_conv_in_a_concatenated_group():
+    model = _Ghost().eval()
+    example = torch.randn(1, 3, 16, 16)
+    layers = model_layers(model, example, 8, 8)
+    group = next(g for g in layers.groups if g.prunable and g.width == 32)
+    widths = layers.full_widths.copy()
+    widths[group.index] = 8
+    child = pruned_copy(model, layers, widths)
+    assert child.stem.out_channels == 8 and child.first.out_channels == 4 and child.second.out_channels == 4
+    assert child(example).shape == (1, 10)

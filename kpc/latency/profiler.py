@@ -434,10 +434,25 @@ def uniform_widths(layers: ModelLayers, fraction: float, round_to: int, min_chan
 
 
 def pruned_copy(model: Any, layers: ModelLayers, widths: np.ndarray) -> Any:
-    """A copy of the model at the given widths (first channels kept: latency does not care which)."""
-    kept = {g.root: (g.width, g.in_channel_order(range(int(widths[g.index])))) for g in layers.groups
-            if g.prunable and int(widths[g.index]) < g.width}  # first blocks of a tie: the same in every member
+    """A copy of the model at the given widths.
+
+    Latency does not care which channels stay, but every layer that writes part of a group must
+    keep some: a group whose channels are the concatenation of two convs (timm's GhostNet) lost
+    all of the second conv's when its first channels were kept, and the copy had a conv with no
+    outputs. So plain groups keep channels spread evenly over their width; groups cut by heads
+    keep their first blocks (whole heads), as before. The positions depend only on the width and
+    the count, so tied groups keep the same ones.
+    """
+    kept = {g.root: (g.width, g.in_channel_order(_spread(g, int(widths[g.index])))) for g in layers.groups
+            if g.prunable and int(widths[g.index]) < g.width}
     return apply_kept(copy_model(model), layers.example, kept, heads={g.root for g in layers.groups if g.heads})
+
+
+def _spread(group: Any, count: int) -> range | list[int]:
+    """`count` positions of the group: evenly spaced for plain channels, the first ones for heads' blocks."""
+    if group.heads:
+        return range(count)
+    return [i * group.width // count for i in range(count)]  # distinct: the step is width / count >= 1
 
 
 def random_widths(layers: ModelLayers, rng: np.random.Generator, round_to: int, min_channels: int) -> np.ndarray:
