@@ -439,9 +439,9 @@ def pruned_copy(model: Any, layers: ModelLayers, widths: np.ndarray) -> Any:
     Latency does not care which channels stay, but every layer that writes part of a group must
     keep some: a group whose channels are the concatenation of two convs (timm's GhostNet) lost
     all of the second conv's when its first channels were kept, and the copy had a conv with no
-    outputs. So plain groups keep channels spread evenly over their width; groups cut by heads
-    keep their first blocks (whole heads), as before. The positions depend only on the width and
-    the count, so tied groups keep the same ones.
+    outputs. So plain groups keep channels spread evenly over their width; groups cut by blocks
+    (heads, a grouped conv's channel groups) keep their first whole blocks, as before. The
+    positions depend only on the width and the count, so tied groups keep the same ones.
     """
     kept = {g.root: (g.width, g.in_channel_order(_spread(g, int(widths[g.index])))) for g in layers.groups
             if g.prunable and int(widths[g.index]) < g.width}
@@ -449,8 +449,9 @@ def pruned_copy(model: Any, layers: ModelLayers, widths: np.ndarray) -> Any:
 
 
 def _spread(group: Any, count: int) -> range | list[int]:
-    """`count` positions of the group: evenly spaced for plain channels, the first ones for heads' blocks."""
-    if group.heads:
+    """`count` positions of the group: evenly spaced for plain channels; the first ones (whole blocks) for a group
+    cut by blocks, of heads or of a grouped conv's channel groups."""
+    if group.blocks > 1 or group.heads:
         return range(count)
     return [i * group.width // count for i in range(count)]  # distinct: the step is width / count >= 1
 
