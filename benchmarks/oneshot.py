@@ -52,8 +52,6 @@ REDUCTIONS = (1.5, 2.0, 4.0)
 # arm -> (importance, calibration batches as a multiple of --calib-batches, precision of the importance pass)
 KPC_ARMS = {"kpc-taylor": ("taylor", 1, "fp32"), "kpc-taylor-signed": ("taylor-signed", 1, "fp32"),
             "kpc-taylor-signed-bf16": ("taylor-signed", 1, "bf16"),
-            "kpc-taylor-squared": ("taylor-squared", 1, "fp32"),
-            "kpc-taylor-squared-auto": ("taylor-squared", 1, "auto"),
             "kpc-taylor-normalized": ("taylor-normalized", 1, "fp32"), "kpc-magnitude": ("magnitude", 1, "fp32"),
             "kpc-taylor-4x-calib": ("taylor", 4, "fp32"), "kpc-taylor-signed-4x-calib": ("taylor-signed", 4, "fp32"),
             "kpc-consumer-l2": ("consumer-l2", 1, "auto"),

@@ -33,14 +33,10 @@ from kpc.modelcopy import detach_cached_tensors
 
 log = logging.getLogger(__name__)
 
-METHODS = ("taylor", "magnitude", "taylor-signed", "taylor-squared", "taylor-normalized", "consumer-l2")
+METHODS = ("taylor", "magnitude", "taylor-signed", "taylor-normalized", "consumer-l2")
 # taylor: the paper's score, sum over a group's weights of |w * dL/dw|.
 # taylor-signed: per layer |sum of w * dL/dw| (the loss change of removing the channel's weights in that layer,
 #   torch-pruning's "multivariable"), summed over the group's layers.
-# taylor-squared: taylor-signed's per-channel figure computed on every micro-batch of MICRO_BATCH images alone,
-#   squared, and averaged (Molchanov et al. 2019). The gradient summed over all images nearly cancels on a
-#   trained model (its mean is ~0 at a minimum), leaving taylor-signed a noisy score; the mean square of the
-#   per-batch loss change does not cancel, and it is what the loss's curvature makes removal cost.
 # taylor-normalized: taylor divided by its mean over the group (every group's channels average 1).
 # magnitude: sum of |w|, needs no data.
 # consumer-l2: sum of w^2 over the weights that read the channel (the next layers' input slices), needs no
@@ -106,14 +102,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable[Any], *, limit: int | None = None,
-                         progress: Callable[[], None] | None = None, precision: str = "auto",
-                         after_backward: Callable[[], None] | None = None) -> tuple[int, str]:
+                         progress: Callable[[], None] | None = None, precision: str = "auto") -> tuple[int, str]:
     """Sum dL/dw over the batches (at most `limit`); returns the images seen and the precision used.
 
     In bf16 the forward and backward run under autocast; the gradients land in the fp32
     weights' .grad as usual. A model with an op that has no bf16 kernel falls back to fp32.
-    `after_backward` runs after each micro-batch's backward (a per-batch score reads and
-    clears the gradients there).
     """
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -125,15 +118,14 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[Any], *, limit: int
     set_memory_format(model, torch.channels_last)
     try:
         images, bf16 = _accumulate(model, batches, device, limit, progress, bf16=used == "bf16",
-                                   strict=precision == "bf16", after_backward=after_backward)
+                                   strict=precision == "bf16")
         return images, "bf16" if bf16 else "fp32"
     finally:
         set_memory_format(model, torch.contiguous_format)
 
 
 def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, limit: int | None,
-                progress: Callable[[], None] | None, *, bf16: bool, strict: bool,
-                after_backward: Callable[[], None] | None = None) -> tuple[int, bool]:
+                progress: Callable[[], None] | None, *, bf16: bool, strict: bool) -> tuple[int, bool]:
     images_seen = 0
     with torch.enable_grad():
         for index, (images, labels) in enumerate(as_batches(batches)):
@@ -171,8 +163,6 @@ def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, 
                     raise KpcError(f"the data has label {int(target.max())} but the model has {logits.shape[1]} "
                                    "outputs: set --num-classes")
                 F.cross_entropy(logits, target, reduction="sum").backward()
-                if after_backward is not None:
-                    after_backward()
             images_seen += images.shape[0]
             if progress is not None:
                 progress()
@@ -196,44 +186,10 @@ class Scores:
         return float(sum(v.sum() for v in self.values.values()))
 
 
-class SquaredTaylor:
-    """Accumulates taylor-squared: each micro-batch's taylor-signed scores, squared, then averaged.
-
-    Pass `after_backward` to `accumulate_gradients`: it scores the gradients of one micro-batch
-    and clears them, so they never sum across batches.
-    """
-
-    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
-        self.model = model
-        self.groups = groups
-        self.sums: dict[int, np.ndarray] = {}
-        self.failed: dict[int, str] = {}
-        self.batches = 0
-
-    def after_backward(self) -> None:
-        once = score_groups(self.groups, "taylor-signed")
-        self.model.zero_grad(set_to_none=True)
-        self.failed.update(once.failed)
-        for index, values in once.values.items():
-            self.sums[index] = self.sums.get(index, 0.0) + values * values
-        self.batches += 1
-
-    def scores(self) -> Scores:
-        scores = Scores(failed=dict(self.failed))
-        for index, total in self.sums.items():
-            if index in scores.failed:
-                continue
-            values = np.sqrt(total / max(self.batches, 1))
-            if not np.any(values > 0):
-                scores.empty.append(index)
-            scores.values[index] = values
-        return scores
-
-
 def scorer_for(method: str) -> Any:
     if method == "taylor":
         return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
-    if method in ("taylor-signed", "taylor-squared"):  # taylor-squared squares it per batch (SquaredTaylor)
+    if method == "taylor-signed":
         return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
     if method == "taylor-normalized":
         return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer="mean")

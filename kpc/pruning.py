@@ -36,7 +36,6 @@ from kpc.groups import build_graph, discover_groups, find_classifier
 from kpc.heads import mark_head_groups
 from kpc.importance import (
     METHODS,
-    SquaredTaylor,
     accumulate_gradients,
     check_precision,
     needs_gradients,
@@ -419,13 +418,12 @@ class _Pruner:
     def score(self, groups: list[ChannelGroup]) -> Any:
         s = self.settings
         torch.manual_seed(s.seed)
-        squared = SquaredTaylor(self.work, groups) if s.importance == "taylor-squared" else None
         if needs_gradients(s.importance):
             assert self.calibration is not None
             self.gradient_images, self.gradient_precision = accumulate_gradients(
                 self.work, self.calibration, limit=s.calib_batches, progress=self.progress,
-                precision=s.importance_precision, after_backward=squared and squared.after_backward)
-        scores = squared.scores() if squared is not None else score_groups(groups, s.importance)
+                precision=s.importance_precision)
+        scores = score_groups(groups, s.importance)
         self.work.zero_grad(set_to_none=True)
         if needs_gradients(s.importance) and scores.values and len(scores.empty) == len(scores.values):
             log.warning("Taylor importance is zero on every group (no gradient reaches the layers, e.g. through a "

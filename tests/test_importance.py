@@ -10,9 +10,8 @@ from torch import nn
 from kpc.artifact import open_model
 from kpc.data import calibration_batches, parse_data_spec
 from kpc.errors import KpcError
-from kpc.budget import Budget
-from kpc.importance import MICRO_BATCH, SquaredTaylor, accumulate_gradients, score_groups
-from kpc.pruning import PruneSettings, analyse_groups, prune
+from kpc.importance import accumulate_gradients
+from kpc.pruning import PruneSettings
 
 from .conftest import needs_fashion_mnist
 
@@ -77,56 +76,3 @@ def test_a_model_without_bf16_falls_back_to_fp32_under_auto_and_refuses_under_bf
 def test_unknown_precision_is_refused():
     with pytest.raises(KpcError, match="unknown importance precision 'fp8'"):
         PruneSettings(importance_precision="fp8").check()
-
-
-def _small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-
-
-def test_taylor_squared_is_the_mean_square_of_each_micro_batch_s_signed_score(one_thread):
-    model = _small_net()
-    example = torch.randn(1, 1, 12, 12)
-    _graph, groups = analyse_groups(model, example, round_to=1, min_channels=1)
-    generator = torch.Generator().manual_seed(1)
-    # two batches of 12: micro-batches of 8 and 4 images each, four in all
-    batches = [(torch.randn(12, 1, 12, 12, generator=generator), torch.randint(0, 10, (12,), generator=generator))
-               for _ in range(2)]
-    squared = SquaredTaylor(model, groups)
-    images, _ = accumulate_gradients(model, batches, precision="fp32", after_backward=squared.after_backward)
-    assert images == 24 and squared.batches == 4
-    assert all(p.grad is None for p in model.parameters()), "the per-batch score leaves no gradient behind"
-    by_hand: dict[int, np.ndarray] = {}
-    for images_, labels in batches:
-        for start in (0, MICRO_BATCH):
-            model.zero_grad(set_to_none=True)
-            logits = model(images_[start:start + MICRO_BATCH])
-            torch.nn.functional.cross_entropy(logits, labels[start:start + MICRO_BATCH], reduction="sum").backward()
-            for index, values in score_groups(groups, "taylor-signed").values.items():
-                by_hand[index] = by_hand.get(index, 0.0) + values ** 2 / 4
-    model.zero_grad(set_to_none=True)
-    scores = squared.scores()
-    assert scores.values.keys() == by_hand.keys() and len(by_hand) >= 2
-    for index, values in by_hand.items():
-        np.testing.assert_allclose(scores.values[index], values, rtol=1e-5)
-        assert np.all(scores.values[index] >= 0)
-    # the summed gradient's score is not the same thing: squaring per batch does not let batches cancel
-    accumulate_gradients(model, batches, precision="fp32")
-    signed = score_groups(groups, "taylor-signed")
-    model.zero_grad(set_to_none=True)
-    first = next(iter(by_hand))
-    assert not np.allclose(signed.values[first] ** 2 / 4, scores.values[first])
-
-
-def test_a_prune_with_taylor_squared_keeps_the_budget_and_runs(one_thread):
-    model = _small_net()
-    example = torch.randn(1, 1, 12, 12)
-    batches = [(torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))) for _ in range(2)]
-    result = prune(model, example, Budget(ratio=0.5), calibration=batches,
-                   settings=PruneSettings(importance="taylor-squared", calib_batches=2, round_to=1, min_channels=1))
-    assert result.plan.rounds[-1].importance["method"] == "taylor-squared"
-    assert result.model(example).shape == (1, 10)
-    widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
-    assert widths != [16, 16] and min(widths) >= 1

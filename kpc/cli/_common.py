@@ -167,7 +167,6 @@ class Importance(StrEnum):
     taylor = "taylor"
     magnitude = "magnitude"
     taylor_signed = "taylor-signed"
-    taylor_squared = "taylor-squared"
     taylor_normalized = "taylor-normalized"
     consumer_l2 = "consumer-l2"
 
