@@ -10,7 +10,7 @@ directly against ModelOpt's (>1: kpc's is faster). Target: kpc at least as fast 
 
 Part 2, accuracy (the kpc-trained ResNet-18 Fashion-MNIST teacher of _fmnist.py): ModelOpt
 FastNAS and Torch-Pruning (uniform magnitude, global Taylor) at 50% of the FLOPs, and kpc,
-with its defaults and with measured sensitivity (`--importance consumer-l2 --sensitivity 5`
+with its defaults (8 calibration batches of 32, and 32 batches) and with measured sensitivity (`--importance consumer-l2 --sensitivity 5`
 on 1,024 images), each pruned along a ladder of FLOPs budgets (`--ladder`). Every child is
 timed against ModelOpt's child, interleaved on ort-cpu, and scored straight after pruning
 (BatchNorm re-estimated on the same batches) on the validation split (the last 5,000
@@ -273,6 +273,8 @@ def part_accuracy(args: argparse.Namespace) -> None:
     measured = kpc.PruneSettings(importance="consumer-l2", sensitivity=5, calib_batches=32)
     more = batches("train", measured.calib_batches, seed=0)
     arms = [("kpc (defaults)", kpc.PruneSettings(), calibration),
+            ("kpc (defaults) --calib-batches 32", kpc.PruneSettings(calib_batches=32), more),
+            ("kpc --sensitivity 5 (8 calibration batches)", kpc.PruneSettings(sensitivity=5), calibration),
             ("kpc --importance consumer-l2 --sensitivity 5 --calib-batches 32", measured, more)]
     if args.only:
         arms = [arm for arm in arms if any(part in arm[0] for part in args.only.split(","))]
