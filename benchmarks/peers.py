@@ -10,8 +10,9 @@ directly against ModelOpt's (>1: kpc's is faster). Target: kpc at least as fast 
 
 Part 2, accuracy (the kpc-trained ResNet-18 Fashion-MNIST teacher of _fmnist.py): ModelOpt
 FastNAS and Torch-Pruning (uniform magnitude, global Taylor) at 50% of the FLOPs, and kpc,
-with its defaults (8 calibration batches of 32, and 32 batches) and with measured sensitivity (`--importance consumer-l2 --sensitivity 5`
-on 1,024 images), each pruned along a ladder of FLOPs budgets (`--ladder`). Every child is
+with its defaults (8 calibration batches of 32, and 32 batches), with `--sensitivity 5` on the
+defaults' 8 batches, and with measured sensitivity on 1,024 images (`--importance consumer-l2
+--sensitivity 5 --calib-batches 32`), each pruned along a ladder of FLOPs budgets (`--ladder`). Every child is
 timed against ModelOpt's child, interleaved on ort-cpu, and scored straight after pruning
 (BatchNorm re-estimated on the same batches) on the validation split (the last 5,000
 training images) and the test split. Of each kpc ladder, the child compared is the most

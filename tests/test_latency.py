@@ -348,3 +348,38 @@ def test_a_profile_variant_keeps_channels_of_every_conv_in_a_concatenated_group(
     child = pruned_copy(model, layers, widths)
     assert child.stem.out_channels == 8 and child.first.out_channels == 4 and child.second.out_channels == 4
     assert child(example).shape == (1, 10)
+
+
+class _Res2(torch.nn.Module):
+    """A stem and one timm Res2Net block, whose 1x1 conv's output is split into chunks that
+    separate 3x3 convs read: torch-pruning lists every chunk conv with the split conv's indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.res2net import Bottle2neck
+
+        self.stem = torch.nn.Conv2d(3, 256, 3, padding=1)
+        self.block = Bottle2neck(256, 64, base_width=4, cardinality=8, scale=4, norm_layer=torch.nn.BatchNorm2d)
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_group_torch_pruning_maps_through_a_split_is_left_whole_and_the_profile_variants_build():
+    model = _Res2().eval()
+    example = torch.randn(1, 3, 16, 16)
+    layers = model_layers(model, example, 8, 8)
+    split = next(g for g in layers.groups if g.root == "block.conv1")
+    assert not split.prunable and "split it cannot follow" in split.reason
+    for layer in layers.layers:  # no layer counts more channels than it has, at full width or the smallest
+        for side in (layer.inp, layer.out):
+            assert side.value(layers.full_widths, layers.full_widths) == pytest.approx(side.full), layer.name
+            low = side.value(layers.min_widths, layers.full_widths)
+            assert 0 < low <= side.full + 1e-9, f"{layer.name}: {low} of {side.full} channels at the smallest widths"
+    stem = next(g for g in layers.groups if g.root == "stem")
+    widths = layers.full_widths.copy()
+    widths[stem.index] = 64
+    child = pruned_copy(model, layers, widths)
+    assert child.stem.out_channels == 64 and child.block.conv1.out_channels == 128
+    assert child(example).shape == (1, 10)
