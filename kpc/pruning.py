@@ -241,7 +241,10 @@ def _mismapped_groups(model: nn.Module, graph: Any, groups: Sequence[ChannelGrou
     for group in groups:
         if not group.prunable:
             continue
-        module = model.get_submodule(group.root)
+        try:
+            module = model.get_submodule(group.root)
+        except AttributeError:  # a root that is no submodule (none known): nothing to compare it with
+            continue
         pruner = graph.get_pruner_of_module(module)
         actual = pruner.get_out_channels(module) if pruner is not None else None
         if actual is not None and int(actual) != group.width:
