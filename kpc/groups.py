@@ -242,6 +242,11 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             elif any(True for _ in module.parameters(recurse=False)):
                 layers.append(name + "<")
         width = len(tp_group[0].idxs)
+        root_width = graph.get_pruner_of_module(root_module).get_out_channels(root_module)
+        if reason is None and root_width is not None and int(root_width) != width:
+            # a split torch-pruning does not follow (timm's Res2Net: a 1x1 conv of 128 channels whose chunks
+            # separate convs read becomes a group of 288): such a group can be neither scored nor applied
+            reason = f"torch-pruning maps {width} channels onto a layer of {int(root_width)} (a split it cannot follow)"
         group = ChannelGroup(len(groups), root, width, layers, tp_group=tp_group)
         touched_never = sorted(set(out_names) & never_prune)
         touched_ignored = sorted(set(out_names) & ignored)

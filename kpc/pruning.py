@@ -216,9 +216,6 @@ def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, mi
                                  min_channels=min_channels)
         mark_head_groups(model, groups)
         confirm_head_layouts(model, example, graph, groups)
-    for index, reason in _mismapped_groups(model, graph, groups).items():
-        for group in leave_whole(groups, index, reason):
-            log.info("group %s is left whole: %s", group.root, group.reason)
     candidates = [g for g in groups if g.prunable]
     with clock.step("probe"):
         unsafe = find_unsafe_groups(model, example, candidates, probe_kept(round_to, min_channels))
@@ -226,31 +223,6 @@ def analyse_groups(model: nn.Module, example: torch.Tensor, *, round_to: int, mi
         for group in leave_whole(groups, index, f"unsafe to prune: {reason}"):
             log.info("group %s is left whole: %s", group.root, group.reason)
     return graph, groups
-
-
-def _mismapped_groups(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup]) -> dict[int, str]:
-    """Groups wider than the layer they are rooted at, by index, with why.
-
-    torch-pruning can list a group's channels through a split it does not follow (timm's
-    Res2Net: a 1x1 conv of 128 channels, split into chunks that separate convs read, becomes a
-    group of 288), and such a group can be neither scored nor applied (`apply_kept` checks the
-    root's width). Found here, the prune and the profile both leave it whole with the reason,
-    instead of a profile variant failing on it.
-    """
-    mismapped = {}
-    for group in groups:
-        if not group.prunable:
-            continue
-        try:
-            module = model.get_submodule(group.root)
-        except AttributeError:  # a root that is no submodule (none known): nothing to compare it with
-            continue
-        pruner = graph.get_pruner_of_module(module)
-        actual = pruner.get_out_channels(module) if pruner is not None else None
-        if actual is not None and int(actual) != group.width:
-            mismapped[group.index] = (f"torch-pruning maps {group.width} channels onto a layer of {int(actual)} "
-                                      "(a split it cannot follow)")
-    return mismapped
 
 
 def _example(example_inputs: Any) -> torch.Tensor:

@@ -90,7 +90,6 @@ def test_runner_against_itself_has_ci_containing_one(tiny: Runner) -> None:
     # differ by a systematic 0.3% on a busy host (CI saw [0.990, 0.997]), which is luck, not a
     # fault; a claimed 5% speedup or slowdown of a model against itself would be one.
     assert low < 1.05 and high > 1 / 1.05
-    assert 1 / 1.05 < ratio < 1.05
 
 
 def test_bootstrap_is_deterministic_and_brackets_the_ratio() -> None:
