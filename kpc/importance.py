@@ -52,9 +52,9 @@ MICRO_BATCH = 8
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def needs_data(method: str, sensitivity: int = 0) -> bool:
-    """Whether a prune with this score and sensitivity reads calibration images."""
-    return needs_gradients(method) or sensitivity > 0
+def needs_data(method: str, sensitivity: int | str = 0) -> bool:
+    """Whether a prune with this score and sensitivity reads calibration images (auto: it may measure)."""
+    return needs_gradients(method) or sensitivity == "auto" or sensitivity > 0  # type: ignore[operator]
 
 
 def needs_gradients(method: str) -> bool:

@@ -37,6 +37,7 @@ from kpc.heads import mark_head_groups
 from kpc.importance import (
     METHODS,
     accumulate_gradients,
+    as_batches,
     check_precision,
     needs_gradients,
     resolve_precision,
@@ -58,7 +59,13 @@ from kpc.planner import (
     value_of,
 )
 from kpc.safety import check_forward, confirm_head_layouts, find_unsafe_groups, first_line, probe_kept
-from kpc.sensitivity import measure_values
+from kpc.sensitivity import (
+    AUTO_POINTS,
+    auto_decision,
+    estimated_seconds,
+    measure_values,
+    measured_passes,
+)
 from kpc.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -84,7 +91,9 @@ class PruneSettings:
     bins: int = 10_000  # cost bins of the exact knapsack
     bn_recalibrate: int | None = None  # batches re-estimating BatchNorm statistics; None: 20 with data, else 0
     importance_precision: str = "auto"  # number format of the importance and sensitivity passes (PRECISIONS)
-    sensitivity: int = 0  # widths per group whose effect on the output is measured to value the knapsack; 0: summed
+    # widths per group whose effect on the output is measured to value the knapsack; 0: summed importance;
+    # auto: AUTO_POINTS when calibration data is given and the measurement is estimated to fit AUTO_SECONDS
+    sensitivity: int | str = "auto"
 
     def check(self) -> None:
         if self.importance != "auto" and self.importance not in METHODS:
@@ -92,8 +101,9 @@ class PruneSettings:
         check_precision(self.importance_precision)
         if self.solver not in SOLVERS:
             raise KpcError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
-        if isinstance(self.sensitivity, bool) or not isinstance(self.sensitivity, int) or self.sensitivity < 0:
-            raise KpcError(f"--sensitivity must be a non-negative number of widths per group (got "
+        if self.sensitivity != "auto" and (isinstance(self.sensitivity, bool) or not isinstance(self.sensitivity, int)
+                                           or self.sensitivity < 0):
+            raise KpcError(f"--sensitivity must be auto or a non-negative number of widths per group (got "
                            f"{self.sensitivity!r})")
         for name in ("calib_batches", "calib_batch_size", "min_channels", "bins"):
             value = getattr(self, name)
@@ -109,15 +119,21 @@ class PruneSettings:
             raise KpcError(f"--seed must be an integer in 0..2**63-1 (got {self.seed!r})")
 
     def resolved(self) -> PruneSettings:
-        """These settings with `importance: auto` made concrete.
+        """These settings with `importance: auto` made concrete, once the sensitivity is decided.
 
         Chosen on the validation split (benchmarks/oneshot.py, two Fashion-MNIST teachers):
         summed values rank best with taylor-signed; measured ones with consumer-l2, where
-        taylor-signed's order lost 2-9 points at 2x and 4x.
+        taylor-signed's order lost 2-9 points at 2x and 4x. While `sensitivity` is still
+        auto (decided in the prune, from the model and the data), so is the importance.
         """
-        if self.importance != "auto":
+        if self.importance != "auto" or self.sensitivity == "auto":
             return self
         return replace(self, importance="consumer-l2" if self.sensitivity else "taylor-signed")
+
+    def may_need_gradients(self) -> bool:
+        """Whether the importance pass may read gradients (undecided settings may still pick Taylor)."""
+        chosen = self.resolved()
+        return chosen.importance == "auto" or needs_gradients(chosen.importance)
 
 
 @dataclass
@@ -155,6 +171,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
                                    "seed": seed, "bn_recalibrate": bn_recalibrate}.items() if v is not None}
     chosen = replace(chosen, **overrides)
     chosen.check()
+    if chosen.sensitivity == "auto" and calibration is None:
+        chosen = replace(chosen, sensitivity=0)
     chosen = chosen.resolved()
     if not isinstance(budget, Budget):
         raise KpcError(f"budget should be a kpc.Budget, got {type(budget).__name__}")
@@ -251,6 +269,8 @@ class _Pruner:
         self.substituted: list[str] = []  # groups ranked by magnitude: Taylor found no gradient there
         self.gradient_precision: str | None = None  # the importance pass's number format, once it ran
         self.gradient_images = 0  # images the importance pass read
+        self.sensitivity_decision = ""  # what `sensitivity: auto` decided, and why (recorded in the plan)
+        self.auto_importance = settings.importance == "auto"  # chosen by kpc, so a fallback may change it
         self.clock = Stopwatch()
         try:
             with torch.no_grad():
@@ -267,6 +287,7 @@ class _Pruner:
 
     def run(self) -> PruneResult:
         graph, groups = self.analyse()
+        self.decide_sensitivity(groups)
         with self.clock.step("importance"):
             scores = self.score(groups)
         with self.clock.step("cost model"):
@@ -317,6 +338,7 @@ class _Pruner:
             importance={"method": self.settings.importance, "data": self.data_label,
                         **({"values": f"sensitivity at {self.settings.sensitivity} widths per group"}
                            if state.measured else {}),
+                        **({"sensitivity": self.sensitivity_decision} if self.sensitivity_decision else {}),
                         "batches": self.settings.calib_batches, "batch_size": self.settings.calib_batch_size,
                         "seed": self.settings.seed,
                         **({"precision": self.gradient_precision, "images": self.gradient_images}
@@ -395,19 +417,54 @@ class _Pruner:
         return Candidate(plan_key(widths), built.model, solution, samples_of(cost.measure(built.model)),
                          grown_from.attempt)
 
+    def decide_sensitivity(self, groups: list[ChannelGroup]) -> None:
+        """Make `sensitivity: auto` a number: measure when the estimated time fits `AUTO_SECONDS`, else sum.
+
+        The importance (`auto`) follows the decision, so it is taken before the importance pass.
+        """
+        s = self.settings
+        if s.sensitivity != "auto":
+            return
+        assert self.calibration is not None  # prune() resolves auto to 0 without data
+        first = next(as_batches(self.calibration), None)
+        widths = measured_passes(groups, s.round_to or DEFAULT_ROUND_TO, s.min_channels, AUTO_POINTS)
+        if first is None or widths == 0:
+            self.settings = replace(s, sensitivity=0).resolved()
+            return
+        estimate = estimated_seconds(self.work, first[0], batches=s.calib_batches, widths=widths,
+                                     bf16=resolve_precision(s.importance_precision, self.device()) == "bf16")
+        points, self.sensitivity_decision, line = auto_decision(estimate, widths)
+        log.info("%s", line)
+        self.settings = replace(s, sensitivity=points).resolved()
+
+    def device(self) -> torch.device:
+        parameter = next(self.work.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
     def measure_sensitivity(self, graph: Any, groups: list[ChannelGroup], state: _State) -> None:
-        """Value the knapsack's options by their measured effect on the output (`kpc.sensitivity`)."""
+        """Value the knapsack's options by their measured effect on the output (`kpc.sensitivity`).
+
+        Where the values cannot be measured, the knapsack sums importance; an importance that
+        `auto` chose for measured values (consumer-l2, a poor exchange rate across groups when
+        summed) is then replaced by the one chosen for sums, at the cost of its pass.
+        """
         s = self.settings
         if not s.sensitivity or self.calibration is None:
             return
-        parameter = next(self.work.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
         with self.clock.step("sensitivity"):
             measured = measure_values(self.work, graph, groups, state.choices, self.calibration,
                                       batches=s.calib_batches, points=s.sensitivity,
-                                      bf16=resolve_precision(s.importance_precision, device) == "bf16")
+                                      bf16=resolve_precision(s.importance_precision, self.device()) == "bf16")
         if measured is not None:
             state.measured = measured
+            state.rebuild()
+            return
+        if self.sensitivity_decision:
+            self.sensitivity_decision += "; nothing measurable, summed importance"
+        if self.auto_importance and s.importance != "taylor-signed":
+            self.settings = replace(s, importance="taylor-signed")
+            with self.clock.step("importance"):
+                state.scores = self.score(groups)
             state.rebuild()
 
     def analyse(self) -> tuple[Any, list[ChannelGroup]]:

@@ -98,8 +98,9 @@ def schema() -> Schema:
                                           help="auto (bf16 where native), fp32 or bf16"),
             "bn_recalibrate": Field(int, default=prune.bn_recalibrate,
                                     help="batches re-estimating BatchNorm (default: 20 with real data)"),
-            "sensitivity": Field(int, default=prune.sensitivity,
-                                 help="widths per group measured on the output to value the knapsack (0: off)"),
+            "sensitivity": Field((int, str), default=prune.sensitivity,
+                                 help="widths per group measured on the output to value the knapsack (0: off; "
+                                      "auto: 5 where it fits a minute)"),
         }),
         "distill": Section(stage=True, fields=training(distill, "ikd_weight", "kd_weight", "temperature")),
         "export": Section({

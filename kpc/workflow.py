@@ -55,6 +55,8 @@ def prune_to_artifact(loaded: LoadedModel, budget: Budget, settings: PruneSettin
     if settings.bn_recalibrate and synthetic:
         raise KpcError("--bn-recalibrate needs real data (--data): random images would corrupt the BatchNorm "
                        "statistics; drop it or give --data")
+    if settings.sensitivity == "auto" and synthetic:
+        settings = replace(settings, sensitivity=0)  # random images say nothing of a cut's effect: sum importance
     if settings.sensitivity and synthetic:
         raise KpcError("--sensitivity needs real data (--data): the effect of a cut on random images says little "
                        "about the images the model serves; drop it or give --data")

@@ -100,7 +100,9 @@ def prune_spec(spec: str, budget, *, input_size=SMALL, num_classes: int | None =
     from kpc.pruning import PruneSettings, prune
 
     loaded = open_model(spec, num_classes=num_classes, input_size=input_size)
-    chosen = PruneSettings(**{"calib_batches": 2, "calib_batch_size": 4, **settings})
+    # as `kpc prune --data synthetic` does: random images say nothing of a cut's effect, so auto measures nothing
+    synthetic = {"sensitivity": 0} if data == "synthetic" else {}
+    chosen = PruneSettings(**{"calib_batches": 2, "calib_batch_size": 4, **synthetic, **settings})
     batches = calibration_batches(parse_data_spec(data), loaded.input_size, batches=chosen.calib_batches,
                                   batch_size=chosen.calib_batch_size, seed=chosen.seed)
     return loaded, prune(loaded.model, loaded.example_input(), budget, batches, settings=chosen,

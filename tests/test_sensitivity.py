@@ -21,7 +21,18 @@ from kpc.importance import score_groups
 from kpc.modelcopy import copy_model
 from kpc.planner import make_choices
 from kpc.pruning import PruneSettings, analyse_groups, prune
-from kpc.sensitivity import SensitivityUnavailable, _channel_axis, _with_tie_break, cut, measure_values
+from kpc.sensitivity import (
+    AUTO_POINTS,
+    SensitivityUnavailable,
+    _channel_axis,
+    _with_tie_break,
+    auto_decision,
+    cut,
+    estimated_seconds,
+    measure_values,
+    measured_passes,
+    measured_widths,
+)
 
 from .conftest import needs_fashion_mnist, write_tiny
 
@@ -107,7 +118,7 @@ def test_sensitivity_without_data_or_with_a_bad_count_is_refused(tmp_path):
     loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
     with pytest.raises(KpcError, match="--sensitivity needs data"):
         prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), settings=PruneSettings(sensitivity=3))
-    with pytest.raises(KpcError, match="--sensitivity must be a non-negative number"):
+    with pytest.raises(KpcError, match="--sensitivity must be auto or a non-negative number"):
         PruneSettings(sensitivity=-1).check()
     out = tmp_path / "never"
     result = runner.invoke(app, ["prune", spec, "--input-size", "1,28,28", "--num-classes", "10", "--budget-ratio",
@@ -131,9 +142,89 @@ def test_the_cli_prunes_with_sensitivity_and_the_artifact_loads(tmp_path):
 
 
 def test_auto_importance_follows_the_values():
-    assert PruneSettings().resolved().importance == "taylor-signed"
+    assert PruneSettings(sensitivity=0).resolved().importance == "taylor-signed"
     assert PruneSettings(sensitivity=3).resolved().importance == "consumer-l2"
     assert PruneSettings(importance="taylor", sensitivity=3).resolved().importance == "taylor"
+    undecided = PruneSettings()  # sensitivity auto: the prune decides, then the importance follows
+    assert undecided.resolved().importance == "auto" and undecided.may_need_gradients()
+    assert not PruneSettings(sensitivity=3).may_need_gradients()
+
+
+@needs_fashion_mnist
+def test_auto_sensitivity_measures_where_it_is_cheap_and_records_why(tmp_path, caplog):
+    spec = write_tiny(tmp_path)
+    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
+    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=2, batch_size=16,
+                                       seed=0))
+    with caplog.at_level(logging.INFO, logger="kpc"):
+        result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), batches,
+                       settings=PruneSettings(calib_batches=2, bn_recalibrate=0))
+    record = result.round.importance
+    assert record["sensitivity"].startswith("auto: measured, estimated"), record
+    assert record["values"] == f"sensitivity at {AUTO_POINTS} widths per group"
+    assert record["method"] == "consumer-l2" and result.round.landed
+    assert "--sensitivity 0 skips it" in caplog.text
+    assert "sensitivity measured in" in caplog.text
+
+
+@needs_fashion_mnist
+def test_auto_sensitivity_sums_importance_where_measuring_would_take_too_long(tmp_path, monkeypatch, caplog):
+    """A bound no measurement fits stands for a model too large to measure here (ResNet-50 at 224: ~12 min)."""
+    monkeypatch.setattr("kpc.sensitivity.AUTO_SECONDS", 0.0)
+    spec = write_tiny(tmp_path)
+    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
+    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=2, batch_size=16,
+                                       seed=0))
+    with caplog.at_level(logging.INFO, logger="kpc"):
+        result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), batches,
+                       settings=PruneSettings(calib_batches=2, bn_recalibrate=0))
+    record = result.round.importance
+    assert record["sensitivity"].startswith("auto: summed importance"), record
+    assert "values" not in record and record["method"] == "taylor-signed" and result.round.landed
+    assert f"--sensitivity {AUTO_POINTS} measures anyway" in caplog.text
+    assert "measuring sensitivity" not in caplog.text
+
+
+def test_the_estimate_counts_every_measured_width_and_pass(tmp_path):
+    spec = write_tiny(tmp_path)
+    _, model, example, _graph, groups, choices = _analysed(spec)
+    widths = measured_passes(groups, 8, 8, 3)
+    assert widths == sum(len(measured_widths(c.widths, 3)) for c in choices) > 0
+    images = example.repeat(4, 1, 1, 1)
+    estimate = estimated_seconds(model, images, batches=2, widths=widths, bf16=False)
+    assert 0 < estimate < float("inf") and not model.training
+    assert auto_decision(0.0, widths)[0] == AUTO_POINTS
+    assert auto_decision(float("inf"), widths)[0] == 0
+
+
+def test_auto_sensitivity_falls_back_to_summed_taylor_where_nothing_can_be_measured(caplog):
+    """A network whose output no cut changes (a zeroed classifier) measures nothing: the importance chosen for
+    measured values must not stay the one for sums."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    nn.init.zeros_(model[-1].weight)
+    nn.init.zeros_(model[-1].bias)
+    batches = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="kpc"):
+        result = prune(model, batches[0][:1], Budget(ratio=0.6), batches,
+                       settings=PruneSettings(calib_batches=2, bn_recalibrate=0))
+    record = result.round.importance
+    assert record["sensitivity"].endswith("nothing measurable, summed importance") and "values" not in record
+    assert record["method"] != "consumer-l2", record  # taylor-signed, here magnitude (no gradient reaches it)
+    assert "no cut changed the model's output measurably" in caplog.text
+
+
+def test_the_cli_refuses_a_sensitivity_that_is_neither_auto_nor_a_count(tmp_path):
+    spec = write_tiny(tmp_path)
+    for bad in ("often", "-1", "2.5"):
+        out = tmp_path / "never"
+        result = runner.invoke(app, ["prune", spec, "--input-size", "1,28,28", "--num-classes", "10",
+                                     "--budget-ratio", "0.5", "--sensitivity", bad, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert "--sensitivity must be auto or a non-negative number" in result.output and "Traceback" not in \
+            result.output
+        assert not out.exists()
 
 
 def test_the_channel_axis_follows_the_width_then_the_layer_kind():

@@ -26,7 +26,6 @@ from kpc.cli._common import (
     output_path,
     value,
 )
-from kpc.importance import needs_gradients
 from kpc.pruning import PruneSettings
 
 DEFAULTS = PruneSettings()
@@ -87,11 +86,12 @@ def prune_command(
         "--importance-precision", help="Number format of the importance and sensitivity passes: auto (bf16 "
         "where the CPU or GPU computes it natively, about twice as fast; else fp32), fp32 or bf16.")]
     = ImportancePrecision(DEFAULTS.importance_precision),
-    sensitivity: Annotated[int, typer.Option(
-        "--sensitivity", min=0, help="Widths per group whose effect on the output is measured on the calibration "
+    sensitivity: Annotated[str, typer.Option(
+        "--sensitivity", help="Widths per group whose effect on the output is measured on the calibration "
         "images to value the knapsack (0: summed importance). Keeps more accuracy straight after the prune, "
-        "at one pass over the images per width measured; needs --data.")]
-    = DEFAULTS.sensitivity,
+        "at two passes over the images per width measured; needs --data. auto: 5 where that is estimated to "
+        "take at most a minute here, else 0.")]
+    = str(DEFAULTS.sensitivity),
     overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
     """Score channels, solve the knapsack under the budget, remove channels physically, save the artifact.
@@ -112,14 +112,14 @@ def prune_command(
                              calib_batch_size=calib_batch_size, solver=value(solver), round_to=round_to,
                              min_channels=min_channels, ignore=tuple(ignore or ()), seed=seed,
                              bn_recalibrate=bn_recalibrate, importance_precision=value(importance_precision),
-                             sensitivity=sensitivity)
+                             sensitivity=int(sensitivity) if sensitivity.strip().isdigit() else sensitivity.strip())
     settings.check()
     spec = parse_data_spec(data)
     loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size),
                         pretrained=pretrained, model_file=model_file)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
-        gradients = needs_gradients(settings.resolved().importance)
+        gradients = settings.may_need_gradients()
         task = progress.add_task("calibrating importance", total=calib_batches if gradients else 0)
         result = prune_to_artifact(loaded, budget, settings, spec, out, overwrite=overwrite,
                                    progress=lambda: progress.advance(task))
