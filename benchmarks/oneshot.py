@@ -12,6 +12,7 @@ ResNet-18 teacher on Fashion-MNIST (see _fmnist.py for the splits):
 - kpc-<importance>-sensitivity-5: the importance ranks channels within a group; the knapsack
   values 5 widths per group by their measured effect on the output (`sensitivity=5`,
   kpc.sensitivity), the rest interpolated
+- kpc-defaults: `kpc.PruneSettings()` as it stands (`sensitivity: auto`, `importance: auto`)
 
 Every arm's BatchNorm statistics are re-estimated on the same training batches; kpc's
 arms are also reported without it. Settings are chosen on the validation split (the
@@ -60,7 +61,8 @@ KPC_ARMS = {"kpc-taylor": ("taylor", 1, "fp32"), "kpc-taylor-signed": ("taylor-s
             "kpc-magnitude-sensitivity-5": ("magnitude", 1, "auto", 5),
             "kpc-consumer-l2-sensitivity-5": ("consumer-l2", 1, "auto", 5),
             "kpc-consumer-l2-sensitivity-5-fp32": ("consumer-l2", 1, "fp32", 5),
-            "kpc-consumer-l2-sensitivity-5-4x-calib": ("consumer-l2", 4, "auto", 5)}
+            "kpc-consumer-l2-sensitivity-5-4x-calib": ("consumer-l2", 4, "auto", 5),
+            "kpc-defaults": ("auto", 1, "auto", "auto")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

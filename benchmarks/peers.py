@@ -10,9 +10,9 @@ directly against ModelOpt's (>1: kpc's is faster). Target: kpc at least as fast 
 
 Part 2, accuracy (the kpc-trained ResNet-18 Fashion-MNIST teacher of _fmnist.py): ModelOpt
 FastNAS and Torch-Pruning (uniform magnitude, global Taylor) at 50% of the FLOPs, and kpc,
-with its defaults (8 calibration batches of 32, and 32 batches), with `--sensitivity 5` on the
-defaults' 8 batches, and with measured sensitivity on 1,024 images (`--importance consumer-l2
---sensitivity 5 --calib-batches 32`), each pruned along a ladder of FLOPs budgets (`--ladder`). Every child is
+with its defaults (8 calibration batches of 32, and 32 batches; `--sensitivity auto`, which measures
+this teacher's groups) and with summed Taylor values (`--sensitivity 0`, the default before
+2026-12-03), each pruned along a ladder of FLOPs budgets (`--ladder`). Every child is
 timed against ModelOpt's child, interleaved on ort-cpu, and scored straight after pruning
 (BatchNorm re-estimated on the same batches) on the validation split (the last 5,000
 training images) and the test split. Of each kpc ladder, the child compared is the most
@@ -271,12 +271,10 @@ def part_accuracy(args: argparse.Namespace) -> None:
         base, example, 0.5, [images for images, _labels in bn], score, args.work / "modelopt-r18.pth"))
     over_teacher = run_bench(ModelSide(base, SIZE, "teacher"), ModelSide(modelopt, SIZE, reference),
                              settings)["speedup"]
-    measured = kpc.PruneSettings(importance="consumer-l2", sensitivity=5, calib_batches=32)
-    more = batches("train", measured.calib_batches, seed=0)
+    more = batches("train", 32, seed=0)
     arms = [("kpc (defaults)", kpc.PruneSettings(), calibration),
             ("kpc (defaults) --calib-batches 32", kpc.PruneSettings(calib_batches=32), more),
-            ("kpc --sensitivity 5 (8 calibration batches)", kpc.PruneSettings(sensitivity=5), calibration),
-            ("kpc --importance consumer-l2 --sensitivity 5 --calib-batches 32", measured, more)]
+            ("kpc --sensitivity 0 (summed Taylor values)", kpc.PruneSettings(sensitivity=0), calibration)]
     if args.only:
         arms = [arm for arm in arms if any(part in arm[0] for part in args.only.split(","))]
     ladder = [float(value) for value in args.ladder.split(",")]
