@@ -5,6 +5,10 @@ accepts (64x64, else 224x224, else the model's own size):
 
     kpc prune SPEC --budget-ratio 0.5 --data synthetic ...   then   kpc.load + forward   then   kpc export --onnx
 
+With `--data fashion-mnist` the prune reads real images and takes kpc's default path for them
+(`--sensitivity auto`: the knapsack's values measured on the output where that is estimated to
+fit a minute, else summed importance); the table then says what auto decided for each model.
+
 Verdicts:
 
 - pruned: exit 0, the counted MACs within 1% under the budget, no group left whole except
@@ -30,6 +34,7 @@ BatchNorm), without the imports, the model's construction and the artifact's sav
     .venv/bin/python benchmarks/zoo.py --sample 30             # every k-th model: 30 of them
     .venv/bin/python benchmarks/zoo.py --sample 30 --sample-offset 0.5   # 30 others, between those
     .venv/bin/python benchmarks/zoo.py --only torchvision:mnasnet1_0,timm:ghostnet_100 --no-record
+    .venv/bin/python benchmarks/zoo.py --sample 20 --data fashion-mnist --calib-batches 2 --calib-batch-size 8
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class Outcome:
     # BatchNorm) as its plan records them: the command without imports, model build, saving and its checks
     steps_wall_s: float | None = None
     slowest_step: str = ""
+    sensitivity: str = ""  # what `--sensitivity auto` decided (real data only)
     detail: str = ""
     whole: list[str] = field(default_factory=list)
     # The issue's "pruned": within 1% under the budget, reloads, runs and exports with parity, whether or not
@@ -95,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-s", type=int, default=300, help="time limit per subprocess")
     parser.add_argument("--size", type=int, default=64, help="input height and width tried first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default="synthetic", help="the prune's --data: synthetic (no measurement), or real "
+                        "images such as fashion-mnist, which take the default measured-sensitivity path")
+    parser.add_argument("--calib-batches", type=int, default=1)
+    parser.add_argument("--calib-batch-size", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--json", type=Path, help="also write every outcome here")
     return parser.parse_args(argv)
@@ -157,9 +167,9 @@ def sweep_one(spec: str, args: argparse.Namespace, env: dict[str, str], work: Pa
     sizes = list(dict.fromkeys([args.size, FALLBACK_SIZE, native_size(spec)]))
     for attempt, size in enumerate(sizes):
         out = work / f"{re.sub(r'[^a-z0-9]+', '-', spec.lower())}-{size}"
-        prune = [*KPC, "prune", spec, "--budget-ratio", "0.5", "--data", "synthetic", "--calib-batches", "1",
-                 "--calib-batch-size", "2", "--num-classes", "10", "--input-size", f"3x{size}x{size}",
-                 "--out", str(out)]
+        prune = [*KPC, "prune", spec, "--budget-ratio", "0.5", "--data", args.data,
+                 "--calib-batches", str(args.calib_batches), "--calib-batch-size", str(args.calib_batch_size),
+                 "--num-classes", "10", "--input-size", f"3x{size}x{size}", "--out", str(out)]
         code, _stdout, err, cpu, wall = run(prune, args.limit_s, env)
         outcome = Outcome(spec, "", size, cpu, wall)
         if code is None:
@@ -205,6 +215,7 @@ def check_artifact(outcome: Outcome, out: Path, args: argparse.Namespace, env: d
         outcome.steps_cpu_s = sum(step["cpu_s"] for step in steps.values())
         outcome.steps_wall_s = sum(step["wall_s"] for step in steps.values())
         outcome.slowest_step = max(steps, key=lambda name: steps[name]["cpu_s"])
+    outcome.sensitivity = (last.get("importance") or {}).get("sensitivity", "")
     outcome.whole = sorted({g["reason"] for g in last["groups"] if not g["prunable"]
                             and not any(k in (g["reason"] or "") for k in WHOLE_BY_DESIGN)})
     landed = counted >= limit * 0.99 or last.get("landed") is True
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "hang")}
     rows = [[o.spec, o.verdict, "yes" if o.within_1pct else "no", f"{o.size}", f"{o.cpu_s:.1f}", f"{o.wall_s:.1f}",
              "-" if o.steps_cpu_s is None else f"{o.steps_cpu_s:.1f} / {o.steps_wall_s:.1f} ({o.slowest_step})",
-             o.detail or "-"]
+             *([o.sensitivity or "-"] if args.data != "synthetic" else []), o.detail or "-"]
             for o in outcomes]
     within = sum(o.within_1pct for o in outcomes)
     summary = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -281,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard:
         sampled += f" (shard {args.shard[0]}/{args.shard[1]}: every {args.shard[1]}-th of the zoo's sorted list)"
     if not args.no_record:
-        append_results("Zoo sweep: prune 0.5, reload, export (issue 12)",
+        title = "Zoo sweep: prune 0.5, reload, export (issue 12)" if args.data == "synthetic" else \
+            f"Zoo sweep with --data {args.data}: prune 0.5 on kpc's default path for real images, reload, export"
+        append_results(title,
                        ["model", "verdict", "within 1% of the budget", "input", "prune CPU s", "prune wall s",
-                        "graph + prune CPU s / wall s (slowest step)", "detail"], rows,
+                        "graph + prune CPU s / wall s (slowest step)",
+                        *(["sensitivity (auto)"] if args.data != "synthetic" else []), "detail"], rows,
                        threads=args.threads,
                        notes=[f"{len(outcomes)} models{sampled}: "
                               f"{summary}",
