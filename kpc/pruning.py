@@ -287,11 +287,12 @@ class _Pruner:
 
     def run(self) -> PruneResult:
         graph, groups = self.analyse()
-        self.decide_sensitivity(groups)
+        with self.clock.step("cost model"):
+            make_cost, round_to = self.cost_factory()
+        self.decide_sensitivity(groups, round_to)
         with self.clock.step("importance"):
             scores = self.score(groups)
         with self.clock.step("cost model"):
-            make_cost, round_to = self.cost_factory()
             cost: CostModel = make_cost(self.work, self.example, graph, groups)
         round_to = math.lcm(round_to, int(cost.width_step))
         state = _State(groups, scores, round_to, self.settings.min_channels)
@@ -417,7 +418,7 @@ class _Pruner:
         return Candidate(plan_key(widths), built.model, solution, samples_of(cost.measure(built.model)),
                          grown_from.attempt)
 
-    def decide_sensitivity(self, groups: list[ChannelGroup]) -> None:
+    def decide_sensitivity(self, groups: list[ChannelGroup], round_to: int) -> None:
         """Make `sensitivity: auto` a number: measure when the estimated time fits `AUTO_SECONDS`, else sum.
 
         The importance (`auto`) follows the decision, so it is taken before the importance pass.
@@ -427,12 +428,13 @@ class _Pruner:
             return
         assert self.calibration is not None  # prune() resolves auto to 0 without data
         first = next(as_batches(self.calibration), None)
-        widths = measured_passes(groups, s.round_to or DEFAULT_ROUND_TO, s.min_channels, AUTO_POINTS)
+        widths = measured_passes(groups, round_to, s.min_channels, AUTO_POINTS)
         if first is None or widths == 0:
             self.settings = replace(s, sensitivity=0).resolved()
             return
-        estimate = estimated_seconds(self.work, first[0], batches=s.calib_batches, widths=widths,
-                                     bf16=resolve_precision(s.importance_precision, self.device()) == "bf16")
+        with self.clock.step("sensitivity"):
+            estimate = estimated_seconds(self.work, first[0], batches=s.calib_batches, widths=widths,
+                                         bf16=resolve_precision(s.importance_precision, self.device()) == "bf16")
         points, self.sensitivity_decision, line = auto_decision(estimate, widths)
         log.info("%s", line)
         self.settings = replace(s, sensitivity=points).resolved()

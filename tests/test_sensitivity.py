@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -165,6 +166,23 @@ def test_auto_sensitivity_measures_where_it_is_cheap_and_records_why(tmp_path, c
     assert record["method"] == "consumer-l2" and result.round.landed
     assert "--sensitivity 0 skips it" in caplog.text
     assert "sensitivity measured in" in caplog.text
+
+
+@needs_fashion_mnist
+def test_the_auto_estimate_counts_the_widths_the_runtimes_step_leaves(tmp_path, caplog):
+    """A runtime named on a FLOPs budget sets the width step; the estimate counts the widths measured at that step."""
+    spec = write_tiny(tmp_path)
+    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
+    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=1, batch_size=16,
+                                       seed=0))
+    with caplog.at_level(logging.INFO, logger="kpc"):
+        result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5, target={"runtime": "ort-cpu"}),
+                       batches, settings=PruneSettings(calib_batches=1, bn_recalibrate=0))
+    estimated = re.search(r"sensitivity auto: measuring \d+ widths per group \((\d+) in all", caplog.text)
+    measured = re.search(r"measuring sensitivity: (\d+) widths over", caplog.text)
+    assert estimated and measured, caplog.text
+    assert estimated.group(1) == measured.group(1)
+    assert result.round.round_to % 8 == 0 and result.round.landed
 
 
 @needs_fashion_mnist
