@@ -133,7 +133,62 @@ class ExportSettings:
                            f"{MAX_PARITY_VALUES:,}: give a smaller --batch or fewer --samples")
 
 
-def parity_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+IMAGE_LIKE = "image-like (smooth random images)"
+
+
+def parity_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0
+                  ) -> tuple[list[dict[str, np.ndarray]], str]:
+    """`count` inputs of `batch` images for the parity check, and what they are.
+
+    The images the model was trained or calibrated on, where its artifact names them and
+    they can be read here: a check must run the model where it is served. BatchNorm
+    statistics re-estimated on grayscale images replicated to three channels leave
+    near-zero variances on colour features, and colour inputs then drive the logits to
+    1e6, where summation order alone moves them by hundreds (a pruned efficientnet_v2_s
+    failed its export check that way, and matched to 2e-4 on its own images). Elsewhere,
+    image-like inputs (`image_like_inputs`).
+    """
+    data = _recorded_data(loaded)
+    if data is not None:
+        images = _data_inputs(data, loaded.input_size, batch, count, seed)
+        if images is not None:
+            return images, data
+    return image_like_inputs(loaded, batch, count, seed), IMAGE_LIKE
+
+
+def _recorded_data(loaded: LoadedModel) -> str | None:
+    """The data spec the artifact records: what it was trained on, else what its latest prune calibrated on."""
+    if loaded.plan.data:
+        return loaded.plan.data
+    for prune_round in reversed(loaded.plan.rounds):
+        label = (prune_round.importance or {}).get("data")
+        if label:
+            return str(label)
+    return None
+
+
+def _data_inputs(label: str, input_size: tuple[int, int, int], batch: int, count: int, seed: int
+                 ) -> list[dict[str, np.ndarray]] | None:
+    """`count` full batches of the recorded data (None: not a real dataset, not readable here, or too small)."""
+    from kpc.data import calibration_batches, parse_data_spec
+
+    try:
+        spec = parse_data_spec(label)
+        if spec.kind == "synthetic":
+            return None
+        batches = [images for images, _ in calibration_batches(spec, input_size, batches=count, batch_size=batch,
+                                                               seed=seed)]
+    except (KpcError, OSError, ValueError) as exc:  # "user data", a dataset on another machine, a moved folder
+        log.info("parity check on image-like inputs: the model's data %s cannot be read here (%s)", label,
+                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    if len(batches) < count or any(images.shape[0] != batch for images in batches):
+        log.info("parity check on image-like inputs: %s holds fewer than %d images", label, batch * count)
+        return None
+    return [{INPUT_NAME: images.float().numpy()} for images in batches]
+
+
+def image_like_inputs(loaded: LoadedModel, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """`count` image-like inputs: smooth random images in [0, 1], normalised like the model's data.
 
     Pure Gaussian noise keeps activations in a narrow regime that hides range problems
@@ -237,7 +292,7 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
         # Fail in a second (no GPU, no tensorrt) before minutes of export and build.
         exporters.get_runner("trt", precision=settings.trt_precision).close()
     model = loaded.model.eval()
-    samples = parity_inputs(loaded, settings.batch, settings.samples, settings.seed)
+    samples, inputs = parity_inputs(loaded, settings.batch, settings.samples, settings.seed)
     example = {INPUT_NAME: torch.from_numpy(samples[0][INPUT_NAME])}
     # A TensorRT batch profile needs a dynamic batch dimension in the graph.
     dynamic = settings.dynamic_batch or (settings.trt and (settings.max_batch or settings.batch) != settings.min_batch)
@@ -261,12 +316,13 @@ def export_model(loaded: LoadedModel, out: Path, settings: ExportSettings, *,
                           "inputs": [i.name for i in checked.graph.input],
                           "outputs": [o.name for o in checked.graph.output]}
         log.info(f"checking ONNX Runtime against PyTorch on {len(samples)} inputs of shape "
-            f"{tuple(samples[0][INPUT_NAME].shape)}")
-        record["parity"] = _verify(model, onnx_path, samples, settings, "ort-cpu", "fp16" if onnx_fp16 else "fp32")
+            f"{tuple(samples[0][INPUT_NAME].shape)}: {inputs}")
+        record["parity"] = {**_verify(model, onnx_path, samples, settings, "ort-cpu", "fp16" if onnx_fp16 else "fp32"),
+                            "inputs": inputs}
         if dynamic:  # a free batch dimension is a promise: check it at another batch than the one exported
             other = settings.batch + 2
             log.info(f"checking the dynamic batch: ONNX Runtime against PyTorch at batch {other}")
-            others = parity_inputs(loaded, other, 1, settings.seed + 1)
+            others, _ = parity_inputs(loaded, other, 1, settings.seed + 1)
             record["parity_second_batch"] = _verify(model, onnx_path, others, replace(settings, batch=other),
                                                     "ort-cpu", "fp16" if onnx_fp16 else "fp32")
         if settings.int8 and not exporters.tensorrt_engine.has_quantization_nodes(onnx_path):

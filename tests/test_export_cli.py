@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -18,9 +19,9 @@ from exporters.errors import ParityError
 from kpc.artifact import open_model
 from kpc.budget import Budget
 from kpc.cli import app
-from kpc.export import ExportSettings, check_parity, export_model, parity_inputs
+from kpc.export import IMAGE_LIKE, ExportSettings, check_parity, export_model, parity_inputs
 
-from .conftest import SMALL, prune_spec
+from .conftest import SMALL, needs_fashion_mnist, prune_spec
 
 runner = CliRunner()
 MODELS = ["resnet18", "mobilenet_v3_large", "efficientnet_b0"]
@@ -103,7 +104,7 @@ def test_parity_check_catches_a_perturbed_model(artifacts, tmp_path):
     perturbed = copy.deepcopy(loaded.model)
     with torch.no_grad():
         perturbed.fc.weight.add_(0.05 * torch.randn_like(perturbed.fc.weight))
-    samples = parity_inputs(loaded, batch=1, count=2)
+    samples, _ = parity_inputs(loaded, batch=1, count=2)
     checks = check_parity(perturbed, tmp_path / "ok" / "model.onnx", samples, atol=1e-4, rtol=1e-3)
     assert [c.name for c in checks] == ["output"] and not checks[0].ok and checks[0].max_abs > 1e-3
     with pytest.raises(ParityError) as caught:
@@ -228,3 +229,25 @@ def test_an_operator_of_a_later_opset_moves_the_default_export_there(tmp_path):
                                  "--out", str(tmp_path / "pinned")])
     assert_one_error_line(pinned, 2, "ONNX export failed at opset 17")
     assert not (tmp_path / "pinned").exists()
+
+
+@needs_fashion_mnist
+def test_the_parity_check_runs_the_images_the_model_was_calibrated_on(tmp_path):
+    """BatchNorm re-estimated on grayscale images replicated to RGB: the check feeds those, not colour noise."""
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", "torchvision:mobilenet_v3_small", "--num-classes", "10", "--input-size",
+                                 "3x32x32", "--budget-ratio", "0.6", "--data", "fashion-mnist", "--calib-batches", "1",
+                                 "--calib-batch-size", "4", "--sensitivity", "0", "--bn-recalibrate", "2",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    loaded = open_model(str(out))
+    samples, inputs = parity_inputs(loaded, batch=2, count=2)
+    assert inputs.startswith("fashion-mnist") and len(samples) == 2
+    images = samples[0]["input"]
+    assert images.shape == (2, 3, 32, 32) and np.array_equal(images[:, 0], images[:, 2])  # replicated gray
+    record = export_model(loaded, tmp_path / "export", ExportSettings(samples=2))
+    assert record["parity"]["ok"] and record["parity"]["inputs"] == inputs
+
+    elsewhere = replace(loaded, plan=replace(loaded.plan, data="fashion-mnist:/nonexistent/fashion-mnist"))
+    samples, inputs = parity_inputs(elsewhere, batch=2, count=1)
+    assert inputs == IMAGE_LIKE and not np.array_equal(samples[0]["input"][:, 0], samples[0]["input"][:, 2])
