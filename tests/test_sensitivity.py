@@ -151,15 +151,20 @@ def test_auto_importance_follows_the_values():
     assert not PruneSettings(sensitivity=3).may_need_gradients()
 
 
-@needs_fashion_mnist
-def test_auto_sensitivity_measures_where_it_is_cheap_and_records_why(tmp_path, caplog):
+def _prune_tiny_on_defaults(tmp_path, caplog, *, batches: int = 2, budget: Budget | None = None):
+    """The tiny model pruned to half its MACs with kpc's default settings on Fashion-MNIST, logs captured."""
     spec = write_tiny(tmp_path)
     loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
-    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=2, batch_size=16,
-                                       seed=0))
+    calibration = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=batches,
+                                           batch_size=16, seed=0))
     with caplog.at_level(logging.INFO, logger="kpc"):
-        result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), batches,
-                       settings=PruneSettings(calib_batches=2, bn_recalibrate=0))
+        return prune(loaded.model, loaded.example_input(), budget or Budget(ratio=0.5), calibration,
+                     settings=PruneSettings(calib_batches=batches, bn_recalibrate=0))
+
+
+@needs_fashion_mnist
+def test_auto_sensitivity_measures_where_it_is_cheap_and_records_why(tmp_path, caplog):
+    result = _prune_tiny_on_defaults(tmp_path, caplog)
     record = result.round.importance
     assert record["sensitivity"].startswith("auto: measured, estimated"), record
     assert record["values"] == f"sensitivity at {AUTO_POINTS} widths per group"
@@ -171,13 +176,8 @@ def test_auto_sensitivity_measures_where_it_is_cheap_and_records_why(tmp_path, c
 @needs_fashion_mnist
 def test_the_auto_estimate_counts_the_widths_the_runtimes_step_leaves(tmp_path, caplog):
     """A runtime named on a FLOPs budget sets the width step; the estimate counts the widths measured at that step."""
-    spec = write_tiny(tmp_path)
-    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
-    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=1, batch_size=16,
-                                       seed=0))
-    with caplog.at_level(logging.INFO, logger="kpc"):
-        result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5, target={"runtime": "ort-cpu"}),
-                       batches, settings=PruneSettings(calib_batches=1, bn_recalibrate=0))
+    result = _prune_tiny_on_defaults(tmp_path, caplog, batches=1,
+                                     budget=Budget(ratio=0.5, target={"runtime": "ort-cpu"}))
     estimated = re.search(r"sensitivity auto: measuring \d+ widths per group \((\d+) in all", caplog.text)
     measured = re.search(r"measuring sensitivity: (\d+) widths over", caplog.text)
     assert estimated and measured, caplog.text
@@ -189,13 +189,7 @@ def test_the_auto_estimate_counts_the_widths_the_runtimes_step_leaves(tmp_path, 
 def test_auto_sensitivity_sums_importance_where_measuring_would_take_too_long(tmp_path, monkeypatch, caplog):
     """A bound no measurement fits stands for a model too large to measure here (ResNet-50 at 224: ~12 min)."""
     monkeypatch.setattr("kpc.sensitivity.AUTO_SECONDS", 0.0)
-    spec = write_tiny(tmp_path)
-    loaded = open_model(spec, num_classes=10, input_size=(1, 28, 28))
-    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=2, batch_size=16,
-                                       seed=0))
-    with caplog.at_level(logging.INFO, logger="kpc"):
-        result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), batches,
-                       settings=PruneSettings(calib_batches=2, bn_recalibrate=0))
+    result = _prune_tiny_on_defaults(tmp_path, caplog)
     record = result.round.importance
     assert record["sensitivity"].startswith("auto: summed importance"), record
     assert "values" not in record and record["method"] == "taylor-signed" and result.round.landed
