@@ -40,6 +40,16 @@ from .conftest import needs_fashion_mnist, write_tiny
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def seeded_init():
+    """Untrained models, built fresh in each test: one seed, so no test depends on the order the workers run them in.
+
+    A few random inits of the tiny model give outputs no cut moves measurably, and kpc then
+    (rightly) sums importance instead; the tests that expect a measurement must not draw one.
+    """
+    torch.manual_seed(0)
+
+
 def _analysed(spec: str, input_size=(1, 28, 28)):
     loaded = open_model(spec, num_classes=10, input_size=input_size)
     model = loaded.model.eval()
@@ -261,7 +271,9 @@ def test_an_untrained_network_with_sensitivity_still_spends_its_budget():
     result = prune(loaded.model, loaded.example_input(), Budget(ratio=0.5), batches,
                    settings=PruneSettings(importance="consumer-l2", sensitivity=2, calib_batches=1, bn_recalibrate=0))
     r = result.round
-    assert r.landed and r.counted_cost >= 0.99 * r.limit, f"{r.counted_cost / r.full_cost:.3f} of the unpruned MACs"
+    # landed: within 1% under, or no group can grow one step within the budget (an init drew 0.4948 of a 0.5
+    # budget that way); either is far from the 31% the missing tie-break kept
+    assert r.landed and r.counted_cost >= 0.95 * r.limit, f"{r.counted_cost / r.full_cost:.3f} of the unpruned MACs"
 
 
 def test_values_that_measure_nothing_give_way_to_summed_importance(caplog):
