@@ -137,6 +137,24 @@ def test_distill_lowers_inner_loss_and_saves_the_plain_child(family, tmp_path):
 
 
 @needs_fashion_mnist
+def test_a_distillation_that_ends_below_its_start_hands_back_the_start(family, tmp_path):
+    """keep=best (distill's default) counts the starting weights: a rate that wrecks the child cannot ship it."""
+    out = tmp_path / "wrecked"
+    result = runner.invoke(app, ["distill", str(family["child"]), "--teacher", str(family["teacher"]),
+                                 "--data", "fashion-mnist", "--subset", "512", "--epochs", "1", "--batch-size", "64",
+                                 "--lr", "0.2", "--out", str(out), "--model-file", family["spec"]])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["metrics"]["kept"] == "best" and plan["metrics"]["best_epoch"] == 0, plan["metrics"]
+    assert plan["metrics"]["last_val_acc"] < plan["metrics"]["best_val_acc"]
+    assert "no epoch beat the starting weights" in result.output
+    fresh = open_model(family["spec"], num_classes=10, input_size=(1, 28, 28)).model
+    child = kpc.load(family["child"], model=fresh).state_dict()
+    kept = kpc.load(out, model=fresh).state_dict()
+    assert all(torch.equal(child[k], kept[k]) for k in child if not k.endswith("num_batches_tracked"))
+
+
+@needs_fashion_mnist
 def test_fit_hands_the_teacher_back_as_it_was_given(family, tmp_path):
     """The teacher is frozen while it teaches; the caller's module gets its flags and mode back."""
     teacher = open_model(str(family["teacher"]), model_file=family["spec"])

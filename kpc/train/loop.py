@@ -83,7 +83,7 @@ class TrainSettings:
     ikd_weight: float = 0.0
     kd_weight: float = 0.0
     temperature: float = 4.0
-    keep: str = "last"  # which weights the artifact gets: "last" or "best" (on the val split)
+    keep: str = "last"  # which weights the artifact gets: "last" or "best" on the val split, the starting ones included
     amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU
     device: str = "auto"
     workers: int | None = None  # None: 2 for imagefolder, 0 for in-memory arrays
@@ -148,7 +148,10 @@ def default_lr(optimizer: str, defaults: TrainSettings) -> float:
     return defaults.lr / 100 if optimizer == "adamw" else defaults.lr
 
 
-DISTILL_DEFAULTS = TrainSettings(epochs=5, lr=0.01, warmup_epochs=0.0, ikd_weight=5.0, kd_weight=1.0)
+# keep="best": a child pruned with measured sensitivity can start close to its parent, and a short distillation
+# at its peak rate then ends below its start (the demo's: 84.83% test straight after the prune, 81.92% after
+# three epochs); the starting weights compete on validation, so `kpc distill` never hands back a worse child.
+DISTILL_DEFAULTS = TrainSettings(epochs=5, lr=0.01, warmup_epochs=0.0, ikd_weight=5.0, kd_weight=1.0, keep="best")
 TRAIN_DEFAULTS = TrainSettings()
 
 
@@ -421,6 +424,17 @@ class _Run:
             result["val_ikd"] = inner / max(1.0, seen)
         return result
 
+    def mark_start(self) -> None:
+        """With keep=best, the starting weights compete: evaluated once before the first epoch, as epoch 0."""
+        if self.settings.keep != "best" or self.start_epoch != 0:
+            return
+        row = self.evaluate()
+        self.best = {"epoch": 0, "val_acc": row["val_acc"]}
+        if self.context.is_main:
+            ckpt.save_best(self.work, self.student.model)
+            log.info(f"starting weights: val_acc {row['val_acc']:.4f} (kept unless an epoch does better)")
+        barrier(self.context)
+
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         row.update(self.evaluate())
         self.history.append(row)
@@ -449,6 +463,9 @@ class _Run:
 
             model = copy_model(model)
             load_weights_file(model, self.work / "best.safetensors")
+            if self.best.get("epoch") == 0:
+                log.warning(f"no epoch beat the starting weights on validation ({self.best['val_acc']:.4f}): the "
+                            "artifact keeps them (--keep last for the last epoch's)")
         plan = derived_plan(self.loaded, kind)
         plan.normalization = self.data.normalization.to_json()
         plan.data = self.data.label
@@ -503,6 +520,7 @@ def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teache
         try:
             run = _Run(loaded, settings, out, teacher, context, reporter)
             run.prepare_work_dir(resume, overwrite)
+            run.mark_start()
             for epoch in range(run.start_epoch, settings.epochs):
                 run.end_epoch(epoch, run.train_epoch(epoch))
             return run.result("distilled" if teacher is not None else "trained", overwrite)
