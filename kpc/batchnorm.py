@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kpc.devices import module_device
 from kpc.errors import KpcError
 from kpc.importance import as_batches
 
@@ -40,8 +41,7 @@ def reestimate_statistics(model: nn.Module, batches: Iterable[Any], count: int) 
     layers = batchnorm_layers(model)
     was_training = model.training
     momenta = [layer.momentum for layer in layers]
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = module_device(model)
     model.eval()
     for layer in layers:
         layer.reset_running_stats()

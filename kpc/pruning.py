@@ -31,6 +31,7 @@ from kpc.budget import Budget
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.cost_model import CostModel
 from kpc.costs import FlopsModel
+from kpc.devices import module_device
 from kpc.errors import KpcError
 from kpc.groups import build_graph, discover_groups, find_classifier
 from kpc.heads import mark_head_groups
@@ -434,14 +435,14 @@ class _Pruner:
             return
         with self.clock.step("sensitivity"):
             estimate = estimated_seconds(self.work, first[0], batches=s.calib_batches, widths=widths,
-                                         bf16=resolve_precision(s.importance_precision, self.device()) == "bf16")
+                                         bf16=self.passes_in_bf16())
         points, self.sensitivity_decision, line = auto_decision(estimate, widths)
         log.info("%s", line)
         self.settings = replace(s, sensitivity=points).resolved()
 
-    def device(self) -> torch.device:
-        parameter = next(self.work.parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
+    def passes_in_bf16(self) -> bool:
+        """Whether the sensitivity passes (and their estimate) run under bf16 autocast on the model's device."""
+        return resolve_precision(self.settings.importance_precision, module_device(self.work)) == "bf16"
 
     def measure_sensitivity(self, graph: Any, groups: list[ChannelGroup], state: _State) -> None:
         """Value the knapsack's options by their measured effect on the output (`kpc.sensitivity`).
@@ -456,7 +457,7 @@ class _Pruner:
         with self.clock.step("sensitivity"):
             measured = measure_values(self.work, graph, groups, state.choices, self.calibration,
                                       batches=s.calib_batches, points=s.sensitivity,
-                                      bf16=resolve_precision(s.importance_precision, self.device()) == "bf16")
+                                      bf16=self.passes_in_bf16())
         if measured is not None:
             state.measured = measured
             state.rebuild()

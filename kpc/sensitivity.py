@@ -33,6 +33,7 @@ from torch import nn
 
 from kpc.batchnorm import batchnorm_layers, reestimate_statistics
 from kpc.channels import ChannelGroup, tie_of
+from kpc.devices import module_device
 from kpc.importance import as_batches
 from kpc.planner import GroupChoices, tie_widths
 
@@ -150,8 +151,7 @@ def estimated_seconds(model: nn.Module, images: torch.Tensor, *, batches: int, w
     divergence and twice per width (BatchNorm re-estimation, then the divergence). The faster of
     two timed forwards is the unit, so a first call's warm-up does not double the estimate.
     """
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = module_device(model)
     images = images.to(device)
     was_training = model.training
     model.eval()
@@ -231,8 +231,7 @@ def measure_values(model: nn.Module, graph: Any, groups: Sequence[ChannelGroup],
     Each of a choice's `points` widths costs two passes over the calibration images (BatchNorm
     re-estimation, then the divergence). `bf16`: every pass, the unpruned reference included, under bf16 autocast.
     """
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = module_device(model)
     inputs = [images.to(device) for index, (images, _) in enumerate(as_batches(calibration)) if index < batches]
     started = time.perf_counter()
     model.eval()
