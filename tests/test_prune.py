@@ -111,6 +111,28 @@ def test_budget_errors_say_what_is_possible():
             Budget(ratio=bad)
 
 
+class _CountedBatches:
+    """Calibration batches that count how often they are read."""
+
+    def __init__(self, example: torch.Tensor) -> None:
+        self.batches = [(example.repeat(4, 1, 1, 1), torch.zeros(4, dtype=torch.long))]
+        self.reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("budget", [Budget(gflops=100.0), Budget(gflops=1e-6), Budget(ratio=0.001)])
+def test_an_impossible_budget_is_refused_before_reading_data(budget):
+    """The importance pass and the sensitivity measurement take seconds to minutes: none for a budget no plan meets."""
+    loaded = open_model("torchvision:resnet18", num_classes=10, input_size=SMALL)
+    data = _CountedBatches(loaded.example_input())
+    with pytest.raises(KpcError, match="at or above the model's current cost|below the smallest achievable cost"):
+        prune(loaded.model, loaded.example_input(), budget, data)
+    assert data.reads == 0
+
+
 def test_ignore_and_classifier_are_left_whole():
     _, result = _prune("torchvision:resnet18", 0.5, ignore=("layer4*",))
     groups = {g.root: g for g in result.round.groups}
