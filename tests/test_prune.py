@@ -128,7 +128,7 @@ def test_an_impossible_budget_is_refused_before_reading_data(budget):
     """The importance pass and the sensitivity measurement take seconds to minutes: none for a budget no plan meets."""
     loaded = open_model("torchvision:resnet18", num_classes=10, input_size=SMALL)
     data = _CountedBatches(loaded.example_input())
-    with pytest.raises(KpcError, match="at or above the model's current cost|below the smallest achievable cost"):
+    with pytest.raises(KpcError, match=r"at or above the model's current cost|below the smallest achievable cost"):
         prune(loaded.model, loaded.example_input(), budget, data)
     assert data.reads == 0
 
