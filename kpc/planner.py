@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kpc import knapsack
-from kpc.channels import ChannelGroup
+from kpc.channels import ChannelGroup, tie_of
 from kpc.cost_model import CostModel
 from kpc.errors import KpcError
 
@@ -82,6 +82,16 @@ def tie_widths(members: Sequence[ChannelGroup], round_to: int, min_channels: int
     blocks = _blocks(members[0])
     counts = block_options(blocks, [m.width // blocks for m in members], round_to, min_channels)
     return {m.index: counts * (m.width // blocks) for m in members}
+
+
+def smallest_group_widths(groups: Sequence[ChannelGroup], round_to: int, min_channels: int) -> np.ndarray:
+    """Every prunable group at its smallest width (a tie's members together), the rest whole; needs no importance."""
+    widths = np.array([g.width for g in groups], dtype=np.float64)
+    for group in groups:
+        if group.prunable and group.tied_to is None:
+            for index, options in tie_widths(tie_of(groups, group), round_to, min_channels).items():
+                widths[index] = options[0]
+    return widths
 
 
 def make_choices(members: Sequence[ChannelGroup], scores: dict[int, np.ndarray], round_to: int,

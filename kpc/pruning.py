@@ -55,6 +55,7 @@ from kpc.planner import (
     kept_by_root,
     make_choices,
     minimum_cost,
+    smallest_group_widths,
     smallest_widths,
     solve_widths,
     value_of,
@@ -297,9 +298,8 @@ class _Pruner:
         # a budget no plan can meet is refused before the data passes (seconds to minutes): scoring can only
         # leave more groups whole, so the floor of the unscored choices is a lower bound of the final one
         limit = self.limit(full_cost, cost)
-        unscored = _State.unscored(groups, round_to, self.settings.min_channels)
-        self.refuse_below_floor(limit, minimum_cost(cost, full_widths, unscored.choices), full_cost, cost, unscored,
-                                round_to)
+        self.refuse_below_floor(limit, cost.total(smallest_group_widths(groups, round_to, self.settings.min_channels)),
+                                full_cost, cost, groups, round_to)
         self.decide_sensitivity(groups, round_to)
         with self.clock.step("importance"):
             scores = self.score(groups)
@@ -595,7 +595,7 @@ class _Pruner:
         what widths can buy.
         """
         smallest = _smallest_width(self.settings.min_channels, round_to)
-        self.refuse_below_floor(limit, floor, full_cost, cost, state, round_to)
+        self.refuse_below_floor(limit, floor, full_cost, cost, state.groups, round_to)
         if cost.unit != "ms":
             return None
         widths = smallest_widths(full_widths, state.choices)
@@ -612,15 +612,15 @@ class _Pruner:
                            "ask for at least that")
         return solution, built.model, samples
 
-    def refuse_below_floor(self, limit: float, floor: float, full_cost: float, cost: CostModel, state: _State,
-                           round_to: int) -> None:
+    def refuse_below_floor(self, limit: float, floor: float, full_cost: float, cost: CostModel,
+                           groups: list[ChannelGroup], round_to: int) -> None:
         """Refuse a budget below the predicted cost of every group at its smallest width, naming that minimum."""
         if limit >= floor:
             return
         smallest = _smallest_width(self.settings.min_channels, round_to)
         share = f", {max(floor, 0.0) / full_cost:.1%} of the unpruned model's" if full_cost > 0 else ""
-        whole = sum(not group.prunable for group in state.groups)
-        kept = f"; {whole} of {len(state.groups)} groups are left whole (see the warnings)" if whole else ""
+        whole = sum(not group.prunable for group in groups)
+        kept = f"; {whole} of {len(groups)} groups are left whole (see the warnings)" if whole else ""
         raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost "
                        f"{max(floor, 0.0) / cost.scale:.4g} {cost.unit}{share} (every group at its smallest width, "
                        f"{smallest}{kept}); ask for at least that")
@@ -697,11 +697,6 @@ class _State:
     def __post_init__(self) -> None:
         self.rebuild()
 
-    @classmethod
-    def unscored(cls, groups: list[ChannelGroup], round_to: int, min_channels: int) -> _State:
-        """The choices' widths before any importance is known (every value zero): enough for costs and floors."""
-        return cls(groups, _ZeroScores({g.index: np.zeros(g.width) for g in groups}), round_to, min_channels)
-
     def rebuild(self) -> None:
         self.choices = [make_choices(tie_of(self.groups, g), self.scores.values, self.round_to, self.min_channels)
                         for g in self.groups if g.prunable and g.tied_to is None]
@@ -713,13 +708,6 @@ class _State:
     def total_value(self) -> float:
         """The value of keeping every group whole, in the knapsack's units."""
         return float(sum(c.values[-1] for c in self.choices))
-
-
-@dataclass
-class _ZeroScores:
-    """Importance scores that are zero everywhere (the `scores` of an unscored `_State`)."""
-
-    values: dict[int, np.ndarray]
 
 
 def grow_steps(cost: CostModel, widths: np.ndarray, choices: Sequence[GroupChoices], ceiling: float

@@ -45,7 +45,7 @@ from kpc.latency.layers import (
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
 from kpc.modelcopy import copy_model
-from kpc.planner import tie_widths
+from kpc.planner import smallest_group_widths, tie_widths
 from kpc.pruning import DEFAULT_ROUND_TO
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,7 @@ def model_layers(model: Any, example: Any, round_to: int, min_channels: int, ign
 def layers_for(model, example, graph, groups: list[ChannelGroup], round_to: int, min_channels: int) -> ModelLayers:
     layers = collect_layers(model, example, channel_sides(model, graph, groups))
     full = np.array([g.width for g in groups], dtype=np.float64)
-    low = full.copy()
-    for options in width_choices(groups, round_to, min_channels):
-        for index, widths in options.items():
-            low[index] = widths[0]
-    return ModelLayers(groups, layers, full, low, example, graph)
+    return ModelLayers(groups, layers, full, smallest_group_widths(groups, round_to, min_channels), example, graph)
 
 
 def width_choices(groups: list[ChannelGroup], round_to: int, min_channels: int) -> list[dict[int, np.ndarray]]:
