@@ -186,12 +186,22 @@ def part_speed(args: argparse.Namespace) -> None:
     for importance in ("magnitude", "taylor"):
         name = f"Torch-Pruning global {importance}, ratio bisected"
         children[name], seconds[name] = timed(lambda importance=importance: tp(importance))
+    lut_arms = set(filter(None, args.lut_arms.split(",")))
     for runtime in filter(None, args.lut_runtimes.split(",")):
-        # kpc's latency budget at ModelOpt's measured latency: does a table of the runtime keep more of the model
-        # (MACs) than a FLOPs search at the same speed? The table is measured once per machine (not counted).
+        # The table is measured once per machine (not counted).
         table_path = args.work / f"r50-{runtime}-{args.threads}t.json"
         table = kpc.load_table(table_path) if table_path.is_file() else \
             kpc.profile(base, example, runtime=runtime, threads=args.threads, out=table_path)
+        if "flops" in lut_arms:
+            # the same FLOPs budget, the table breaking near-ties toward the runtime's speed
+            name = f"kpc --budget-gflops (50%) --lut ({runtime} table)"
+            children[name], seconds[name] = timed(lambda table=table: kpc.prune(
+                base, example, kpc.Budget(gflops=0.5 * base_macs / 1e9, table=table), calibration=synthetic,
+                bn_recalibrate=0).model)
+        if "latency" not in lut_arms:
+            continue
+        # kpc's latency budget at ModelOpt's measured latency: does a table of the runtime keep more of the model
+        # (MACs) than a FLOPs search at the same speed?
         over = run_bench(ModelSide(base, size, "baseline"), ModelSide(children["ModelOpt FastNAS flops 50%"], size,
                                                                        "ModelOpt"),
                          BenchSettings(runtime=runtime, threads=args.threads, iters=args.iters))["speedup"]["ratio"]
@@ -277,6 +287,12 @@ def part_accuracy(args: argparse.Namespace) -> None:
             ("kpc --sensitivity 0 (summed Taylor values)", kpc.PruneSettings(sensitivity=0), calibration)]
     if args.only:
         arms = [arm for arm in arms if any(part in arm[0] for part in args.only.split(","))]
+    table = None
+    if args.accuracy_lut:
+        table_path = args.work / f"teacher-e{args.teacher_epochs}-ort-cpu-{args.threads}t.json"
+        table = kpc.load_table(table_path) if table_path.is_file() else \
+            kpc.profile(base, example, runtime="ort-cpu", threads=args.threads, out=table_path)
+        arms.append(("kpc (defaults) --lut (ort-cpu table)", kpc.PruneSettings(), calibration))
     ladder = [float(value) for value in args.ladder.split(",")]
 
     def evaluate(model: nn.Module) -> tuple[nn.Module, float, float]:
@@ -301,15 +317,19 @@ def part_accuracy(args: argparse.Namespace) -> None:
     verdicts, tuned = [], {reference: finetune(modelopt_bn, reference, args)}
     for label, prune_settings, data in arms:
         points = []
+        with_table = "--lut" in label
         for ratio in ladder:
-            budget = kpc.Budget(ratio=ratio, target={"runtime": "ort-cpu"})
+            budget = kpc.Budget(gflops=ratio * base_macs / 1e9, table=table) if with_table else \
+                kpc.Budget(ratio=ratio, target={"runtime": "ort-cpu"})
             child, seconds = timed(lambda budget=budget, prune_settings=prune_settings, data=data: kpc.prune(
                 base, example, budget, calibration=data, bn_recalibrate=0, settings=prune_settings).model)
             versus = run_bench(ModelSide(modelopt, SIZE, reference), ModelSide(child, SIZE, label),
                                settings)["speedup"]
             recalibrated, val, test = evaluate(child)
             points.append(LadderPoint(ratio, versus, val, test, recalibrated, len(rows)))
-            rows.append([label, f"--budget-ratio {ratio:g} --runtime ort-cpu", f"{seconds:.0f}",
+            asked = f"--budget-gflops ({ratio:g} of the teacher's)" if with_table else \
+                f"--budget-ratio {ratio:g} --runtime ort-cpu"
+            rows.append([label, asked, f"{seconds:.0f}",
                          f"{macs(child) / base_macs:.3f}",
                          f"{versus['ratio']:.3f}x ({versus['ci_low']:.3f}-{versus['ci_high']:.3f})",
                          f"{val:.2f}", f"{test:.2f}", ""])
@@ -378,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                         "('defaults', 'sensitivity'); ModelOpt's always")
     parser.add_argument("--lut-runtimes", default="",
                         help="speed part: also prune kpc with a latency table of these runtimes (profiled into --work "
-                        "if missing), asked for ModelOpt's measured latency ratio")
+                        "if missing): see --lut-arms")
+    parser.add_argument("--lut-arms", default="flops,latency",
+                        help="speed part, with --lut-runtimes: 'flops' (--budget-gflops at 50%% with the table "
+                        "breaking near-ties toward speed), 'latency' (a latency budget at ModelOpt's measured ratio)")
+    parser.add_argument("--accuracy-lut", action="store_true",
+                        help="accuracy part: also an arm of FLOPs budgets with an ort-cpu table of the teacher "
+                        "(profiled into --work if missing)")
     parser.add_argument("--ladder", default="0.4,0.45,0.5,0.55",
                         help="accuracy part: the FLOPs ratios each kpc setting is pruned to")
     parser.add_argument("--accuracy-iters", type=int, default=2000,

@@ -31,7 +31,9 @@ class Budget:
 
     `ratio` is a fraction of the unpruned cost: of its FLOPs, or of its latency when a
     `table` (a `kpc.LatencyTable`) is given. `ms` needs a `table`: milliseconds mean
-    something only on the target the table was measured on. `force_table` uses a table
+    something only on the target the table was measured on. `gflops` with a `table` stays
+    a FLOPs budget; the table's runtime then picks, among the plans that keep nearly the
+    most importance, the one it runs fastest (`kpc.planner.fastest_within`). `force_table` uses a table
     measured on another target anyway; `target` overrides the table's runtime, batch,
     threads or precision (a mismatch with the table is refused unless forced).
     """
@@ -53,16 +55,20 @@ class Budget:
             raise KpcError(f"--budget-ratio {self.ratio:g} is above 1: it is a fraction of the unpruned cost")
         if self.ms is not None and self.table is None:
             raise KpcError("--budget-ms needs a latency table: pass --lut FILE (measure one with kpc profile)")
-        if self.gflops is not None and self.table is not None:
-            raise KpcError("--budget-gflops counts FLOPs: drop --lut, or give --budget-ms / --budget-ratio")
 
     @property
     def latency(self) -> bool:
-        return self.table is not None
+        """The budget is in milliseconds (or a fraction of them): the table is the cost."""
+        return self.table is not None and self.gflops is None
+
+    @property
+    def speed_table(self) -> Any:
+        """The table that breaks a FLOPs budget's near-ties toward speed, or None."""
+        return self.table if self.gflops is not None else None
 
     def describe(self) -> str:
         if self.gflops is not None:
-            return f"{self.gflops:g} GFLOPs"
+            return f"{self.gflops:g} GFLOPs" + (", fastest on the latency table" if self.table is not None else "")
         if self.ratio is not None:
             return f"{self.ratio:g} x unpruned {'latency' if self.latency else 'cost'}"
         return f"{self.ms:g} ms"

@@ -49,8 +49,11 @@ from kpc.modelcopy import copy_model
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
     SOLVERS,
+    SPEED_TOLERANCE,
     GroupChoices,
     Solution,
+    SpeedTrade,
+    fastest_within,
     kept_by_group,
     kept_by_root,
     make_choices,
@@ -292,7 +295,8 @@ class _Pruner:
         with self.clock.step("cost model"):
             make_cost, round_to = self.cost_factory()
             cost: CostModel = make_cost(self.work, self.example, graph, groups)
-        round_to = math.lcm(round_to, int(cost.width_step))
+            round_to = math.lcm(round_to, int(cost.width_step))
+            speed = self.speed_model(graph, groups, round_to)
         full_widths = np.array([g.width for g in groups], dtype=np.float64)
         full_cost = cost.total(full_widths)
         # a budget no plan can meet is refused before the data passes (seconds to minutes): scoring can only
@@ -313,10 +317,17 @@ class _Pruner:
             if smallest is not None:
                 loop.seed(*smallest)
 
+            trades: list[SpeedTrade] = []
+
             def solve(target: float) -> Solution:
                 low = minimum_cost(cost, full_widths, state.choices)
-                return solve_widths(cost, full_widths, state.choices, min(max(target, low), full_cost),
-                                    solver=self.settings.solver, bins=self.settings.bins)
+                target = min(max(target, low), full_cost)
+                if speed is None:
+                    return solve_widths(cost, full_widths, state.choices, target, solver=self.settings.solver,
+                                        bins=self.settings.bins)
+                trades.append(fastest_within(cost, speed, full_widths, state.choices, target,
+                                             solver=self.settings.solver, bins=self.settings.bins))
+                return trades[-1].solution
 
             def realise(solution: Solution) -> Realised:
                 return self.build(solution, state)
@@ -353,7 +364,7 @@ class _Pruner:
             solver=self.settings.solver, round_to=round_to, min_channels=self.settings.min_channels,
             ignore=list(self.settings.ignore), landed=outcome.landed,
             counted_samples=[float(s / cost.scale) for s in kept.samples],
-            latency_table=self.table_record(),
+            latency_table=self.table_record(speed, kept.solution, trades),
         )
         if not outcome.landed:
             log.warning("after %d solves the pruned model measures %.4g %s against a budget of %.4g (%+.1f%%, "
@@ -536,15 +547,32 @@ class _Pruner:
     def cost_factory(self) -> tuple[Callable[..., CostModel], int]:
         s = self.settings
         if not self.budget.latency:
-            return (lambda m, x, g, gs: FlopsModel(m, x, g, gs)), self.flops_width_step()
-        from kpc.latency import check_table, latency_cost_factory, table_width_step
+            step = self.flops_width_step() if self.budget.speed_table is None else self.checked_table_step()
+            return (lambda m, x, g, gs: FlopsModel(m, x, g, gs)), step
+        from kpc.latency import latency_cost_factory
+
+        round_to = self.checked_table_step()
+        return latency_cost_factory(self.budget.table, self.work, self.input_size, round_to=round_to,
+                                    min_channels=s.min_channels, target=self.budget.target), round_to
+
+    def checked_table_step(self) -> int:
+        """The table's width step, after refusing a table measured for another target (unless forced)."""
+        from kpc.latency import check_table, table_width_step
 
         table = self.budget.table
         for problem in check_table(table, self.input_size, force=self.budget.force_table, target=self.budget.target):
             log.warning("--force-lut: using a table measured for another target: %s", problem)
-        round_to = table_width_step(table, s.round_to)
-        return latency_cost_factory(table, self.work, self.input_size, round_to=round_to,
-                                    min_channels=s.min_channels, target=self.budget.target), round_to
+        return table_width_step(table, self.settings.round_to)
+
+    def speed_model(self, graph: Any, groups: list[ChannelGroup], round_to: int) -> CostModel | None:
+        """A FLOPs budget given a latency table: the table's predictions, to break near-ties toward speed."""
+        if self.budget.speed_table is None:
+            return None
+        from kpc.latency import latency_cost_factory
+
+        make = latency_cost_factory(self.budget.table, self.work, self.input_size, round_to=round_to,
+                                    min_channels=self.settings.min_channels, target=self.budget.target)
+        return make(self.work, self.example, graph, groups)
 
     def flops_width_step(self) -> int:
         """A FLOPs prune's width step: the target runtime's channel block when one is named, else 8.
@@ -663,12 +691,27 @@ class _Pruner:
             records.append(record)
         return records
 
-    def table_record(self) -> dict[str, Any] | None:
+    def table_record(self, speed: CostModel | None, kept: Solution, trades: Sequence[SpeedTrade]
+                     ) -> dict[str, Any] | None:
+        """The table's target; for a FLOPs budget, also what the speed preference predicted and traded."""
         table = self.budget.table
         if table is None:
             return None
-        return {k: table.header.get(k) for k in ("device", "runtime", "runtime_version", "precision", "batch",
-                                                 "threads", "model", "date", "full_model_ms")}
+        record = {k: table.header.get(k) for k in ("device", "runtime", "runtime_version", "precision", "batch",
+                                                   "threads", "model", "date", "full_model_ms")}
+        if speed is None:
+            return record
+        record["role"] = (f"FLOPs budget: the fastest predicted plan within {SPEED_TOLERANCE:.0%} of the total "
+                          "importance of the most important one")
+        record["predicted_ms"] = float(speed.total(kept.widths))
+        if trades:
+            trade = trades[-1]
+            record["predicted_ms_most_important"] = float(trade.reference_predicted)
+            record["importance_most_important"] = float(trade.reference.value)
+            log.info("FLOPs plan chosen for speed on %s: predicted %.4g ms against %.4g ms for the most important "
+                     "plan, keeping %.4g of its %.4g importance", table.header.get("runtime"), trade.predicted,
+                     trade.reference_predicted, trade.solution.value, trade.reference.value)
+        return record
 
     def plan_with(self, plan_round: PruneRound) -> Plan:
         """This round appended to the plan the input model carried (kpc.load), or a fresh plan."""

@@ -204,6 +204,30 @@ def test_budget_ms_prune_lands_near_the_budget(table_path, tmp_path):
                    calib_batch_size=2, round_to=24)
 
 
+def test_a_flops_budget_with_a_table_lands_on_the_flops_and_prefers_the_faster_plan(table_path, tmp_path):
+    """--budget-gflops with --lut: a FLOPs count that must land, and the table breaks near-ties toward speed."""
+    from kpc.costs import count_macs
+
+    table = load_table(table_path)
+    loaded = open_model(SPEC, num_classes=10, input_size=SIZE)
+    gflops = 0.5 * count_macs(loaded.model, loaded.example_input())[0] / 1e9
+    _loaded, result = prune_spec(SPEC, Budget(gflops=gflops, table=table, target={"threads": 1}), input_size=SIZE,
+                                 calib_batches=1, calib_batch_size=2, min_channels=16)
+    r = result.round
+    assert r.cost_unit == "GFLOPs" and r.landed
+    assert 0.99 * gflops <= r.counted_cost <= gflops * (1 + 1e-9)
+    assert r.round_to == 16 and all(g.kept_width % 16 == 0 or g.kept_width == g.width for g in r.groups)
+    record = r.latency_table
+    assert record["runtime"] == "ort-cpu" and "fastest predicted plan" in record["role"]
+    assert 0 < record["predicted_ms"] <= record["predicted_ms_most_important"]
+    assert r.kept_importance >= record["importance_most_important"] - 0.01 * r.total_importance - 1e-9
+    assert "fastest on the latency table" in r.budget["asked"]
+    # the table must still be this target's
+    with pytest.raises(KpcError, match="threads: table has 1, wanted 2"):
+        prune_spec(SPEC, Budget(gflops=gflops, table=table, target={"threads": 2}), input_size=SIZE,
+                   calib_batches=1, calib_batch_size=2, min_channels=16)
+
+
 def test_mismatched_tables_are_refused_unless_forced(table_path, tmp_path):
     with pytest.raises(KpcError, match="threads: table has 1, wanted 2"):
         check_table(load_table(table_path), SIZE, force=False, target={"threads": 2})

@@ -39,7 +39,9 @@ def register(app: typer.Typer) -> None:
 def prune_command(
     model: Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME, path/file.py:factory or an artifact dir.")],
     out: Annotated[Path, typer.Option("--out", "-o", parser=output_path, help="Artifact directory to write.")],
-    budget_gflops: Annotated[float | None, typer.Option("--budget-gflops", help="Budget in GFLOPs (1 FLOP = 1 MAC).")]
+    budget_gflops: Annotated[float | None, typer.Option("--budget-gflops", help="Budget in GFLOPs (1 FLOP = 1 MAC); "
+                                                        "with --lut, the table's fastest plan of those within 1% "
+                                                        "of the most importance.")]
     = None,
     budget_ratio: Annotated[float | None, typer.Option("--budget-ratio", help="Budget as a fraction of the "
                                                        "unpruned cost (of its latency with --lut), e.g. 0.5.")] = None,
