@@ -287,6 +287,8 @@ def part_accuracy(args: argparse.Namespace) -> None:
             ("kpc --sensitivity 0 (summed Taylor values)", kpc.PruneSettings(sensitivity=0), calibration)]
     if args.only:
         arms = [arm for arm in arms if any(part in arm[0] for part in args.only.split(","))]
+    if args.skip:
+        arms = [arm for arm in arms if not any(part in arm[0] for part in args.skip.split(","))]
     table = None
     if args.accuracy_lut:
         table_path = args.work / f"teacher-e{args.teacher_epochs}-ort-cpu-{args.threads}t.json"
@@ -396,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--only", help="accuracy part: comma-separated substrings of the kpc settings to run "
                         "('defaults', 'sensitivity'); ModelOpt's always")
+    parser.add_argument("--skip", help="accuracy part: comma-separated substrings of the kpc settings not to run")
     parser.add_argument("--lut-runtimes", default="",
                         help="speed part: also prune kpc with a latency table of these runtimes (profiled into --work "
                         "if missing): see --lut-arms")

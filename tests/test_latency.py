@@ -221,6 +221,12 @@ def test_a_flops_budget_with_a_table_lands_on_the_flops_and_prefers_the_faster_p
     assert record["runtime"] == "ort-cpu" and "fastest predicted plan" in record["role"]
     assert 0 < record["predicted_ms"] <= record["predicted_ms_most_important"]
     assert r.kept_importance >= record["importance_most_important"] - 0.01 * r.total_importance - 1e-9
+    # a plan predicted faster is kept only if the runtime timed it faster than the most important plan
+    checks = record.get("speed_checks", [])
+    if record["predicted_ms"] < record["predicted_ms_most_important"]:
+        assert checks and checks[-1]["faster"] and checks[-1]["ci"][0] > 1.0, checks
+    for check in checks:
+        assert check["faster"] == (check["ci"][0] > 1.0) and check["iters"] >= 100, check
     assert "fastest on the latency table" in r.budget["asked"]
     # the table must still be this target's
     with pytest.raises(KpcError, match="threads: table has 1, wanted 2"):
