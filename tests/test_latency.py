@@ -274,6 +274,11 @@ def test_cli_budget_errors(table_path, tmp_path):
     assert result.exit_code == 2 and "needs a latency table" in result.output
     result = runner.invoke(app, [*base, "--lut", str(table_path), "--budget-ms", "1.0", "--threads", "4"])
     assert result.exit_code == 2 and "threads: table has 1, wanted 4" in result.output
+    # a FLOPs budget with a table: the table must be this target's, and the budget below the model's FLOPs
+    result = runner.invoke(app, [*base, "--lut", str(table_path), "--budget-gflops", "0.01", "--threads", "4"])
+    assert result.exit_code == 2 and "threads: table has 1, wanted 4" in result.output
+    result = runner.invoke(app, [*base, "--lut", str(table_path), "--budget-gflops", "100", "--threads", "1"])
+    assert result.exit_code == 2 and "at or above the model's current cost" in result.output
     assert not out.exists()
 
 
