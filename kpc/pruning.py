@@ -76,7 +76,6 @@ from kpc.stopwatch import Stopwatch
 log = logging.getLogger(__name__)
 
 DEFAULT_ROUND_TO = 8  # width step when no runtime says otherwise
-SPEED_CHECK_SECONDS = 8.0  # per model, timing a FLOPs plan the table predicts faster against the most important one
 FILL_BUILDS = 24  # candidate models built (and counted) while growing a FLOPs plan to the budget's frontier
 FILL_SLACK = 0.02  # steps predicted up to this much over the budget are still built and counted
 COMPLETE_STEPS = 4096  # single-option steps the greedy completion takes on predictions before its one build
@@ -698,14 +697,11 @@ class _Pruner:
                        ) -> Solution:
         """The traded plan if the runtime times it faster than the most important plan, else the latter.
 
-        The table proposes, the runtime decides: on a sub-millisecond model (ResNet-18 at
-        28x28) the table predicted 14% less latency for plans that timed no faster and kept
-        a point less accuracy. Both plans are built and timed against each other in
-        alternating blocks on the table's target; the trade stands only where the lower
-        end of the speedup's 95% interval is above 1.
+        Each pair of plans is built and timed once (`kpc.speed_check`); the loop may solve the
+        same target again.
         """
-        from kpc.benchmark import BenchSettings, ModelSide, run_bench
         from kpc.landing import plan_key
+        from kpc.speed_check import TARGET_KEYS, time_trade
 
         if np.array_equal(trade.solution.widths, trade.reference.widths):
             return trade.solution
@@ -716,22 +712,9 @@ class _Pruner:
                 checks[key] = {"faster": False, "verdict": "a plan did not build: kept the most important plan"}
             else:
                 header = self.budget.table.header
-                target = {k: self.budget.target.get(k) or header[k] for k in ("runtime", "batch", "threads",
-                                                                               "precision")}
-                iters = int(np.clip(SPEED_CHECK_SECONDS * 1e3 / max(trade.reference_predicted, 1e-3), 100, 2000))
-                report = run_bench(ModelSide(models[0], self.input_size, "most important plan"),
-                                   ModelSide(models[1], self.input_size, "fastest predicted plan"),
-                                   BenchSettings(**target, iters=iters))
-                speedup = report["speedup"]
-                faster = speedup["ci_low"] > 1.0
-                checks[key] = {"measured_speedup": speedup["ratio"], "ci": [speedup["ci_low"], speedup["ci_high"]],
-                               "iters": iters, "faster": faster, "verdict": "kept the faster plan" if faster else
-                               "not measurably faster: kept the most important plan"}
-                gain = 100 * (1 - trade.predicted / trade.reference_predicted)
-                log.info("the plan the table predicts %.1f%% faster timed %.3fx the most important one on %s "
-                         "(95%% CI %.3f-%.3f, %d runs each): %s", gain, speedup["ratio"], target["runtime"],
-                         speedup["ci_low"], speedup["ci_high"], iters,
-                         checks[key]["verdict"])
+                target = {k: self.budget.target.get(k) or header[k] for k in TARGET_KEYS}
+                checks[key] = time_trade(models[0], models[1], self.input_size, target, trade.reference_predicted,
+                                         1 - trade.predicted / trade.reference_predicted)
         return trade.solution if checks[key]["faster"] else trade.reference
 
     def table_record(self, speed: CostModel | None, kept: Solution, trades: Sequence[SpeedTrade],
