@@ -701,7 +701,8 @@ class _Pruner:
         same target again.
         """
         from kpc.landing import plan_key
-        from kpc.speed_check import TARGET_KEYS, time_trade
+        from kpc.latency import timing_target
+        from kpc.speed_check import time_trade
 
         if np.array_equal(trade.solution.widths, trade.reference.widths):
             return trade.solution
@@ -711,8 +712,7 @@ class _Pruner:
             if any(model is None for model in models):
                 checks[key] = {"faster": False, "verdict": "a plan did not build: kept the most important plan"}
             else:
-                header = self.budget.table.header
-                target = {k: self.budget.target.get(k) or header[k] for k in TARGET_KEYS}
+                target = timing_target(self.budget.table, self.budget.target)
                 checks[key] = time_trade(models[0], models[1], self.input_size, target, trade.reference_predicted,
                                          1 - trade.predicted / trade.reference_predicted)
         return trade.solution if checks[key]["faster"] else trade.reference

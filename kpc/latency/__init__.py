@@ -39,6 +39,12 @@ def table_width_step(table: LatencyTable, round_to: int | None, where: str = "th
     return compatible_step(round_to, step, f"{where}, measured in steps of {step}")
 
 
+def timing_target(table: LatencyTable, target: dict[str, Any] | None) -> dict[str, Any]:
+    """Where the table's milliseconds are timed: the fields `target` gives, the table's for the rest."""
+    given = target or {}
+    return {k: given[k] if given.get(k) is not None else table.header[k] for k in TARGET_KEYS}
+
+
 def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequence[int], *, round_to: int,
                          min_channels: int, target: dict[str, Any] | None = None) -> Callable[..., Any]:
     """The cost-model factory a latency prune calls: predictions from the table, timings on its target.
@@ -50,8 +56,7 @@ def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequenc
     from kpc.latency.profiler import layers_for
 
     header = table.header
-    given = target or {}
-    measure_target = {k: given[k] if given.get(k) is not None else header[k] for k in TARGET_KEYS}
+    measure_target = timing_target(table, target)
     timers: list[RelativeTimer] = []
 
     def measure(pruned: Any) -> list[float]:
@@ -73,4 +78,5 @@ def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequenc
 
 
 
-__all__ = ["LatencyTable", "check_table", "latency_cost_factory", "load_table", "table_width_step"]
+__all__ = ["LatencyTable", "check_table", "latency_cost_factory", "load_table", "table_width_step",
+           "timing_target"]
