@@ -317,7 +317,9 @@ class _Pruner:
             if smallest is not None:
                 loop.seed(*smallest)
 
-            trades: list[SpeedTrade] = []
+            # by target, with the plan kept: the loop may ask for one target again (a FLOPs plan short of its
+            # budget asks for the full cost until it stops), and a trade costs nine solves and maybe a timing
+            trades: dict[float, tuple[SpeedTrade, Solution]] = {}
             checks: dict[tuple[Any, Any], dict[str, Any]] = {}
 
             def solve(target: float) -> Solution:
@@ -326,10 +328,11 @@ class _Pruner:
                 if speed is None:
                     return solve_widths(cost, full_widths, state.choices, target, solver=self.settings.solver,
                                         bins=self.settings.bins)
-                trade = fastest_within(cost, speed, full_widths, state.choices, target, solver=self.settings.solver,
-                                       bins=self.settings.bins)
-                trades.append(trade)
-                return self.confirm_faster(trade, state, checks)
+                if target not in trades:
+                    trade = fastest_within(cost, speed, full_widths, state.choices, target,
+                                           solver=self.settings.solver, bins=self.settings.bins)
+                    trades[target] = (trade, self.confirm_faster(trade, state, checks))
+                return trades[target][1]
 
             def realise(solution: Solution) -> Realised:
                 return self.build(solution, state)
@@ -366,7 +369,7 @@ class _Pruner:
             solver=self.settings.solver, round_to=round_to, min_channels=self.settings.min_channels,
             ignore=list(self.settings.ignore), landed=outcome.landed,
             counted_samples=[float(s / cost.scale) for s in kept.samples],
-            latency_table=self.table_record(speed, kept.solution, trades, checks),
+            latency_table=self.table_record(speed, kept.solution, outcome.kept.solution, trades.values(), checks),
         )
         if not outcome.landed:
             log.warning("after %d solves the pruned model measures %.4g %s against a budget of %.4g (%+.1f%%, "
@@ -717,9 +720,15 @@ class _Pruner:
                                          1 - trade.predicted / trade.reference_predicted)
         return trade.solution if checks[key]["faster"] else trade.reference
 
-    def table_record(self, speed: CostModel | None, kept: Solution, trades: Sequence[SpeedTrade],
-                     checks: dict[tuple[Any, Any], dict[str, Any]]) -> dict[str, Any] | None:
-        """The table's target; for a FLOPs budget, also what the speed preference predicted and traded."""
+    def table_record(self, speed: CostModel | None, kept: Solution, solved: Solution,
+                     trades: Iterable[tuple[SpeedTrade, Solution]], checks: dict[tuple[Any, Any], dict[str, Any]]
+                     ) -> dict[str, Any] | None:
+        """The table's target; for a FLOPs budget, also what the speed preference predicted and traded.
+
+        `solved` is the plan the loop kept, `kept` the same or grown from it to fill the budget:
+        the trade is that of the solve which returned `solved`, so the two predictions it records
+        are of plans at the same target.
+        """
         table = self.budget.table
         if table is None:
             return None
@@ -730,8 +739,9 @@ class _Pruner:
         record["role"] = (f"FLOPs budget: the fastest predicted plan within {SPEED_TOLERANCE:.0%} of the total "
                           "importance of the most important one, where timed faster")
         record["predicted_ms"] = float(speed.total(kept.widths))
-        if trades:
-            trade = trades[-1]
+        trade = next((t for t, returned in trades if np.array_equal(returned.widths, solved.widths)), None)
+        if trade is not None:
+            record["predicted_ms_solved"] = float(speed.total(solved.widths))
             record["predicted_ms_most_important"] = float(trade.reference_predicted)
             record["importance_most_important"] = float(trade.reference.value)
         if checks:

@@ -219,11 +219,12 @@ def test_a_flops_budget_with_a_table_lands_on_the_flops_and_prefers_the_faster_p
     assert r.round_to == 16 and all(g.kept_width % 16 == 0 or g.kept_width == g.width for g in r.groups)
     record = r.latency_table
     assert record["runtime"] == "ort-cpu" and "fastest predicted plan" in record["role"]
-    assert 0 < record["predicted_ms"] <= record["predicted_ms_most_important"]
+    # the solved plan against the most important plan at the same target (the kept plan may be grown from it)
+    assert record["predicted_ms"] > 0 and 0 < record["predicted_ms_solved"] <= record["predicted_ms_most_important"]
     assert r.kept_importance >= record["importance_most_important"] - 0.01 * r.total_importance - 1e-9
     # a plan predicted faster is kept only if the runtime timed it faster than the most important plan
     checks = record.get("speed_checks", [])
-    if record["predicted_ms"] < record["predicted_ms_most_important"]:
+    if record["predicted_ms_solved"] < record["predicted_ms_most_important"]:
         assert checks and checks[-1]["faster"] and checks[-1]["ci"][0] > 1.0, checks
     for check in checks:
         assert check["faster"] == (check["ci"][0] > 1.0) and check["iters"] >= 100, check
