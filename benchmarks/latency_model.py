@@ -4,7 +4,9 @@ For each model: `kpc profile` on the runtime (the table is written under profile
 shipped tables), then random width assignments are applied to real pruned copies and
 each copy is timed; the error is predicted/measured - 1. Targets (issue 4, ort-cpu):
 median |error| within 3%, worst within 8%; profiling resnet50 at batch 1, 2 threads
-under 3 minutes.
+under 3 minutes. The full-width error is the table's own calibration at full width (its
+fit against its timing of the unpruned model), within 15%: a bound a test once held and
+a loaded two-core machine broke (15.1%), so it is a benchmark's figure.
 
     python benchmarks/latency_model.py [--runtime ort-cpu] [--threads 2] [--samples 8] [--models resnet18 ...]
 """
@@ -52,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = ProfileSettings(runtime=args.runtime, batch=args.batch, threads=args.threads)
     device = target_device(args.runtime)
-    rows, all_errors = [], []
+    rows, all_errors, full_errors = [], [], []
     for name in args.models:
         spec = f"torchvision:{name}"
         loaded = open_model(spec, num_classes=1000, input_size=(3, args.size, args.size))
@@ -81,15 +83,20 @@ def main() -> None:
         timer.close()
         all_errors += errors
         absolute = [abs(e) for e in errors]
+        full = next(c for c in table.remainder.calibration if c["variant"] == "uniform 1")
+        full_error = full["predicted_ms"] / full["measured_ms"] - 1
+        full_errors.append(full_error)
         rows.append([name, f"{seconds:.0f}", table.header["points"], f"{table.header['full_model_ms']:.2f}",
-                     f"{statistics.median(absolute):.1%}", f"{max(absolute):.1%}",
+                     f"{full_error:+.1%}", f"{statistics.median(absolute):.1%}", f"{max(absolute):.1%}",
                      " ".join(f"{e:+.1%}" for e in errors)])
-        print(markdown_table(["model", "profile s", "points", "full ms", "median |err|", "worst |err|", "errors"],
-                             rows[-1:]))
+        print(markdown_table(["model", "profile s", "points", "full ms", "full-width err", "median |err|",
+                              "worst |err|", "errors"], rows[-1:]))
     absolute = [abs(e) for e in all_errors]
-    rows.append(["all", "", "", "", f"{statistics.median(absolute):.1%}", f"{max(absolute):.1%}", ""])
-    headers = ["model", "profile s", "points", "full model ms", "median |error|", "worst |error|",
-               "errors (predicted/measured - 1)"]
+    worst_full = max(abs(e) for e in full_errors)
+    rows.append(["all", "", "", "", f"worst {worst_full:.1%} ({'met' if worst_full <= 0.15 else 'NOT met'})",
+                 f"{statistics.median(absolute):.1%}", f"{max(absolute):.1%}", ""])
+    headers = ["model", "profile s", "points", "full model ms", "full-width error (calibration, target 15%)",
+               "median |error|", "worst |error|", "errors (predicted/measured - 1)"]
     print(markdown_table(headers, rows))
     if not args.no_record:
         append_results(f"Latency model: predicted vs measured ({args.runtime}, batch {args.batch}, "
