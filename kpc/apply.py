@@ -23,6 +23,7 @@ from kpc.channel_state import (
     update_owner_shapes,
 )
 from kpc.errors import KpcError
+from kpc.group_norms import norm_cuts, regroup
 from kpc.groups import build_graph, is_grouped_conv_input
 from kpc.heads import HeadLayout, companion_layout, head_cut, shrink_attention
 
@@ -47,11 +48,13 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: i
     grouped_inputs = [item for item in group if is_grouped_conv_input(item)]
     if grouped_inputs:  # torch-pruning must not touch those: kpc removes their conv groups itself
         group = tp_compat.group_with_items(group, [item for item in group if item not in grouped_inputs])
+    norms = norm_cuts((item.dep.target.module, item.idxs) for item in group)
     extras = output_extras_of(group, graph.is_out_channel_pruning_fn)
     owners = bare_parameter_owners(model, group)
     group.prune()
     prune_output_extras(extras)
     update_owner_shapes(owners)
+    regroup(norms)
     for item in grouped_inputs:
         _remove_conv_groups(item.dep.target.module, item.idxs)
 
@@ -111,7 +114,8 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
     # kpc's helpers read torch-pruning group items: item.dep.target.module, item.dep.handler, item.idxs
     items = [SimpleNamespace(dep=SimpleNamespace(target=SimpleNamespace(module=target), handler=handler), idxs=idxs)
              for _name, target, handler, _dim, idxs in cuts_in_copy]
-    try:
+    try:  # a cut that splits a GroupNorm's normalization group raises here, before any layer is cut
+        norms = norm_cuts((target, idxs) for _name, target, _handler, _dim, idxs in cuts_in_copy)
         extras = output_extras_of(items, graph.is_out_channel_pruning_fn)
         owners = bare_parameter_owners(model, items)
         for parameter_name, target, handler, dim, idxs in cuts_in_copy:
@@ -124,6 +128,7 @@ def prune_by_trace(model: nn.Module, source: nn.Module, cuts: Sequence[tuple[obj
             pruner.buffers.pop(target, None)
     prune_output_extras(extras)
     update_owner_shapes(owners)
+    regroup(norms)
     for conv, indices in grouped_convs:
         _remove_conv_groups(conv, indices)
 

@@ -22,6 +22,7 @@ class ChannelGroup:
     reason: str | None = None  # why the group is kept whole
     tp_group: object = field(default=None, repr=False)  # torch-pruning Group, valid for the analysed model
     blocks: int = 1  # equal channel blocks kept or removed whole (the conv groups of a grouped conv it feeds)
+    blocks_of: str = "conv groups"  # what a block is: a grouped conv's conv groups, or a GroupNorm's groups
     tied_to: int | None = None  # the group whose choice of blocks this one follows (grouped convs tie groups)
     # channel indices in the order that makes each block contiguous (attention heads, see kpc.heads); None: as is
     channel_order: tuple[int, ...] | None = field(default=None, repr=False)

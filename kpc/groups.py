@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import math
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from kpc.axes import CutAxes, channel_axis_convs, lengthwise_linears, nchw_bare_
 from kpc.channel_state import channelwise_pruners, normalized_shape_pruners
 from kpc.channels import ChannelGroup, leave_whole, tie_of
 from kpc.errors import KpcError
+from kpc.group_norms import normalization_blocks
 from kpc.heads import per_head_parameters
 from kpc.tracing import forward_with_hooks
 
@@ -204,6 +206,7 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
     _check_ignore_patterns(ignore, [n for n in names.values() if n])
     groups: list[ChannelGroup] = []
     grouped: dict[str, dict[str, int | None]] = {}  # grouped conv -> its groups count and the group on each side
+    normalized: dict[int, list[int]] = {}  # group index -> whole normalization groups of each GroupNorm it spans
     for root_module, tp_group, failure in _each_group(graph):
         root = names.get(root_module)
         if root is None:
@@ -230,6 +233,11 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             name = names[module]
             if _is_attention(module):
                 reason = f"attention layer {name}: heads are left whole"
+            elif isinstance(module, nn.GroupNorm):
+                blocks, problem = normalization_blocks(module, item.idxs, getattr(item, "root_idxs", None))
+                reason = reason or (problem and f"{problem} ({names[module]})")
+                if blocks is not None:
+                    normalized.setdefault(len(groups), []).append(blocks)
             elif is_grouped_conv(module):
                 side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
                 aligned = list(item.idxs) == list(getattr(item, "root_idxs", None) or item.idxs) == \
@@ -262,7 +270,30 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
     if not groups:
         raise KpcError("found no prunable convolution or linear layers in this model")
     _tie_grouped_convs(groups, grouped)
+    _cut_by_normalization_groups(groups, normalized)
     return groups
+
+
+def _cut_by_normalization_groups(groups: list[ChannelGroup], normalized: dict[int, list[int]]) -> None:
+    """Cut every group a GroupNorm normalizes by whole normalization groups (`kpc.group_norms`).
+
+    A group several GroupNorms normalize is cut by blocks that are whole groups of each
+    (their greatest common divisor). A group already cut by the conv groups of a grouped
+    conv keeps those where each conv group is whole normalization groups, and is left
+    whole, with the reason, where it is not.
+    """
+    for index, counts in normalized.items():
+        group = groups[index]
+        if not group.prunable:
+            continue
+        blocks = math.gcd(*counts)
+        if group.blocks > 1:
+            if blocks % group.blocks:
+                leave_whole(groups, index, f"its {group.blocks} conv groups do not fall on whole GroupNorm groups "
+                                           f"({blocks} per group)")
+            continue
+        if blocks < group.width:
+            group.blocks, group.blocks_of = blocks, "GroupNorm groups"
 
 
 def _ignores(pattern: str, name: str) -> bool:

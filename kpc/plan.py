@@ -107,6 +107,7 @@ class GroupDecision:
     conv_groups: int | None = None  # grouped convs: conv groups at full width
     tied_to: int | None = None  # index of the group whose blocks it follows
     heads: int | None = None  # attention heads at full width: the group is cut by whole heads
+    norm_groups: int | None = None  # GroupNorm groups at full width: the group is cut by whole ones
 
     @property
     def kept_width(self) -> int:
@@ -125,6 +126,8 @@ class GroupDecision:
             record["tied_to"] = self.tied_to
         if self.heads is not None:
             record["heads"] = self.heads
+        if self.norm_groups is not None:
+            record["norm_groups"] = self.norm_groups
         return record
 
     @classmethod
@@ -141,12 +144,16 @@ class GroupDecision:
         if heads is not None and (heads < 1 or width % heads or len(kept) % (width // heads)):
             raise PlanError(f"{where}.heads is {heads}, which does not split {where}.width ({width}) and the "
                             f"{len(kept)} kept channels into whole heads")
+        norm_groups = _take(data, "norm_groups", int, where, required=False)
+        if norm_groups is not None and (norm_groups < 1 or width % norm_groups or len(kept) % (width // norm_groups)):
+            raise PlanError(f"{where}.norm_groups is {norm_groups}, which does not split {where}.width ({width}) and "
+                            f"the {len(kept)} kept channels into whole GroupNorm groups")
         return cls(root=_take(data, "root", str, where), width=width, kept=sorted(kept),
                    prunable=_take(data, "prunable", bool, where), layers=[str(x) for x in layers],
                    reason=_take(data, "reason", str, where, required=False),
                    conv_groups=_take(data, "conv_groups", int, where, required=False),
                    tied_to=_take(data, "tied_to", int, where, required=False),
-                   heads=heads)
+                   heads=heads, norm_groups=norm_groups)
 
 
 @dataclass

@@ -691,6 +691,8 @@ class _Pruner:
                                    prunable=group.prunable, layers=list(group.layers), reason=group.reason)
             if group.heads is not None:
                 record.heads = group.heads
+            elif group.blocks > 1 and group.blocks_of != "conv groups":
+                record.norm_groups = group.blocks
             elif group.blocks > 1:
                 record.conv_groups, record.tied_to = group.blocks, group.tied_to
             records.append(record)

@@ -53,6 +53,10 @@ def _status(group: Any, round_groups: list[Any]) -> str:
     if group.heads:
         kept = group.kept_width * group.heads // group.width
         return f"pruned: {kept} of {group.heads} heads" if group.pruned else f"kept all {group.heads} heads"
+    if group.norm_groups:
+        kept = group.kept_width * group.norm_groups // group.width
+        return f"pruned: {kept} of {group.norm_groups} GroupNorm groups" if group.pruned else \
+            f"kept all {group.norm_groups} GroupNorm groups"
     if not group.conv_groups:
         return "pruned" if group.pruned else "kept every channel"
     kept = group.kept_width * group.conv_groups // group.width
