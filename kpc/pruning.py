@@ -341,7 +341,8 @@ class _Pruner:
             kept = outcome.kept
             if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
                 raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
-                               f"{cost.unit} against {limit / cost.scale:.4g}")
+                               f"{cost.unit} against {limit / cost.scale:.4g}"
+                               + self.unsafe_hint(groups, cost, full_widths, state))
             if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
                 kept, frontier = self.fill(kept, cost, state, limit)
                 # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the
@@ -376,6 +377,17 @@ class _Pruner:
                         "window %s); kept the closest", len(outcome.attempts), plan_round.counted_cost, cost.unit,
                         plan_round.limit, 100 * plan_round.miss, cost.landing.describe())
         return PruneResult(kept.model.eval(), self.plan_with(plan_round), groups, self.source_model)
+
+    @staticmethod
+    def unsafe_hint(groups: list[ChannelGroup], cost: CostModel, full_widths: np.ndarray, state: _State) -> str:
+        """Why a budget the floor check let through was missed: groups the forward pass left whole on the way."""
+        unsafe = [g for g in groups if not g.prunable and (g.reason or "").startswith("unsafe to prune")]
+        if not unsafe:
+            return ""
+        floor = minimum_cost(cost, full_widths, state.choices)
+        return (f"; {len(unsafe)} of {len(groups)} groups failed the pruned model's forward pass and were left whole "
+                f"(see the warnings), so the smallest plan left counts {floor / cost.scale:.4g} {cost.unit}: ask for "
+                "at least that")
 
     def fill(self, kept: Any, cost: CostModel, state: _State, limit: float) -> tuple[Any, bool]:
         """Grow the kept plan, one option at a time, while its counted cost fits (exact costs only).

@@ -182,3 +182,33 @@ def test_batchnorm_is_recalibrated_on_the_data_and_recorded(pruned):
     batches = (images for images, _labels in _loader(2))  # a one-shot generator: read once, replayed for BN
     once = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=batches, bn_recalibrate=2)
     assert once.round.bn_recalibration["batches"] == 2
+
+
+class Triplets(nn.Module):
+    """A user block that needs its channels in threes: a constraint no dependency graph shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU())
+        self.second = nn.Sequential(nn.Conv2d(96, 96, 3, stride=2, padding=1), nn.BatchNorm2d(96), nn.ReLU())
+        self.fc = nn.Linear(96, 10)
+
+    def forward(self, x):
+        x = self.first(x)
+        if x.shape[1] % 3:
+            raise ValueError(f"channels must come in threes, got {x.shape[1]}")
+        return self.fc(self.second(x).mean((2, 3)))
+
+
+def test_a_budget_missed_because_groups_failed_the_forward_pass_says_so():
+    """The safety probe keeps half of each group (48 of 96, a multiple of three), so the failure comes in the loop."""
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 32, 32)
+    model = Triplets().eval()
+    with pytest.raises(kpc.KpcError, match=r"1 of 3 groups failed the pruned model's forward pass .* smallest plan "
+                                           r"left counts [\d.]+ GFLOPs: ask for at least that"):
+        kpc.prune(model, example, kpc.Budget(ratio=0.15))
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.4))  # the rest of the network still prunes
+    first = next(g for g in result.round.groups if g.root == "first.0")
+    assert not first.prunable and "channels must come in threes" in first.reason
+    assert result.round.landed and result.model(example).shape == (1, 10)
