@@ -331,6 +331,22 @@ def test_bad_training_settings(args, fragment, tmp_path):
     assert not out.exists() and not (tmp_path / "out.work").exists()
 
 
+@needs_fashion_mnist
+def test_training_a_model_that_fails_on_its_input_or_returns_no_logits(tmp_path):
+    """The run's first forward pass: a grayscale model given three channels, a model returning a pair."""
+    out = tmp_path / "out"
+    common = ["--subset", "64", "--epochs", "1", "--out", str(out)]
+    result = runner.invoke(app, ["train", write_tiny(tmp_path), "--input-size", "3x28x28", *common])
+    one_line_exit_2(result, "the model fails on an input of shape (1, 3, 28, 28)", "--input-size")
+    pair = tmp_path / "pair.py"
+    pair.write_text("from torch import nn\n\n\nclass Pair(nn.Module):\n    def __init__(self, num_classes=10):\n"
+                    "        super().__init__()\n        self.conv = nn.Conv2d(1, 8, 3)\n"
+                    "        self.fc = nn.Linear(8, num_classes)\n\n    def forward(self, x):\n"
+                    "        features = self.conv(x).mean((2, 3))\n        return self.fc(features), features\n")
+    one_line_exit_2(runner.invoke(app, ["train", f"{pair}:Pair", *common]), "the model returns a tuple")
+    assert not out.exists() and not (tmp_path / "out.work").exists()
+
+
 @pytest.mark.parametrize("threads", ["0", "-1"])
 def test_threads_must_be_positive_everywhere(threads, tmp_path):
     for command in (["bench", SPEC, SPEC, *SMALL, "--threads", threads],

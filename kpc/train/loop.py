@@ -172,13 +172,30 @@ class FitResult:
 
 
 def model_outputs(model: nn.Module, example: torch.Tensor) -> int:
+    """The model's number of logits, from one forward pass on the example input.
+
+    The first forward pass of a run: a model that fails on the input (a user file's
+    3-channel stem given 1x28x28 images) or returns something other than one tensor of
+    logits is a user mistake, refused in one line before any data is read.
+    """
+    from kpc.safety import first_line
+
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return int(model(example).shape[-1])
+            logits = model(example)
+    except Exception as exc:
+        raise KpcError(f"the model fails on an input of shape {tuple(example.shape)} ({first_line(exc)}): give an "
+                       "--input-size the model accepts") from exc
     finally:
         model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        what = f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else \
+            f"a {type(logits).__name__}"
+        raise KpcError(f"the model returns {what}; kpc trains classifiers that return one tensor of logits "
+                       "(batch, classes)")
+    return int(logits.shape[-1])
 
 
 def _autocast(settings: TrainSettings, device: torch.device) -> tuple[torch.dtype | None, bool]:
