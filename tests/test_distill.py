@@ -44,6 +44,28 @@ def test_stage_rule(spec, size, expected):
     assert find_stages(model, torch.randn(1, *size)) == expected
 
 
+class _FlatNet(torch.nn.Module):
+    """Every layer an attribute of the model, activations functional: no block to call a stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16)
+        self.c2, self.n2 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.GroupNorm(8, 32)
+        self.c3 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.n1(self.c1(x)))
+        x = torch.relu(self.c3(torch.relu(self.n2(self.c2(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_flat_network_has_a_stage_at_each_resolution():
+    assert find_stages(_FlatNet(), torch.randn(1, 3, 16, 16)) == ["n1", "c3"]
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    assert find_stages(flat, torch.randn(1, 3, 2, 2)) == []  # no 4-D feature map: still no stage
+
+
 def test_inner_loss_is_exactly_zero_for_the_unpruned_parent():
     parent = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28)).model.eval()
     child = open_model("torchvision:resnet18", num_classes=10, input_size=(1, 28, 28)).model.eval()

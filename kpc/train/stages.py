@@ -13,10 +13,15 @@ The rule (generic; no per-architecture tables):
    (a Sequential/ModuleList of blocks, e.g. ResNet's layer1..layer4, EfficientNet's
    stages) and the last block of each run (the block after which the resolution changes,
    e.g. MobileNetV3's InvertedResidual before each stride-2 block, and the final 1x1 conv).
+4. A network with no blocks at all (every layer an attribute of the model itself, as a
+   hand-written CNN's often are) takes its layers as the blocks: the last layer with a 4-D
+   output before each change of resolution. Without this, `kpc distill` with its defaults
+   refused such a network ("no stages") and asked for --ikd-weight 0.
 
 On ResNet-18 this gives layer1..layer4 (torchvision and timm); on torchvision
 MobileNetV3-Large features.1, .3, .6, .12 and .16; on timm EfficientNet every
-`blocks` child. A model with no 4-D features (a ViT) has no stages.
+`blocks` child; on a flat user CNN (conv, GroupNorm, ... as attributes) the last norm of
+each resolution. A model with no 4-D features (a ViT) has no stages.
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
         return found
 
     trunk = blocks("", model)
+    if not trunk:  # a flat network: its layers are its blocks, and a stage ends where the resolution changes
+        trunk = sorted(((n, m) for n, m in model.named_modules() if n in order and _has_params(m) and _is_leaf(m)
+                        and resolution(n) is not None), key=lambda item: order[item[0]])
     stages: list[str] = []
     for index, (name, module) in enumerate(trunk):
         last_of_run = index + 1 == len(trunk) or resolution(trunk[index + 1][0]) != resolution(name)
