@@ -8,7 +8,10 @@ not public:
    concat/split/reshape/slice of the graph at once, and one exotic node (a channel
    shuffle, GhostNet's concat-then-slice) raises and kills the whole graph. kpc wraps the
    module-level `update_*_index_mapping` functions so that a failing node is recorded and
-   only the groups through it are left whole (`unmappable_nodes`).
+   only the groups through it are left whole (`unmappable_nodes`). Pixel (un)shuffle and
+   channel shuffle pass as element-wise ops, which they are not: their stand-ins
+   (`ops._ElementWiseOp`) are recognised by the autograd node they keep in `_grad_fn` and
+   marked unmappable too.
 2. **A group minus some items.** kpc removes grouped convs' input channels itself (whole
    conv groups), so those items are dropped from a group before it is scored or pruned;
    a `Group` holds its items in `_group` and its graph in `_DG` (`graph_of` reads it).
@@ -346,9 +349,40 @@ def _tolerant(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return wrapper
 
 
+# autograd nodes of ops that move channels into space or back, or permute them: torch-pruning traces them as
+# element-wise ops (channel i in, channel i out), so the groups through them got wrong index lists
+REARRANGING_OPS = ("PixelShuffleBackward", "PixelUnshuffleBackward", "ChannelShuffleBackward",
+                   "NativeChannelShuffleBackward")
+
+
 def unmappable_nodes(graph: Any) -> dict[Any, str]:
-    """Nodes of `graph` whose channel index mapping failed, with what failed."""
-    return dict(_failures.get(graph, {}))
+    """Nodes of `graph` whose channel index mapping failed or cannot be right, with why."""
+    return {**_rearranging_nodes(graph), **_failures.get(graph, {})}
+
+
+def _rearranging_nodes(graph: Any) -> dict[Any, str]:
+    """Stand-ins for pixel (un)shuffle and channel shuffle: torch-pruning keeps the autograd node of a
+    functional op in the stand-in's private `_grad_fn`.
+
+    They used to pass as element-wise: a PixelShuffle(2) after a conv of 256 channels mapped the conv's
+    channels onto the 64 the next conv reads, and the groups failed in torch-pruning's importance (an
+    IndexError) or in the pruned model's forward pass instead of saying why.
+    """
+    import torch_pruning as tp
+
+    element_wise = getattr(tp.ops, "_ElementWiseOp", None)
+    if element_wise is None:
+        raise _incompatible("ops._ElementWiseOp, its stand-in for element-wise functional ops")
+    found: dict[Any, str] = {}
+    for module, node in getattr(graph, "module2node", {}).items():
+        if type(module) is not element_wise:
+            continue
+        if not hasattr(module, "_grad_fn"):
+            raise _incompatible("the _grad_fn of its element-wise stand-ins")
+        op = module._grad_fn if isinstance(module._grad_fn, str) else type(module._grad_fn).__name__
+        if op.startswith(REARRANGING_OPS):
+            found[node] = f"{op.removesuffix('0').removesuffix('Backward')} moves channels where kpc cannot follow them"
+    return found
 
 
 def group_with_items(group: Any, items: Iterable[Any]) -> Any:

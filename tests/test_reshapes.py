@@ -211,3 +211,35 @@ def test_a_flatten_of_nchw_channels_keeps_its_stride():
     assert conv.prunable and "fc<" in conv.layers, conv
     fc_input = next(item for item in conv.tp_group if item.dep.target.module is model.fc)
     assert sorted(fc_input.idxs) == list(range(128)), "each channel owns its 16 flattened features"
+
+
+class PixelShuffleNet(nn.Module):
+    """A super-resolution body (conv of 4x channels, PixelShuffle(2)), then PixelUnshuffle(2) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(32, 64 * 4, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU())
+        self.after = nn.Sequential(nn.Conv2d(64, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU())
+        self.tail = nn.Sequential(nn.Conv2d(256, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU())
+        self.fc = nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.after(nn.functional.pixel_shuffle(self.expand(self.stem(x)), 2))
+        x = self.tail(nn.functional.pixel_unshuffle(x, 2))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_groups_through_a_pixel_shuffle_are_whole_with_the_reason_and_the_rest_prunes():
+    """torch-pruning traced pixel (un)shuffle as element-wise: the groups failed in its importance (an
+    IndexError) or in the forward pass, with no word of why."""
+    torch.manual_seed(0)
+    model, example = PixelShuffleNet().eval(), torch.randn(1, 3, 32, 32)
+    by_root = {g.root: g for g in discover_groups(model, build_graph(model, example))}
+    assert "PixelShuffle moves channels" in by_root["expand.0"].reason
+    assert "PixelUnshuffle moves channels" in by_root["after.0"].reason
+    assert by_root["stem.0"].prunable and by_root["tail.0"].prunable
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.8))
+    records = {g.root: g for g in result.round.groups}
+    assert records["stem.0"].pruned or records["tail.0"].pruned
+    assert result.round.landed and result.model(example).shape == (1, 10)
