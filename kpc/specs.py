@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -28,7 +29,12 @@ from kpc.plan import MAX_INPUT_ELEMENTS
 if TYPE_CHECKING:
     from torch import nn
 
+log = logging.getLogger(__name__)
+
 SOURCES = ("torchvision", "timm", "file")
+# what a training wrapper puts before every key of the state dict it saves: DistributedDataParallel and
+# DataParallel (module.), torch.compile (_orig_mod.)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 # Constructor arguments a plan may never carry: they make a constructor read files or the network.
 _UNSAFE_KWARG = re.compile(r"path|file|url|weight|pretrained|checkpoint|cfg|cache|dir|hub|download", re.IGNORECASE)
@@ -398,6 +404,23 @@ def _build_from_file(path: Path, name: str, kwargs: dict[str, Any]) -> nn.Module
     return model.eval()
 
 
+def _unwrapped(state: dict[str, Any], own: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The state dict without a training wrapper's prefix on every key, where the model's own keys have none.
+
+    A checkpoint saved from a DDP or torch.compile'd model (`module.conv1.weight`) fitted no
+    model kpc builds, and the user read "N missing keys ... N unexpected keys".
+    """
+    stripped = state
+    while stripped and set(stripped) != set(own):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in stripped)
+                       and not any(k.startswith(p) for k in own)), None)
+        if prefix is None:
+            break
+        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+        log.info("weights %s: dropped the %r prefix a training wrapper put before every key", path, prefix)
+    return stripped  # when stripped, a plain dict: it loads with the model's own module versions (below)
+
+
 def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     """Swap the first convolution for one that takes `in_chans` channels (e.g. grayscale)."""
     from torch import nn
@@ -457,6 +480,7 @@ def load_weights(model: nn.Module, weights: Path | str) -> None:
                        f"{f' and {len(not_finite) - 1} more tensors' if len(not_finite) > 1 else ''}: "
                        "give weights of a trained or freshly initialised model")
     own = model.state_dict()
+    state = _unwrapped(state, own, path)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

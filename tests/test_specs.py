@@ -65,6 +65,26 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         load_weights(model, tmp_path / "missing.pt")
 
 
+def test_weights_saved_through_a_training_wrapper_load(tmp_path):
+    """DDP and torch.compile put `module.` / `_orig_mod.` before every key of the state dict they save."""
+    model = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # what DistributedDataParallel's state_dict looks like
+    compiled = torch.nn.Module()
+    compiled._orig_mod = wrapped  # and torch.compile around that
+    for name, state in (("ddp", wrapped.state_dict()), ("compiled_ddp", compiled.state_dict())):
+        assert next(iter(state)).startswith(("module.", "_orig_mod.module."))
+        torch.save(state, tmp_path / f"{name}.pt")
+        fresh = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
+        load_weights(fresh, tmp_path / f"{name}.pt")
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(),
+                                                      strict=True))
+    partly = {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(model.state_dict().items())}
+    torch.save(partly, tmp_path / "partly.pt")  # a prefix on some keys only is no wrapper: still refused by name
+    with pytest.raises(KpcError, match=r"missing keys .* unexpected keys"):
+        load_weights(build_model(parse_model_spec("torchvision:resnet18", num_classes=10)), tmp_path / "partly.pt")
+
+
 def test_timm_pretrained_tags_are_model_names():
     spec = parse_model_spec("timm:resnet18.a1_in1k", num_classes=10, input_size=(3, 32, 32))
     assert spec.name == "resnet18.a1_in1k"
