@@ -26,6 +26,7 @@ from kpc.errors import KpcError
 from kpc.group_norms import norm_cuts, regroup
 from kpc.groups import build_graph, is_grouped_conv_input
 from kpc.heads import HeadLayout, companion_layout, head_cut, shrink_attention
+from kpc.parametrizations import bake
 
 
 def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, width: int, kept: Sequence[int], *,
@@ -259,6 +260,8 @@ def example_input(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> t
 def replay(model: nn.Module, rounds: Sequence, input_size: Sequence[int]) -> nn.Module:
     """Re-apply recorded pruning rounds (`kpc.plan.PruneRound`) to a freshly built architecture."""
     example = example_input(input_size)
+    if rounds:
+        bake(model)  # the prune baked the parametrized weights of the model it cut (`kpc.parametrizations`)
     modules = {name for name, _ in model.named_modules()}
     for number, plan_round in enumerate(rounds, 1):
         missing = [g.root for g in plan_round.groups if g.root not in modules]

@@ -46,6 +46,7 @@ from kpc.importance import (
 )
 from kpc.landing import ClosedLoop, Realised, samples_of
 from kpc.modelcopy import copy_model
+from kpc.parametrizations import bake
 from kpc.plan import GroupDecision, Plan, PruneRound
 from kpc.planner import (
     SOLVERS,
@@ -265,6 +266,7 @@ class _Pruner:
 
         self.source_model = model
         self.work = copy_model(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
+        bake(self.work)  # a parametrized weight (weight_norm, ...) cannot be sliced: its current value can
         self.example = example
         self.budget, self.settings = budget, settings
         self.calibration, self.progress = calibration, progress

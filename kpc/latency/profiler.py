@@ -45,6 +45,7 @@ from kpc.latency.layers import (
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
 from kpc.modelcopy import copy_model
+from kpc.parametrizations import bake, parametrized_weights
 from kpc.planner import smallest_group_widths, tie_widths
 from kpc.pruning import DEFAULT_ROUND_TO
 
@@ -292,6 +293,9 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
     """
     settings = aligned_to_block(settings)
     check_profile_settings(settings)
+    if parametrized_weights(model):  # the pruned copies it times are cut as a prune cuts: baked first
+        model = copy_model(model)
+        bake(model)
     relative = kernel_timed(settings.runtime)  # entries are ratios to the in-session reference conv
     device = target_device(settings.runtime)
     target = settings.target(device)
