@@ -32,6 +32,7 @@ from kpc import __version__
 from kpc.apply import example_input, replay
 from kpc.atomic import atomic_dir
 from kpc.errors import KpcError
+from kpc.lazy import materialize
 from kpc.modelcopy import copy_model
 from kpc.plan import Plan, PlanError
 from kpc.specs import ModelSpec, build_model, build_model_file, load_weights, parse_model_spec
@@ -183,7 +184,7 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None, model_fil
         raise KpcError(f"model should be a fresh torch.nn.Module instance, got {type(model).__name__}")
     spec = ModelSpec.from_plan(plan.model, plan.input_size) if plan.source in ("torchvision", "timm", "file") \
         else None
-    template = copy_model(model) if model is not None else None
+    template = copy_model(materialize(model, plan.input_size)) if model is not None else None
 
     def factory() -> nn.Module:
         if template is not None:

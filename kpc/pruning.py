@@ -45,6 +45,7 @@ from kpc.importance import (
     score_groups,
 )
 from kpc.landing import ClosedLoop, Realised, samples_of
+from kpc.lazy import materialize
 from kpc.modelcopy import copy_model
 from kpc.parametrizations import bake
 from kpc.plan import GroupDecision, Plan, PruneRound
@@ -264,7 +265,7 @@ class _Pruner:
                  progress: Callable[[], None] | None) -> None:
         from kpc.artifact import provenance
 
-        self.source_model = model
+        self.source_model = materialize(model, example.shape[1:])  # lazy layers take their shapes first
         self.work = copy_model(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
         bake(self.work)  # a parametrized weight (weight_norm, ...) cannot be sliced: its current value can
         self.example = example

@@ -231,7 +231,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     if spec.source == "file":
-        return build_file_spec(spec)
+        return _materialized(build_file_spec(spec), spec)
     try:
         if spec.source == "torchvision":
             model = _build_torchvision(spec, kwargs)
@@ -246,7 +246,14 @@ def build_model(spec: ModelSpec) -> nn.Module:
                        "and the model's arguments") from exc
     if not isinstance(model, nn.Module):
         raise KpcError(f"{spec.label()} did not return a torch.nn.Module")
-    return model.eval()
+    return _materialized(model.eval(), spec)
+
+
+def _materialized(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """The model with its lazy layers given their shapes (`kpc.lazy`), at the spec's input size."""
+    from kpc.lazy import materialize
+
+    return materialize(model, spec.input_size or DEFAULT_INPUT_SIZE)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -358,7 +365,8 @@ def build_model_file(text: str, spec: ModelSpec | None = None) -> nn.Module:
     kwargs = dict(spec.kwargs) if spec is not None else {}
     if spec is not None and spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    return _build_from_file(file, name, kwargs)
+    model = _build_from_file(file, name, kwargs)
+    return _materialized(model, spec) if spec is not None else model
 
 
 def build_file_spec(spec: ModelSpec) -> nn.Module:

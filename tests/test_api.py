@@ -212,3 +212,28 @@ def test_a_budget_missed_because_groups_failed_the_forward_pass_says_so():
     first = next(g for g in result.round.groups if g.root == "first.0")
     assert not first.prunable and "channels must come in threes" in first.reason
     assert result.round.landed and result.model(example).shape == (1, 10)
+
+
+class LazyNet(nn.Module):
+    """Lazy layers: their shapes exist only after a first forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.LazyConv2d(32, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU())
+        self.second = nn.Sequential(nn.LazyConv2d(64, 3, stride=2, padding=1), nn.LazyBatchNorm2d(), nn.ReLU())
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.fc(self.second(self.first(x)).mean((2, 3)))
+
+
+def test_a_model_of_lazy_layers_prunes_and_loads_back_onto_a_fresh_lazy_instance(tmp_path):
+    """It ended in 'internal error: ValueError: Attempted to use an uninitialized parameter'."""
+    torch.manual_seed(0)
+    model, example = LazyNet(), torch.randn(1, 1, 28, 28)
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.5))
+    assert result.round.landed and any(g.pruned for g in result.round.groups)
+    assert model.first[0].in_channels == 1, "the caller's model took its shapes from the example"
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=LazyNet()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(example), result.model.eval()(example))

@@ -44,6 +44,7 @@ from kpc.latency.layers import (
 )
 from kpc.latency.model import LatencyModel, RelativeTimer
 from kpc.latency.table import ONE_WIDTH_KINDS, Entry, LatencyTable, Remainder, load_table
+from kpc.lazy import materialize
 from kpc.modelcopy import copy_model
 from kpc.parametrizations import bake, parametrized_weights
 from kpc.planner import smallest_group_widths, tie_widths
@@ -293,6 +294,7 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
     """
     settings = aligned_to_block(settings)
     check_profile_settings(settings)
+    materialize(model, example.shape[1:])  # lazy layers take their shapes first (`kpc.lazy`)
     if parametrized_weights(model):  # the pruned copies it times are cut as a prune cuts: baked first
         model = copy_model(model)
         bake(model)
