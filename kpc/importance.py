@@ -79,6 +79,12 @@ def as_batches(calibration: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch
         if not isinstance(images, torch.Tensor) or images.ndim < 2:
             raise KpcError(f"calibration batch {index} is a {type(images).__name__}, not a batch of images: give "
                            "tensors of shape (N, C, H, W) or (images, labels) pairs")
+        if not images.is_floating_point():  # raw pixels (torchvision.io.read_image): the scale is the user's call
+            raise KpcError(f"calibration batch {index} holds {str(images.dtype).removeprefix('torch.')} images: give "
+                           "float images transformed as the model was trained (e.g. scaled to [0, 1] and "
+                           "normalized)")
+        if images.dtype != torch.float32:  # float64 or half from a user's pipeline: the model's weights are fp32
+            images = images.float()
         if labels is not None and (labels.ndim != 1 or labels.dtype.is_floating_point):
             labels = None  # one-hot, soft or dense targets: use the model's own prediction
         yield images, labels

@@ -237,3 +237,17 @@ def test_a_model_of_lazy_layers_prunes_and_loads_back_onto_a_fresh_lazy_instance
     reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=LazyNet()).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(example), result.model.eval()(example))
+
+
+def test_calibration_images_of_another_dtype():
+    """Raw uint8 pixels are refused in one line (their scale is the user's call); float64 and half are cast."""
+    torch.manual_seed(0)
+    model, example = MyNet(), torch.randn(1, 1, 28, 28)
+    labels = torch.randint(0, 10, (8,))
+    raw = [(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), labels)]
+    with pytest.raises(kpc.KpcError, match="calibration batch 0 holds uint8 images: give float images"):
+        kpc.prune(model, example, kpc.Budget(ratio=0.6), calibration=raw, bn_recalibrate=0)
+    for dtype in (torch.float64, torch.float16):
+        images = torch.randn(8, 1, 28, 28).to(dtype)
+        result = kpc.prune(model, example, kpc.Budget(ratio=0.6), calibration=[(images, labels)], bn_recalibrate=0)
+        assert result.round.landed and result.round.importance["data"] == "user data"
