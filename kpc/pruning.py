@@ -266,6 +266,11 @@ class _Pruner:
         from kpc.artifact import provenance
 
         self.source_model = materialize(model, example.shape[1:])  # lazy layers take their shapes first
+        other = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                        if p.is_floating_point() and p.dtype != torch.float32})
+        if other:  # it failed in the first forward pass, with advice about the input size
+            raise KpcError(f"the model's weights are {', '.join(other)}: kpc prunes float32 models; pass "
+                           "model.float() and cast the pruned model back afterwards")
         self.work = copy_model(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
         bake(self.work)  # a parametrized weight (weight_norm, ...) cannot be sliced: its current value can
         self.example = example

@@ -251,3 +251,9 @@ def test_calibration_images_of_another_dtype():
         images = torch.randn(8, 1, 28, 28).to(dtype)
         result = kpc.prune(model, example, kpc.Budget(ratio=0.6), calibration=[(images, labels)], bn_recalibrate=0)
         assert result.round.landed and result.round.importance["data"] == "user data"
+
+
+def test_a_half_precision_model_is_refused_with_what_to_do():
+    with pytest.raises(kpc.KpcError, match=r"the model's weights are float16: kpc prunes float32 models; pass "
+                                           r"model.float\(\)"):
+        kpc.prune(MyNet().half(), torch.randn(1, 1, 28, 28), kpc.Budget(ratio=0.6))
