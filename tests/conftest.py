@@ -85,6 +85,13 @@ def tiny(num_classes=10):
 '''
 
 
+def file_spec(directory: Path, filename: str, source: str, factory: str) -> str:
+    """Write a model's source as `directory/filename` and return its `file.py:factory` spec."""
+    file = directory / filename
+    file.write_text(source)
+    return f"{file}:{factory}"
+
+
 def write_tiny(directory: Path) -> str:
     """A ~1 MFLOP grayscale ResNet as a file spec: small enough for 2 shared CPU cores."""
     file = directory / "tiny_resnet.py"

@@ -17,9 +17,9 @@ from kpc.artifact import open_model
 from kpc.budget import Budget
 from kpc.cli import app
 from kpc.group_norms import check_cut, normalization_blocks
-from kpc.groups import build_graph, discover_groups, find_classifier
 
-from .conftest import prune_spec
+from .conftest import file_spec, prune_spec
+from .test_grouped import _groups
 
 GN_NET = '''
 import torch
@@ -54,19 +54,12 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def gn_spec(tmp_path_factory) -> str:
-    file = tmp_path_factory.mktemp("models") / "gn_net.py"
-    file.write_text(GN_NET)
-    return f"{file}:net"
-
-
-def _groups(model: nn.Module, example: torch.Tensor):
-    graph = build_graph(model, example)
-    return discover_groups(model, graph, never_prune=find_classifier(model, example))
+    return file_spec(tmp_path_factory.mktemp("models"), "gn_net.py", GN_NET, "net")
 
 
 def test_groups_a_groupnorm_normalizes_are_cut_by_its_groups(gn_spec):
     loaded = open_model(gn_spec, num_classes=10, input_size=SIZE)
-    by_root = {g.root: g for g in _groups(loaded.model, loaded.example_input())}
+    by_root = {g.root: g for g in _groups(loaded.model, loaded.example_input())[1]}
     assert by_root["a"].prunable and by_root["a"].blocks == 32 and by_root["a"].block_width == 2
     # each half of the concat is 8 of norm_bc's 16 groups of 8 channels
     for root in ("b", "c"):
@@ -115,7 +108,7 @@ def test_channels_off_the_normalization_groups_leave_the_group_whole():
         def forward(self, x):
             return self.out(self.norm(torch.cat([self.left(x), self.right(x)], 1)))
 
-    by_root = {g.root: g for g in _groups(Concat(), torch.randn(1, 3, 8, 8))}
+    by_root = {g.root: g for g in _groups(Concat(), torch.randn(1, 3, 8, 8))[1]}
     for root in ("left", "right"):  # 10 and 14 channels against groups of 6
         assert not by_root[root].prunable and "whole normalization groups" in by_root[root].reason
 

@@ -23,7 +23,7 @@ from kpc.importance import score_groups
 from kpc.latency.profiler import ProfileSettings, model_layers, profile
 from kpc.planner import block_options, make_choices
 
-from .conftest import prune_spec
+from .conftest import file_spec, prune_spec
 
 GROUPED_NET = '''
 import torch
@@ -56,9 +56,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def grouped_spec(tmp_path_factory) -> str:
-    file = tmp_path_factory.mktemp("models") / "grouped_net.py"
-    file.write_text(GROUPED_NET)
-    return f"{file}:grouped"
+    return file_spec(tmp_path_factory.mktemp("models"), "grouped_net.py", GROUPED_NET, "grouped")
 
 
 def _groups(model: nn.Module, example: torch.Tensor, **kwargs):
