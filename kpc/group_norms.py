@@ -19,15 +19,16 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 
-def normalization_blocks(norm: nn.GroupNorm, indices: Sequence[int], root_indices: Sequence[int] | None
-                         ) -> tuple[int | None, str | None]:
-    """How many whole normalization groups of `norm` a channel group spans, or why it cannot be cut by them.
+def normalization_blocks(norm: nn.GroupNorm, indices: Sequence[int], root_indices: Sequence[int] | None,
+                         width: int) -> tuple[int | None, str | None]:
+    """How many whole normalization groups of `norm` a channel group of `width` spans, or why it cannot be cut
+    by them.
 
     `indices` are the norm's channels the group reaches, `root_indices` the group's own
     channel each came from (None: the same). The group can be cut in whole normalization
-    groups when it reaches a contiguous run of the norm's channels in its own order,
-    starting and ending on a normalization-group boundary. None blocks: no constraint
-    (one normalization group, or one channel per group).
+    groups when every one of its channels reaches the norm, as a contiguous run of the
+    norm's channels in the group's order, starting and ending on a normalization-group
+    boundary. None blocks: no constraint (one normalization group, or one channel per group).
     """
     groups, channels = int(norm.num_groups), int(norm.num_channels)
     if groups <= 1 or groups >= channels:
@@ -36,8 +37,8 @@ def normalization_blocks(norm: nn.GroupNorm, indices: Sequence[int], root_indice
     indices = [int(i) for i in indices]
     roots = [int(i) for i in root_indices] if root_indices else list(range(len(indices)))
     offset = indices[0] - roots[0] if indices else 0
-    contiguous = sorted(roots) == list(range(len(roots))) and all(i - r == offset for i, r in zip(indices, roots,
-                                                                                                   strict=True))
+    contiguous = len(roots) == width and sorted(roots) == list(range(width)) and \
+        all(i - r == offset for i, r in zip(indices, roots, strict=True))
     if not contiguous or offset % per_group or len(indices) % per_group:
         return None, (f"GroupNorm with {groups} groups of {per_group} channels: the group's channels do not fall "
                       "on whole normalization groups")

@@ -234,7 +234,8 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             if _is_attention(module):
                 reason = f"attention layer {name}: heads are left whole"
             elif isinstance(module, nn.GroupNorm):
-                blocks, problem = normalization_blocks(module, item.idxs, getattr(item, "root_idxs", None))
+                blocks, problem = normalization_blocks(module, item.idxs, getattr(item, "root_idxs", None),
+                                                       len(tp_group[0].idxs))
                 reason = reason or (problem and f"{problem} ({names[module]})")
                 if blocks is not None:
                     normalized.setdefault(len(groups), []).append(blocks)
@@ -287,10 +288,14 @@ def _cut_by_normalization_groups(groups: list[ChannelGroup], normalized: dict[in
         if not group.prunable:
             continue
         blocks = math.gcd(*counts)
+        if blocks == 1:  # one whole normalization group (or groups of norms that share no smaller block)
+            leave_whole(groups, index, "its channels form one whole GroupNorm group, which kpc keeps or removes "
+                                       "whole")
+            continue
         if group.blocks > 1:
             if blocks % group.blocks:
                 leave_whole(groups, index, f"its {group.blocks} conv groups do not fall on whole GroupNorm groups "
-                                           f"({blocks} per group)")
+                                           f"(it spans {blocks} of them)")
             continue
         if blocks < group.width:
             group.blocks, group.blocks_of = blocks, "GroupNorm groups"

@@ -35,6 +35,12 @@ def materialize(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
                        "give an --input-size the model accepts") from exc
     finally:
         model.train(was_training)
+    left = [name or type(model).__name__ for name, module in model.named_modules()
+            if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))]
+    if left:  # a lazy layer the eval forward pass never reaches (a training-only auxiliary head)
+        raise KpcError(f"lazy layer {left[0]}{f' and {len(left) - 1} more' if len(left) > 1 else ''} took no shape "
+                       "from a forward pass in eval mode: run the model once in the mode that reaches it before "
+                       "giving it to kpc")
     return model
 
 

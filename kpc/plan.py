@@ -8,7 +8,10 @@ never a traceback and never code run on the plan's say-so.
 
 Format history: `kpc-artifact/1` (a plain dict, rounds without `landed`, no digest) is
 read and migrated; `kpc-artifact/2` adds the digest of the plan itself, the landing
-verdict of each round and the pooled timings of the kept plan.
+verdict of each round and the pooled timings of the kept plan; `kpc-artifact/3` is written
+only by a plan that cuts GroupNorm groups (`norm_groups`) or baked parametrized weights
+(`baked_weights`), which a reader of /2 would replay without lowering `num_groups` or
+without baking: it must refuse such a plan rather than compute something else.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from kpc.errors import KpcError
 
 FORMAT = "kpc-artifact/2"
+FORMAT_NEEDING_KPC_3 = "kpc-artifact/3"  # written only where an older reader would replay the plan wrongly
 LEGACY_FORMATS = ("kpc-artifact/1",)
 DIGEST_KEY = "plan_sha256"
 KINDS = ("pruned", "trained", "distilled", "model")
@@ -209,6 +213,7 @@ class PruneRound:
     min_channels: int = 1
     ignore: list[str] = field(default_factory=list)
     landed: bool | None = None  # None for rounds written before kpc-artifact/2
+    baked_weights: list[str] = field(default_factory=list)  # parametrized weights baked before the cut
     # latency: every timing of the kept plan, one figure per runtime session
     counted_samples: list[float] = field(default_factory=list)
     latency_table: dict[str, Any] | None = None
@@ -245,7 +250,14 @@ class PruneRound:
             record["bn_recalibration"] = self.bn_recalibration
         if self.seconds is not None:
             record["seconds"] = self.seconds
+        if self.baked_weights:
+            record["baked_weights"] = self.baked_weights
         return {**self.extra, **record}
+
+    @property
+    def needs_kpc_3(self) -> bool:
+        """Whether a reader of kpc-artifact/2 would replay this round wrongly (see the format history)."""
+        return bool(self.baked_weights) or any(g.norm_groups for g in self.groups)
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> PruneRound:
@@ -280,6 +292,7 @@ class PruneRound:
             latency_table=_take(data, "latency_table", dict, where, required=False),
             bn_recalibration=_take(data, "bn_recalibration", dict, where, required=False),
             seconds=_step_seconds(_take(data, "seconds", dict, where, required=False), f"{where}.seconds"),
+            baked_weights=[str(x) for x in _take(data, "baked_weights", list, where, required=False, default=[])],
             extra=extra,
         )
 
@@ -327,7 +340,8 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {
-            **self.extra, "format": FORMAT, "kind": self.kind, "model": self.model,
+            **self.extra, "format": FORMAT_NEEDING_KPC_3 if any(r.needs_kpc_3 for r in self.rounds) else FORMAT,
+            "kind": self.kind, "model": self.model,
             "input_size": list(self.input_size), "rounds": [r.to_json() for r in self.rounds],
             "parent": self.parent, "weights": self.weights, "created": self.created, "versions": self.versions,
         }
@@ -345,10 +359,10 @@ class Plan:
         """Read and validate a plan (any format written so far); migrate older formats."""
         _check(data, dict, where)
         fmt = data.get("format")
-        if fmt not in (FORMAT, *LEGACY_FORMATS):
-            raise PlanError(f"{where} is not a kpc plan (format {_short(fmt)}; this kpc reads {FORMAT} and "
-                            f"{', '.join(LEGACY_FORMATS)})")
-        if fmt == FORMAT:
+        if fmt not in (FORMAT, FORMAT_NEEDING_KPC_3, *LEGACY_FORMATS):
+            raise PlanError(f"{where} is not a kpc plan (format {_short(fmt)}; this kpc reads {FORMAT_NEEDING_KPC_3}, "
+                            f"{FORMAT} and {', '.join(LEGACY_FORMATS)})")
+        if fmt in (FORMAT, FORMAT_NEEDING_KPC_3):
             recorded = data.get(DIGEST_KEY)
             if recorded != digest_of(data):
                 raise PlanError(f"{where} does not match its digest ({DIGEST_KEY}): it was edited or is corrupt")

@@ -163,7 +163,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
           bn_recalibrate: int | None = None, recalibration: Iterable[Any] | None = None,
           settings: PruneSettings | None = None, data_label: str | None = None,
           progress: Callable[[], None] | None = None) -> PruneResult:
-    """Prune a copy of `model` to `budget`; `model` itself is left untouched.
+    """Prune a copy of `model` to `budget`; `model` itself is left untouched (its lazy layers, if any, take shapes).
 
     `example_inputs` is one input batch (N, C, H, W) the model accepts; `calibration` any
     iterable of image batches or (images, labels) pairs (a DataLoader). Without
@@ -272,7 +272,7 @@ class _Pruner:
             raise KpcError(f"the model's weights are {', '.join(other)}: kpc prunes float32 models; pass "
                            "model.float() and cast the pruned model back afterwards")
         self.work = copy_model(model).eval().requires_grad_(True)  # a frozen model still gets its gradients
-        bake(self.work)  # a parametrized weight (weight_norm, ...) cannot be sliced: its current value can
+        self.baked = bake(self.work)  # a parametrized weight (weight_norm, ...) cannot be sliced: its value can
         self.example = example
         self.budget, self.settings = budget, settings
         self.calibration, self.progress = calibration, progress
@@ -350,7 +350,7 @@ class _Pruner:
             if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
                 raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
                                f"{cost.unit} against {limit / cost.scale:.4g}"
-                               + self.unsafe_hint(groups, cost, full_widths, state))
+                               + self.unsafe_hint(groups, cost, full_widths, state, limit))
             if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
                 kept, frontier = self.fill(kept, cost, state, limit)
                 # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the
@@ -379,6 +379,7 @@ class _Pruner:
             ignore=list(self.settings.ignore), landed=outcome.landed,
             counted_samples=[float(s / cost.scale) for s in kept.samples],
             latency_table=self.table_record(speed, kept.solution, outcome.kept.solution, trades.values(), checks),
+            baked_weights=self.baked,
         )
         if not outcome.landed:
             log.warning("after %d solves the pruned model measures %.4g %s against a budget of %.4g (%+.1f%%, "
@@ -387,12 +388,13 @@ class _Pruner:
         return PruneResult(kept.model.eval(), self.plan_with(plan_round), groups, self.source_model)
 
     @staticmethod
-    def unsafe_hint(groups: list[ChannelGroup], cost: CostModel, full_widths: np.ndarray, state: _State) -> str:
+    def unsafe_hint(groups: list[ChannelGroup], cost: CostModel, full_widths: np.ndarray, state: _State,
+                    limit: float) -> str:
         """Why a budget the floor check let through was missed: groups the forward pass left whole on the way."""
         unsafe = [g for g in groups if not g.prunable and (g.reason or "").startswith("unsafe to prune")]
-        if not unsafe:
-            return ""
         floor = minimum_cost(cost, full_widths, state.choices)
+        if not unsafe or floor <= limit:  # the plans left could still meet it: the groups are not why it missed
+            return ""
         return (f"; {len(unsafe)} of {len(groups)} groups failed the pruned model's forward pass and were left whole "
                 f"(see the warnings), so the smallest plan left counts {floor / cost.scale:.4g} {cost.unit}: ask for "
                 "at least that")

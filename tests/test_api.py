@@ -257,3 +257,17 @@ def test_a_half_precision_model_is_refused_with_what_to_do():
     with pytest.raises(kpc.KpcError, match=r"the model's weights are float16: kpc prunes float32 models; pass "
                                            r"model.float\(\)"):
         kpc.prune(MyNet().half(), torch.randn(1, 1, 28, 28), kpc.Budget(ratio=0.6))
+
+
+def test_a_lazy_layer_the_eval_pass_never_reaches_is_refused_by_name():
+    class AuxHead(LazyNet):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.LazyLinear(10)  # a training-only auxiliary classifier
+
+        def forward(self, x):
+            features = self.second(self.first(x)).mean((2, 3))
+            return self.fc(features) + (self.aux(features) if self.training else 0)
+
+    with pytest.raises(kpc.KpcError, match="lazy layer aux took no shape from a forward pass in eval mode"):
+        kpc.prune(AuxHead(), torch.randn(1, 1, 28, 28), kpc.Budget(ratio=0.5))

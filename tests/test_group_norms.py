@@ -95,10 +95,11 @@ def test_a_cut_inside_a_normalization_group_is_refused_before_anything_is_cut(gn
 
 def test_channels_off_the_normalization_groups_leave_the_group_whole():
     norm = nn.GroupNorm(4, 48)  # groups of 12
-    assert normalization_blocks(norm, list(range(12, 36)), list(range(24))) == (2, None)
-    assert normalization_blocks(norm, list(range(0, 16)), None)[0] is None  # 16 is not whole groups of 12
-    assert normalization_blocks(nn.GroupNorm(1, 48), list(range(48)), None) == (None, None)
-    assert normalization_blocks(nn.GroupNorm(48, 48), list(range(48)), None) == (None, None)
+    assert normalization_blocks(norm, list(range(12, 36)), list(range(24)), 24) == (2, None)
+    assert normalization_blocks(norm, list(range(0, 16)), None, 16)[0] is None  # 16 is not whole groups of 12
+    assert normalization_blocks(norm, list(range(0, 24)), None, 48)[0] is None  # half the group never reaches it
+    assert normalization_blocks(nn.GroupNorm(1, 48), list(range(48)), None, 48) == (None, None)
+    assert normalization_blocks(nn.GroupNorm(48, 48), list(range(48)), None, 48) == (None, None)
     class Concat(nn.Module):
         def __init__(self):
             super().__init__()
@@ -111,6 +112,15 @@ def test_channels_off_the_normalization_groups_leave_the_group_whole():
     by_root = {g.root: g for g in _groups(Concat(), torch.randn(1, 3, 8, 8))[1]}
     for root in ("left", "right"):  # 10 and 14 channels against groups of 6
         assert not by_root[root].prunable and "whole normalization groups" in by_root[root].reason
+
+    class OneGroupEach(Concat):  # two convs of 12 over GroupNorm(2, 24): each conv is one normalization group
+        def __init__(self):
+            super().__init__()
+            self.left, self.right, self.norm = nn.Conv2d(3, 12, 1), nn.Conv2d(3, 12, 1), nn.GroupNorm(2, 24)
+
+    by_root = {g.root: g for g in _groups(OneGroupEach(), torch.randn(1, 3, 8, 8))[1]}
+    for root in ("left", "right"):
+        assert not by_root[root].prunable and "one whole GroupNorm group" in by_root[root].reason
 
 
 def test_a_groupnorm_net_prunes_to_its_budget_and_loads_back(gn_spec, tmp_path):
@@ -129,6 +139,8 @@ def test_a_groupnorm_net_prunes_to_its_budget_and_loads_back(gn_spec, tmp_path):
     assert result.round.counted_cost <= result.round.limit * (1 + 1e-9)
     out = tmp_path / "gn"
     kpc.save(result, out)
+    # a reader of kpc-artifact/2 would replay the cut without lowering num_groups: it must refuse the plan
+    assert json.loads((out / "plan.json").read_text())["format"] == "kpc-artifact/3"
     fresh = open_model(gn_spec, num_classes=10, input_size=SIZE).model
     reloaded = kpc.load(out, model=fresh).eval()
     example = loaded.example_input(batch=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import torch
@@ -59,7 +60,10 @@ def test_a_normed_network_prunes_to_its_budget_and_loads_back_onto_a_fresh_insta
     assert parametrized_weights(model) == parametrized_weights(_net()), "the caller's model is untouched"
     with torch.no_grad():  # and still computes (baking a copy once deleted the weight property of its class)
         torch.testing.assert_close(model(example), _net()(example))
+    assert result.round.baked_weights == ["c1.weight", "c2.weight", "c3.weight (weight_norm)",
+                                          "c4.weight (spectral_norm)"]
     out = kpc.save(result, tmp_path / "child")
+    assert json.loads((out / "plan.json").read_text())["format"] == "kpc-artifact/3"  # /2 readers would not bake
     reloaded = kpc.load(out, model=_net()).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(example), result.model.eval()(example))
