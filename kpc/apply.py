@@ -260,7 +260,7 @@ def example_input(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> t
 def replay(model: nn.Module, rounds: Sequence, input_size: Sequence[int]) -> nn.Module:
     """Re-apply recorded pruning rounds (`kpc.plan.PruneRound`) to a freshly built architecture."""
     example = example_input(input_size)
-    if any(getattr(r, "baked_weights", None) for r in rounds):
+    if any(r.baked_weights for r in rounds):
         bake(model)  # as the prune did before its cut (`kpc.parametrizations`); older plans baked nothing
     modules = {name for name, _ in model.named_modules()}
     for number, plan_round in enumerate(rounds, 1):

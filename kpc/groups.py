@@ -218,6 +218,7 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
         layers: list[str] = []
         out_names: list[str] = []
         reason = None
+        width = len(tp_group[0].idxs)
         unmappable = tp_compat.unmappable_nodes(graph)
         for item in tp_group:
             for node in (item.dep.source, item.dep.target):
@@ -234,8 +235,7 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
             if _is_attention(module):
                 reason = f"attention layer {name}: heads are left whole"
             elif isinstance(module, nn.GroupNorm):
-                blocks, problem = normalization_blocks(module, item.idxs, getattr(item, "root_idxs", None),
-                                                       len(tp_group[0].idxs))
+                blocks, problem = normalization_blocks(module, item.idxs, getattr(item, "root_idxs", None), width)
                 reason = reason or (problem and f"{problem} ({names[module]})")
                 if blocks is not None:
                     normalized.setdefault(len(groups), []).append(blocks)
@@ -250,7 +250,6 @@ def discover_groups(model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequ
                     layers.append(name)
             elif any(True for _ in module.parameters(recurse=False)):
                 layers.append(name + "<")
-        width = len(tp_group[0].idxs)
         root_width = graph.get_pruner_of_module(root_module).get_out_channels(root_module)
         if reason is None and root_width is not None and int(root_width) != width:
             # a split torch-pruning does not follow (timm's Res2Net: a 1x1 conv of 128 channels whose chunks

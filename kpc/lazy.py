@@ -17,13 +17,15 @@ from torch.nn.parameter import is_lazy
 from kpc.errors import KpcError
 
 
-def has_lazy(model: nn.Module) -> bool:
-    return any(is_lazy(t) for t in (*model.parameters(), *model.buffers()))
+def lazy_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that hold a parameter or buffer without a shape yet."""
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))]
 
 
 def materialize(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
     """Give every lazy layer its shapes with one forward pass in eval mode (the model's mode is restored)."""
-    if not has_lazy(model):
+    if not lazy_modules(model):
         return model
     was_training = model.training
     try:
@@ -35,8 +37,7 @@ def materialize(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
                        "give an --input-size the model accepts") from exc
     finally:
         model.train(was_training)
-    left = [name or type(model).__name__ for name, module in model.named_modules()
-            if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))]
+    left = lazy_modules(model)
     if left:  # a lazy layer the eval forward pass never reaches (a training-only auxiliary head)
         raise KpcError(f"lazy layer {left[0]}{f' and {len(left) - 1} more' if len(left) > 1 else ''} took no shape "
                        "from a forward pass in eval mode: run the model once in the mode that reaches it before "
@@ -44,4 +45,4 @@ def materialize(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
     return model
 
 
-__all__ = ["has_lazy", "materialize"]
+__all__ = ["lazy_modules", "materialize"]

@@ -94,6 +94,8 @@ RESHAPE_NODE = re.compile(r"view|reshape", re.IGNORECASE)  # the autograd nodes 
 _failures: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 _shapes: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 _kept: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+# a built graph's nodes do not change: its rearranging ops are found once, not once per group asked about
+_rearranging: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 _other_axis_cuts: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
 _installed = False
 
@@ -370,6 +372,8 @@ def _rearranging_nodes(graph: Any) -> dict[Any, str]:
     """
     import torch_pruning as tp
 
+    if graph in _rearranging:
+        return _rearranging[graph]
     element_wise = getattr(tp.ops, "_ElementWiseOp", None)
     if element_wise is None:
         raise _incompatible("ops._ElementWiseOp, its stand-in for element-wise functional ops")
@@ -382,6 +386,7 @@ def _rearranging_nodes(graph: Any) -> dict[Any, str]:
         op = module._grad_fn if isinstance(module._grad_fn, str) else type(module._grad_fn).__name__
         if op.startswith(REARRANGING_OPS):
             found[node] = f"{op.removesuffix('0').removesuffix('Backward')} moves channels where kpc cannot follow them"
+    _rearranging[graph] = found
     return found
 
 
