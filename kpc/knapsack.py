@@ -225,10 +225,11 @@ def solve_exact(groups: Sequence[Sequence[Option]], budget: float, *, bins: int 
 
 def _discretise(extra: np.ndarray, capacity: float, bins: int) -> tuple[np.ndarray, int]:
     """Bins per option (rounded up) and the number of bins; options over capacity get bins+1."""
-    if not capacity > 0.0:
-        # Zero capacity: only options that cost nothing beyond their group's minimum fit.
-        return np.where(extra <= 0.0, 0, 1).astype(np.int64), 0
     size = capacity / bins
+    if not size > 0.0:
+        # Zero capacity, or one so small (a denormal) that a bin's size underflows to 0 and every option,
+        # even one at its group's minimum, read as over: only options that cost nothing beyond the minimum fit.
+        return np.where(extra <= 0.0, 0, 1).astype(np.int64), 0
     with np.errstate(over="ignore"):
         quotient = extra / size
     over = ~(quotient <= bins)

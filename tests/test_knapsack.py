@@ -143,6 +143,14 @@ def test_greedy_is_always_feasible(groups: Groups, fraction: float) -> None:
     assert solve_exact(groups, budget, bins=50).value >= greedy.value
 
 
+def test_a_budget_a_denormal_above_the_floor_is_solved() -> None:
+    """Found by the property above: capacity 5e-324 over 50 bins underflowed a bin to 0, every option read as
+    over the capacity, and the DP reduced an empty array."""
+    groups = make_groups([[(0.0, 0.0), (1.0, 1.0)]])
+    solved = solve_exact(groups, 5e-324, bins=50)
+    assert solved.choice == (0,) and solved.cost == 0.0
+
+
 def test_greedy_is_the_ratio_baseline_and_can_be_suboptimal() -> None:
     # A's upgrade has the better ratio (2 vs 1.5), takes 1 unit, and then B's no longer fits.
     groups = make_groups([[(0, 0), (1, 2)], [(0, 0), (10, 15)]])
