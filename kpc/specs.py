@@ -365,7 +365,7 @@ def build_model_file(text: str, spec: ModelSpec | None = None) -> nn.Module:
     kwargs = dict(spec.kwargs) if spec is not None else {}
     if spec is not None and spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    model = _build_from_file(file, name, kwargs)
+    model = _build_from_file(file, name, kwargs, spec.in_chans if spec is not None else None)
     return _materialized(model, spec) if spec is not None else model
 
 
@@ -376,10 +376,43 @@ def build_file_spec(spec: ModelSpec) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    return _build_from_file(Path(spec.path), spec.name, kwargs)
+    return _build_from_file(Path(spec.path), spec.name, kwargs, spec.in_chans)
 
 
-def _build_from_file(path: Path, name: str, kwargs: dict[str, Any]) -> nn.Module:
+# what a factory may call its input-channel argument (timm: in_chans; torch layers: in_channels)
+CHANNEL_ARGUMENTS = ("in_chans", "in_channels", "input_channels", "num_channels")
+
+
+def _channel_argument(factory: Any, in_chans: int | None, kwargs: dict[str, Any]) -> dict[str, int]:
+    """`{name: in_chans}` where the factory takes its input channels by a name it declares and needs a value.
+
+    A user who asks for `--input-size 1x28x28` of a factory `net(in_chans=3)` meant a
+    grayscale net; kpc gave the factory nothing and the model then failed on its input.
+    The argument is passed only where its default differs (or there is none), so a factory
+    whose default already fits is called exactly as before, and never over a value the
+    user gave themselves.
+    """
+    import inspect
+
+    if in_chans is None or any(name in kwargs for name in CHANNEL_ARGUMENTS):
+        return {}
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a readable signature
+        return {}
+    for name in CHANNEL_ARGUMENTS:
+        parameter = parameters.get(name)
+        if parameter is None or parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
+            continue
+        if parameter.default is parameter.empty or parameter.default != in_chans:
+            log.info("calling %s(%s=%d) for the %d-channel input size", getattr(factory, "__name__", "factory"),
+                     name, in_chans, in_chans)
+            return {name: in_chans}
+        return {}
+    return {}
+
+
+def _build_from_file(path: Path, name: str, kwargs: dict[str, Any], in_chans: int | None = None) -> nn.Module:
     from torch import nn
 
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
@@ -397,6 +430,7 @@ def _build_from_file(path: Path, name: str, kwargs: dict[str, Any]) -> nn.Module
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise KpcError(f"{path} has no callable {name!r}{hint}")
+    kwargs = {**kwargs, **_channel_argument(factory, in_chans, kwargs)}
     try:
         try:
             model = factory(**kwargs)

@@ -29,6 +29,28 @@ def test_file_spec_builds_the_factory(tmp_path):
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 4)
 
 
+@pytest.mark.parametrize("argument", ["in_chans", "in_channels"])
+def test_a_file_factory_is_given_the_input_channels_it_declares(tmp_path, argument):
+    """`--input-size 1x...` of `net(in_chans=3)` builds the grayscale net, and a plan replays it the same way."""
+    from kpc.specs import build_model_file
+
+    file = tmp_path / "net.py"
+    file.write_text(
+        "import torch.nn as nn\n"
+        f"def make(num_classes=3, {argument}=3):\n"
+        f"    return nn.Sequential(nn.Conv2d({argument}, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+        " nn.Linear(8, num_classes))\n"
+    )
+    spec = parse_model_spec(f"{file}:make", input_size=(1, 16, 16))
+    assert build_model(spec)(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+    assert build_model_file(f"{file}:make", spec)[0].in_channels == 1
+    # the default fits: called as before; a value the user gave is theirs
+    assert build_model(parse_model_spec(f"{file}:make", input_size=(3, 16, 16)))[0].in_channels == 3
+    mine = parse_model_spec(f"{file}:make", input_size=(1, 16, 16))
+    mine = type(mine)(mine.source, mine.name, mine.path, None, mine.input_size, {argument: 2})
+    assert build_model_file(f"{file}:make", mine)[0].in_channels == 2
+
+
 def test_unknown_names_suggest_close_matches(tmp_path):
     with pytest.raises(KpcError, match="did you mean torchvision:resnet50"):
         parse_model_spec("torchvision:resnet5O")
