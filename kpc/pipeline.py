@@ -334,22 +334,30 @@ class Pipeline:
                             label=teacher.label, progress=tick)
         return {"lut": str(directory / "lut.json"), "full_model_ms": table.header["full_model_ms"]}
 
-    def _run_prune(self, directory: Path) -> dict[str, Any]:
+    def prune_budget(self) -> Any:
+        """The recipe's budget, on its target: a latency budget reads the profiled (or given) table; a FLOPs
+        budget keeps the target runtime's channel blocks (`Pruner.flops_width_step`)."""
         from kpc.latency import load_table
-        from kpc.workflow import make_budget, prune_to_artifact
+        from kpc.workflow import make_budget
 
         r = self.recipe
         t, b = r["target"], r["budget"]
-        teacher = self.open_teacher()
-        settings = self.prune_settings()
         kind = r.budget_kind
         target = {k: t[k] for k in ("runtime", "batch", "threads", "precision")}
         if kind in ("ms", "latency_ratio"):
             lut = self.lut_path()
             ms = b["ms"] if kind == "ms" else b["latency_ratio"] * load_table(lut).header["full_model_ms"]
-            budget = make_budget(ms=ms, lut=lut, target=target)
-        else:
-            budget = make_budget(gflops=b["gflops"]) if kind == "gflops" else make_budget(ratio=b["ratio"])
+            return make_budget(ms=ms, lut=lut, target=target)
+        if kind == "gflops":
+            return make_budget(gflops=b["gflops"], target=target)
+        return make_budget(ratio=b["ratio"], target=target)
+
+    def _run_prune(self, directory: Path) -> dict[str, Any]:
+        from kpc.workflow import prune_to_artifact
+
+        teacher = self.open_teacher()
+        settings = self.prune_settings()
+        budget = self.prune_budget()
         with self.ui.counter("calibrating importance", settings.calib_batches) as tick:
             result = prune_to_artifact(teacher, budget, settings, self.data, directory / "artifact", overwrite=True,
                                        progress=tick)

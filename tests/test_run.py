@@ -148,3 +148,13 @@ def test_a_bad_choice_in_the_prune_section_is_refused_before_any_stage_writes(pr
     result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "never")])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("budget", ["{ratio: 0.5}", "{gflops: 0.01}"])
+def test_a_flops_recipe_prunes_for_its_target_runtime(tmp_path, budget):
+    """A FLOPs budget keeps the recipe's runtime: its width step is that runtime's channel block, as on the CLI."""
+    recipe = tmp_path / "flops.yaml"
+    recipe.write_text(f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {budget}\n"
+                      "target: {runtime: ort-cpu, batch: 1, precision: fp32, threads: 1}\n")
+    budget = Pipeline(load_recipe(recipe), tmp_path / "run").prune_budget()
+    assert budget.target["runtime"] == "ort-cpu" and budget.table is None
