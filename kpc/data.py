@@ -225,10 +225,40 @@ def load_dataset(spec: DataSpec, split: str, input_size: tuple[int, int, int], *
         images, labels = fashion_mnist_arrays(spec.path, split)
         return LoadedData(ArrayImages(images, labels, FASHION_MNIST_NORM, input_size, augment), True, 10,
                           FASHION_MNIST_NORM)
+    if input_size[0] not in (1, 3):  # colour images become a grayscale or an RGB input, nothing else
+        raise KpcError(f"{spec.kind} images are read as 1 (grayscale) or 3 (RGB) channels, but the model takes "
+                       f"{input_size[0]}: use --input-size 1x{input_size[1]}x{input_size[2]} or "
+                       f"3x{input_size[1]}x{input_size[2]}, or --data synthetic")
     if spec.kind == "cifar10":
         images, labels = cifar10_arrays(spec.path, split)
         return LoadedData(ArrayImages(images, labels, CIFAR10_NORM, input_size, augment), True, 10, CIFAR10_NORM)
     return _imagefolder(spec.path, split, input_size, augment)
+
+
+class ImageReader:
+    """Read one image file of an imagefolder as grayscale or RGB; a file PIL cannot read is named in one line.
+
+    torchvision's loader raised PIL's UnidentifiedImageError from deep inside the data loader
+    (an empty or truncated JPEG in a folder of thousands), which kpc reported as its own bug.
+    A class rather than a closure, so that loader worker processes can pickle it.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, path: str) -> Any:
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                return image.convert(self.mode)
+        except Image.UnidentifiedImageError as exc:
+            raise KpcError(f"{path} is not an image kpc can read (empty, or a format PIL does not know): remove or "
+                           "replace it") from exc
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise KpcError(f"{path} is not an image kpc can read ({text}): remove or replace it") from exc
 
 
 def _imagefolder(path: Path, split: str, input_size: tuple[int, int, int], augment: bool) -> LoadedData:
@@ -244,12 +274,11 @@ def _imagefolder(path: Path, split: str, input_size: tuple[int, int, int], augme
     channels = input_size[0]
     tf = transforms.Compose([
         *steps,
-        transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]),
     ])
     try:
-        dataset = datasets.ImageFolder(str(root), transform=tf)
+        dataset = datasets.ImageFolder(str(root), transform=tf, loader=ImageReader("L" if channels == 1 else "RGB"))
     except (FileNotFoundError, OSError) as exc:
         raise KpcError(f"imagefolder {root} has no class folders with images ({exc})") from exc
     return LoadedData(dataset, True, len(dataset.classes), IMAGENET_NORM)

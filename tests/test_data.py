@@ -67,3 +67,44 @@ def test_global_batches_split_one_permutation_over_ranks():
     ranks = [list(GlobalBatches(50, 8, Context(r, 2), shuffle=True, seed=1)) for r in range(2)]
     assert len(whole) == 6 and all(len(b) == 4 for b in ranks[0] + ranks[1])
     assert [a + b for a, b in zip(ranks[0], ranks[1], strict=True)] == whole
+
+
+def _imagefolder_of_fashion_mnist(root, modes=("L", "RGBA", "P", "CMYK", "RGB")):
+    """Real Fashion-MNIST images saved as an imagefolder, one file per PIL mode a user's folder may hold."""
+    from PIL import Image
+
+    from kpc.data import fashion_mnist_arrays
+
+    images, labels = fashion_mnist_arrays(parse_data_spec("fashion-mnist").path, "val")
+    for index, mode in enumerate(modes * 2):
+        folder = root / "train" / f"class{labels[index]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = {"P": "bmp", "CMYK": "jpg"}.get(mode, "png")
+        Image.fromarray(images[index]).convert(mode).save(folder / f"{index}.{suffix}")
+    return root
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_imagefolder_reads_every_image_mode_as_the_models_channels(tmp_path, channels):
+    spec = parse_data_spec(f"imagefolder:{_imagefolder_of_fashion_mnist(tmp_path)}")
+    data = load_dataset(spec, "train", (channels, 32, 32))
+    shapes = {tuple(data.dataset[i][0].shape) for i in range(len(data.dataset))}
+    assert shapes == {(channels, 32, 32)} and len(data.dataset) == 10
+
+
+@needs_fashion_mnist
+def test_an_unreadable_image_or_a_channel_count_no_image_has_is_one_line(tmp_path):
+    from kpc.cli._common import _first_line
+
+    spec = parse_data_spec(f"imagefolder:{_imagefolder_of_fashion_mnist(tmp_path)}")
+    with pytest.raises(KpcError, match=r"read as 1 \(grayscale\) or 3 \(RGB\) channels, but the model takes 2"):
+        load_dataset(spec, "train", (2, 32, 32))
+    empty = next((tmp_path / "train").iterdir()) / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(KpcError, match=r"empty\.jpg is not an image kpc can read"):
+        list(calibration_batches(spec, (3, 32, 32), batches=4, batch_size=4))
+    # from a loader's worker process, torch re-raises it under "Caught KpcError in DataLoader worker process 0."
+    with pytest.raises(KpcError) as caught:
+        list(calibration_batches(spec, (3, 32, 32), batches=4, batch_size=4, workers=1))
+    assert _first_line(caught.value).startswith(f"{empty} is not an image kpc can read"), str(caught.value)

@@ -59,8 +59,19 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The message's first line; for an error torch re-raised from a data-loader worker, the worker's own.
+
+    torch wraps it as "Caught KpcError in DataLoader worker process 0." followed by the
+    worker's traceback, whose last line holds the message that says what to do.
+    """
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        _, _, message = lines[-1].partition(": ")
+        return message or lines[-1]
+    return lines[0]
 
 
 def handle_errors(func: F) -> F:
