@@ -173,8 +173,8 @@ class Pipeline:
                                    else _digest([_source_digest(r["model"]), _source_digest(r["weights"]),
                                                  r["num_classes"], r["input_size"]]))
         lut = self.lut_path()
-        if stage in ("prune", "distill", "export", "verify") and lut is not None and r.budget_kind in ("ms",
-                                                                                                     "latency_ratio"):
+        if stage in ("prune", "distill", "export", "verify") and lut is not None and (
+                r.budget_kind in ("ms", "latency_ratio") or (r.budget_kind == "gflops" and r["lut"])):
             upstream["lut"] = sha256_file(lut)
         if stage in ("distill", "export", "verify"):
             upstream["child"] = _artifact_digest(self.child_path())
@@ -348,8 +348,8 @@ class Pipeline:
             lut = self.lut_path()
             ms = b["ms"] if kind == "ms" else b["latency_ratio"] * load_table(lut).header["full_model_ms"]
             return make_budget(ms=ms, lut=lut, target=target)
-        if kind == "gflops":
-            return make_budget(gflops=b["gflops"], target=target)
+        if kind == "gflops":  # with the recipe's own table, near-ties go to the plan it runs fastest (as --lut)
+            return make_budget(gflops=b["gflops"], lut=r["lut"] or None, target=target)
         return make_budget(ratio=b["ratio"], target=target)
 
     def _run_prune(self, directory: Path) -> dict[str, Any]:

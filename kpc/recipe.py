@@ -190,6 +190,10 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     for key in ("latency_ratio", "ratio"):
         if budget.get(key) is not None and budget[key] >= 1:
             raise KpcError(f"{_where(source, lines.get('budget.' + key))}: budget.{key} is a fraction below 1")
+    if given[0] == "ratio" and values.get("lut"):  # silently unused, where the user meant the table to count
+        raise KpcError(f"{_where(source, lines.get('lut'))}: lut is not read with budget.ratio (a fraction of the "
+                       "FLOPs): use budget.latency_ratio for a fraction of the table's latency, or budget.gflops to "
+                       "break FLOPs near-ties toward the table's speed, or drop lut")
     return Recipe(values, lines=lines)
 
 

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kpc.cli import app
+from kpc.errors import KpcError
 from kpc.pipeline import RECORD, STAGES, Pipeline
 from kpc.recipe import load_recipe
 
@@ -152,9 +153,21 @@ def test_a_bad_choice_in_the_prune_section_is_refused_before_any_stage_writes(pr
 
 @pytest.mark.parametrize("budget", ["{ratio: 0.5}", "{gflops: 0.01}"])
 def test_a_flops_recipe_prunes_for_its_target_runtime(tmp_path, budget):
-    """A FLOPs budget keeps the recipe's runtime: its width step is that runtime's channel block, as on the CLI."""
+    """A FLOPs budget keeps the recipe's runtime: its width step is that runtime's channel block, as on the CLI;
+    with the recipe's own table, a GFLOPs budget breaks near-ties toward speed, as --budget-gflops with --lut."""
     recipe = tmp_path / "flops.yaml"
-    recipe.write_text(f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {budget}\n"
-                      "target: {runtime: ort-cpu, batch: 1, precision: fp32, threads: 1}\n")
-    budget = Pipeline(load_recipe(recipe), tmp_path / "run").prune_budget()
-    assert budget.target["runtime"] == "ort-cpu" and budget.table is None
+    text = (f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {budget}\n"
+            "target: {runtime: ort-cpu, batch: 1, precision: fp32, threads: 2}\n")
+    recipe.write_text(text)
+    plain = Pipeline(load_recipe(recipe), tmp_path / "run").prune_budget()
+    assert plain.target["runtime"] == "ort-cpu" and plain.table is None
+    table = Path(__file__).parents[1] / "profiles" / "intel-r-xeon-r-processor" / "ort-cpu-fp32-b1-t2" / "resnet18.json"
+    recipe.write_text(text + f"lut: {table}\n")
+    if "ratio" in budget:
+        with pytest.raises(KpcError, match=r"line 5: lut is not read with budget\.ratio"):
+            load_recipe(recipe)
+        return
+    pipeline = Pipeline(load_recipe(recipe), tmp_path / "run")
+    with_table = pipeline.prune_budget()
+    assert with_table.speed_table is not None and not with_table.latency
+    assert "lut" in pipeline.inputs("prune")["upstream"]
