@@ -1,4 +1,5 @@
-"""Parametrized weights (weight_norm, spectral_norm, orthogonal, ...): baked into plain weights before a cut.
+"""Parametrized weights (weight_norm, spectral_norm, orthogonal, torch.nn.utils.prune masks, ...): baked into
+plain weights before a cut.
 
 torch-pruning slices a layer's `weight` by assigning it a new Parameter, which a
 parametrized module refuses ("attribute 'weight' already exists"): every group through a
@@ -6,7 +7,8 @@ weight-normed or spectrally normed conv was left whole, and such a network could
 pruned at all. At inference a parametrization is a function of the tensors it stores, so
 kpc replaces each by its current value (the module goes back to its own class, the tensor
 becomes a Parameter again; the older hook-based norms go through `remove_weight_norm` and
-`remove_spectral_norm`): the model computes what it computed, and that is what is pruned.
+`remove_spectral_norm`, and the masks of `torch.nn.utils.prune` through `prune.remove`): the
+model computes what it computed, and that is what is pruned.
 Replaying a plan (`kpc.apply.replay`) bakes the freshly built architecture the same way
 first, so the saved weights fit it. The price: the pruned model's own training no longer
 re-normalizes those weights.
@@ -36,7 +38,14 @@ def parametrized_weights(model: nn.Module) -> list[str]:
             found.append(f"{prefix}weight (weight_norm)")
         if _hooked(module, "weight_orig") and _hooked(module, "weight_u"):
             found.append(f"{prefix}weight (spectral_norm)")
+        found += [f"{prefix}{tensor} (torch.nn.utils.prune mask)" for tensor in _masked(module)]
     return found
+
+
+def _masked(module: nn.Module) -> list[str]:
+    """Tensors `torch.nn.utils.prune` masks on `module`: it keeps `NAME_orig` and the buffer `NAME_mask`."""
+    return [name.removesuffix("_orig") for name, _ in module.named_parameters(recurse=False)
+            if name.endswith("_orig") and _hooked(module, f"{name.removesuffix('_orig')}_mask")]
 
 
 def bake(model: nn.Module) -> list[str]:
@@ -51,8 +60,10 @@ def bake(model: nn.Module) -> list[str]:
             torch.nn.utils.remove_weight_norm(module)
         if _hooked(module, "weight_orig") and _hooked(module, "weight_u"):
             _remove_hooked_spectral_norm(module)
+        for tensor in _masked(module):
+            _apply_mask(module, tensor)
     log.info("baked %d parametrized weight(s) into plain weights before pruning (%s%s): the model computes the "
-             "same; training the pruned model will not re-normalize them", len(baked), ", ".join(baked[:3]),
+             "same; training the pruned model will not re-normalize or re-mask them", len(baked), ", ".join(baked[:3]),
              ", ..." if len(baked) > 3 else "")
     return baked
 
@@ -100,6 +111,23 @@ def _remove_hooked_spectral_norm(module: nn.Module) -> None:
         raise KpcError(f"could not turn the torch.nn.utils.spectral_norm of a {type(module).__name__} into a plain "
                        f"weight with torch {torch.__version__} ({str(exc).splitlines()[0][:120]}): use "
                        "torch.nn.utils.parametrizations.spectral_norm instead") from exc
+
+
+def _apply_mask(module: nn.Module, tensor: str) -> None:
+    """`torch.nn.utils.prune.remove`: the masked tensor becomes a plain Parameter holding `orig * mask`.
+
+    Left in place, torch-pruning sliced `weight` (a plain attribute the pruning hook recomputes)
+    and failed ("cannot assign 'torch.FloatTensor' as parameter 'weight'"), so every group through
+    a layer a user had pruned with torch's own utility was left whole.
+    """
+    from torch.nn.utils import prune
+
+    try:
+        prune.remove(module, tensor)
+    except ValueError as exc:  # a NAME_orig/NAME_mask pair that torch's pruning hooks did not make
+        raise KpcError(f"{type(module).__name__}.{tensor}_orig and {tensor}_mask look like a torch.nn.utils.prune "
+                       f"mask, but torch cannot remove it ({str(exc).splitlines()[0][:120]}): call "
+                       "torch.nn.utils.prune.remove on the model first") from exc
 
 
 def _hooked(module: nn.Module, attribute: str) -> bool:

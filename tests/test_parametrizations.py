@@ -1,4 +1,5 @@
-"""Parametrized weights (weight_norm, spectral_norm): baked into plain weights, then pruned like any other."""
+"""Parametrized weights (weight_norm, spectral_norm, torch.nn.utils.prune masks): baked into plain weights,
+then pruned like any other."""
 
 from __future__ import annotations
 
@@ -67,3 +68,41 @@ def test_a_normed_network_prunes_to_its_budget_and_loads_back_onto_a_fresh_insta
     reloaded = kpc.load(out, model=_net()).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(example), result.model.eval()(example))
+
+
+def _masked_net() -> nn.Sequential:
+    """Layers a user pruned with torch's own utility: an unstructured L1 mask and a structured one (on the bias too)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 48, 3, stride=2, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                          nn.Conv2d(48, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+    prune.l1_unstructured(model[3], "weight", amount=0.5)
+    prune.ln_structured(model[6], "weight", amount=0.25, n=2, dim=0)
+    prune.l1_unstructured(model[6], "bias", amount=0.25)
+    return model.eval()
+
+
+def test_torch_prune_masks_are_applied_and_the_network_prunes_and_reloads(tmp_path):
+    """Before: torch-pruning sliced the mask hook's plain `weight` ("cannot assign 'torch.FloatTensor' as parameter
+    'weight'") and every group through a masked layer was left whole."""
+    model, example = _masked_net(), torch.randn(2, 3, 16, 16)
+    assert parametrized_weights(model) == ["3.weight (torch.nn.utils.prune mask)",
+                                           "6.weight (torch.nn.utils.prune mask)", "6.bias (torch.nn.utils.prune mask)"]
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.5))
+    convs = [g for g in result.round.groups if g.root in ("0", "3")]
+    assert all(g.prunable for g in convs) and any(g.pruned for g in convs), [(g.root, g.reason) for g in convs]
+    assert result.round.landed and len(result.round.baked_weights) == 3
+    assert len(parametrized_weights(model)) == 3, "the caller's model keeps its masks"
+    with torch.no_grad():
+        torch.testing.assert_close(model(example), _masked_net()(example))
+    reloaded = kpc.load(kpc.save(result, tmp_path / "child"), model=_masked_net()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(example), result.model.eval()(example))
+    baked = _masked_net()
+    bake(baked)
+    with torch.no_grad():
+        torch.testing.assert_close(baked(example), model(example))
+    assert (baked[3].weight == 0).float().mean() >= 0.5, "the mask's zeros are in the plain weight"
