@@ -120,8 +120,8 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[Any], *, limit: int
     device = parameter.device if parameter is not None else torch.device("cpu")
     used = resolve_precision(precision, device)
     # NHWC runs oneDNN's and cuDNN's convolutions about 10% faster here (ResNet-50, 224, CPU: 2.7 against
-    # 3.0 CPU-s per 8 images forward and backward); the model is put back in its own layout afterwards.
-    set_memory_format(model, torch.channels_last)
+    # 3.0 CPU-s per 8 images forward and backward), where the model runs in it (`_first_forward`); the model
+    # is put back in its own layout afterwards.
     try:
         images, bf16 = _accumulate(model, batches, device, limit, progress, bf16=used == "bf16",
                                    strict=precision == "bf16")
@@ -133,6 +133,7 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[Any], *, limit: int
 def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, limit: int | None,
                 progress: Callable[[], None] | None, *, bf16: bool, strict: bool) -> tuple[int, bool]:
     images_seen = 0
+    nhwc: bool | None = None  # decided on the first forward (`_first_forward`)
     with torch.enable_grad():
         for index, (images, labels) in enumerate(as_batches(batches)):
             if limit is not None and index >= limit:
@@ -142,21 +143,11 @@ def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, 
                 # a tensor a module caches across calls (LeViT's attention biases in eval mode) holds the graph of
                 # the forward that made it, which the previous backward freed: cut it loose before each forward
                 detach_cached_tensors(model)
-                if chunk.ndim == 4:
-                    chunk = chunk.contiguous(memory_format=torch.channels_last)
-                try:
+                if nhwc is None:
+                    logits, bf16, nhwc = _first_forward(model, chunk, device, bf16=bf16, strict=strict)
+                else:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        logits = model(chunk)
-                except Exception as exc:  # a kernel or a numpy round trip without bf16: any error, first forward only
-                    if not bf16 or images_seen or start:
-                        raise
-                    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-                    if strict:
-                        raise KpcError(f"the model does not run in bf16 ({reason}): use --importance-precision "
-                                       "fp32") from exc
-                    log.info("the model does not run in bf16 (%s): importance pass in fp32", reason)
-                    bf16 = False
-                    logits = model(chunk)
+                        logits = model(_laid_out(chunk, nhwc))
                 if not isinstance(logits, torch.Tensor):
                     raise KpcError(f"the model returns a {type(logits).__name__}, not a tensor of logits: Taylor "
                                    "importance needs logits (use importance='magnitude')")
@@ -175,6 +166,42 @@ def _accumulate(model: nn.Module, batches: Iterable[Any], device: torch.device, 
     if images_seen == 0:
         raise KpcError("the calibration data produced no batches")
     return images_seen, bf16
+
+
+def _laid_out(chunk: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    return chunk.contiguous(memory_format=torch.channels_last) if nhwc and chunk.ndim == 4 else chunk
+
+
+def _first_forward(model: nn.Module, chunk: torch.Tensor, device: torch.device, *, bf16: bool, strict: bool
+                   ) -> tuple[Any, bool, bool]:
+    """The first forward of the importance pass, in the fastest layout and precision the model runs in.
+
+    Returns the logits, whether bf16 is used and whether NHWC is. NHWC fails on a model that
+    flattens with `x.view(x.size(0), -1)` ("view size is not compatible with input tensor's
+    size and stride"): kpc then runs it in its own layout, as it would be served, instead of
+    failing. bf16 fails where an op has no bf16 kernel: fp32 then, or an error if asked for bf16.
+    """
+    attempts = [(True, bf16), (False, bf16)] + ([(True, False), (False, False)] if bf16 else [])
+    errors: dict[bool, str] = {}
+    for nhwc, low in attempts:
+        set_memory_format(model, torch.channels_last if nhwc else torch.contiguous_format)
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+                logits = model(_laid_out(chunk, nhwc))
+        except Exception as exc:  # a kernel, a view or a numpy round trip that cannot run so: the next attempt
+            errors[low] = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            if (nhwc, low) == attempts[-1]:
+                raise
+            if low and not nhwc and strict:
+                raise KpcError(f"the model does not run in bf16 ({errors[low]}): use --importance-precision "
+                               "fp32") from exc
+            continue
+        if not nhwc:
+            log.debug("the model does not run in NHWC (%s): importance pass in its own layout", errors.get(low))
+        if bf16 and not low:
+            log.info("the model does not run in bf16 (%s): importance pass in fp32", errors[True])
+        return logits, low, nhwc
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @dataclass

@@ -76,3 +76,37 @@ def test_a_model_without_bf16_falls_back_to_fp32_under_auto_and_refuses_under_bf
 def test_unknown_precision_is_refused():
     with pytest.raises(KpcError, match="unknown importance precision 'fp8'"):
         PruneSettings(importance_precision="fp8").check()
+
+
+class ViewFlattenNet(nn.Module):
+    """The classic flatten, `x.view(x.size(0), -1)`: it fails on NHWC activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_a_model_that_cannot_run_in_nhwc_is_scored_in_its_own_layout(one_thread, precision):
+    """Before: "internal error: view size is not compatible with input tensor's size and stride", blamed on bf16."""
+    import kpc
+    from kpc.layout import runs_in_channels_last
+
+    torch.manual_seed(0)
+    model, example = ViewFlattenNet().eval(), torch.randn(1, 1, 28, 28)
+    assert not runs_in_channels_last(model, example)
+    assert all(p.is_contiguous() for p in model.parameters()), "left in its own layout"
+    assert runs_in_channels_last(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()).eval(), example)
+    batches = list(calibration_batches(parse_data_spec("fashion-mnist"), (1, 28, 28), batches=1, batch_size=8))
+    images, _used = accumulate_gradients(model, batches, precision=precision)
+    assert images == 8 and model.features[0].weight.grad.abs().sum() > 0
+    settings = PruneSettings(importance="taylor", importance_precision=precision, sensitivity=0)
+    result = kpc.prune(model, example, kpc.Budget(ratio=0.5), calibration=batches, settings=settings)
+    assert result.round.landed and any(g.pruned for g in result.round.groups)

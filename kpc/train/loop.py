@@ -28,7 +28,7 @@ from kpc.artifact import LoadedModel, derived_plan, save_artifact
 from kpc.atomic import check_dir_target, check_writable, output_lock
 from kpc.data import DataSpec, TrainingData, training_data
 from kpc.errors import KpcError
-from kpc.layout import set_memory_format
+from kpc.layout import runs_in_channels_last, set_memory_format
 from kpc.modelcopy import copy_model
 from kpc.plan import Plan
 from kpc.train import checkpoint as ckpt
@@ -228,6 +228,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         self.data = self._open_data()
         self.stages: list[str] = []
+        self.channels_last = False  # NHWC batches: set where the model runs in it on a GPU (`_build_student`)
         self.student = self._build_student()
         self.optimizer = build_optimizer(self.student, settings.optimizer, settings.lr, settings.weight_decay)
         self.wrapped: nn.Module = self.student
@@ -273,8 +274,11 @@ class _Run:
                 shown = ", ".join(f"{stage} {100 * r:.1f}%" for stage, r in residuals.items())
                 log.info(f"projections start at the least-squares fit; parent feature energy left unexplained: {shown}")
         globalize_batchnorm(student, self.context)
-        if self.device.type == "cuda":
-            set_memory_format(student, torch.channels_last)
+        if self.device.type == "cuda":  # NHWC: cuDNN's fast layout, where the model runs in it
+            example = self.data.train[0][0][None].to(self.device)
+            self.channels_last = runs_in_channels_last(model.eval(), example)
+            if self.channels_last:
+                set_memory_format(student, torch.channels_last)  # the projections too
         return student.train()
 
     def _projection_batches(self, images: int = PROJECTION_IMAGES, batch: int = 64) -> Iterator[torch.Tensor]:
@@ -334,7 +338,7 @@ class _Run:
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
