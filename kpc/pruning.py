@@ -74,6 +74,7 @@ from kpc.sensitivity import (
     measured_passes,
 )
 from kpc.stopwatch import Stopwatch
+from kpc.tracing import refuse_scripted
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ class _Pruner:
                  progress: Callable[[], None] | None) -> None:
         from kpc.artifact import provenance
 
+        refuse_scripted(model)
         self.source_model = materialize(model, example.shape[1:])  # lazy layers take their shapes first
         other = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
                         if p.is_floating_point() and p.dtype != torch.float32})

@@ -19,3 +19,25 @@ def forward_with_hooks(model: nn.Module, example: torch.Tensor, modules: Iterabl
     finally:
         for handle in handles:
             handle.remove()
+
+
+def refuse_scripted(model: nn.Module) -> None:
+    """Refuse, in one line, a model holding `torch.jit.script`'ed (or traced) submodules.
+
+    kpc learns a model's layers through forward hooks and torch-pruning's autograd trace;
+    TorchScript modules take no hooks ("register_forward_pre_hook is not supported on
+    ScriptModules", which kpc reported as its own bug), and their parameters cannot be
+    sliced and re-assigned.
+    """
+    from kpc.errors import KpcError
+
+    scripted: list[str] = []
+    for name, module in model.named_modules():  # the outermost ones: a scripted module's children are scripted too
+        if isinstance(module, torch.jit.ScriptModule) and not any(name.startswith(f"{s}.") or s == "the model"
+                                                                   for s in scripted):
+            scripted.append(name or "the model")
+    if scripted:
+        shown = ", ".join(scripted[:3]) + (f" and {len(scripted) - 3} more" if len(scripted) > 3 else "")
+        raise KpcError(f"{shown} {'is a' if len(scripted) == 1 else 'are'} TorchScript module"
+                       f"{'' if len(scripted) == 1 else 's'}, which kpc cannot trace or cut: build the model without "
+                       "torch.jit.script/trace (script the pruned model afterwards)")

@@ -363,3 +363,22 @@ def test_bad_bn_recalibration(args, fragment, tmp_path):
     result = runner.invoke(app, ["prune", SPEC, *SMALL, "--budget-ratio", "0.5", *args, "--out", str(out)])
     one_line_exit_2(result, fragment)
     assert not out.exists()
+
+
+def test_torchscript_modules_are_refused_by_name_before_any_work():
+    """Before: "internal error: register_forward_pre_hook is not supported on ScriptModules"."""
+    from torch import nn
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), torch.jit.script(block().eval()), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    example = torch.randn(1, 3, 16, 16)
+    with pytest.raises(kpc.KpcError, match=r"^1 is a TorchScript module, which kpc cannot trace or cut: build"):
+        kpc.prune(model, example, Budget(ratio=0.5))
+    with pytest.raises(kpc.KpcError, match=r"^1 is a TorchScript module"):
+        kpc.profile(model, example, iters=2)
+    scripted = torch.jit.script(nn.Sequential(block(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval())
+    with pytest.raises(kpc.KpcError, match=r"^the model is a TorchScript module"):
+        kpc.prune(scripted, torch.randn(1, 8, 16, 16), Budget(ratio=0.5))

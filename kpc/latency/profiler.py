@@ -49,6 +49,7 @@ from kpc.modelcopy import copy_model
 from kpc.parametrizations import bake, parametrized_weights
 from kpc.planner import smallest_group_widths, tie_widths
 from kpc.pruning import DEFAULT_ROUND_TO
+from kpc.tracing import refuse_scripted
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ def profile(model: Any, example: Any, settings: ProfileSettings, out: Path | Non
     """
     settings = aligned_to_block(settings)
     check_profile_settings(settings)
+    refuse_scripted(model)
     materialize(model, example.shape[1:])  # lazy layers take their shapes first (`kpc.lazy`)
     if parametrized_weights(model):  # the pruned copies it times are cut as a prune cuts: baked first
         model = copy_model(model)
