@@ -542,6 +542,13 @@ def load_weights(model: nn.Module, weights: Path | str) -> None:
             f"weights {path} do not fit the architecture: {'; '.join(details)}; "
             "check the model spec, --num-classes and --input-size"
         )
+    not_real = [k for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
+    if not_real:  # torch copies int32 weights into float ones without a word: a model of rounded (or zero) weights
+        k = not_real[0]
+        raise KpcError(f"weights {path} hold {str(state[k].dtype).removeprefix('torch.')} values at {k!r}"
+                       f"{f' and {len(not_real) - 1} more tensors' if len(not_real) > 1 else ''} where the model "
+                       "has floating-point weights: give the weights as saved from training (float32, float16 or "
+                       "bfloat16), not quantized or cast to integers")
     if getattr(state, "_metadata", None) is None:  # a plain dict: the modules' versions are the model's own
         import collections
 

@@ -87,6 +87,20 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         load_weights(model, tmp_path / "missing.pt")
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_weights_cast_to_integers_are_refused(tmp_path, dtype):
+    """torch copies int32 weights into float ones without a word: before, the model pruned was all zeros, exit 0."""
+    model = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(KpcError, match=rf"hold {str(dtype).removeprefix('torch.')} values at 'conv1.weight' and "
+                                       r"\d+ more tensors where the model has floating-point weights"):
+        load_weights(model, path)
+    half = tmp_path / "half.pt"  # a floating format other than float32 is cast, as before
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, half)
+    load_weights(build_model(parse_model_spec("torchvision:resnet18", num_classes=10)), half)
+
+
 def test_weights_saved_through_a_training_wrapper_load(tmp_path):
     """DDP and torch.compile put `module.` / `_orig_mod.` before every key of the state dict they save."""
     model = build_model(parse_model_spec("torchvision:resnet18", num_classes=10))
