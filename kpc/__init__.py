@@ -34,6 +34,8 @@ _LAZY = {
     "KpcError": ("kpc.errors", "KpcError"),
 }
 
+_FUNCTIONS = ("prune", "save", "load_table", "bench")
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,11 +53,22 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attribute = _LAZY[name]
         value = getattr(importlib.import_module(module), attribute)
+        if name in _FUNCTIONS:  # every error a user can cause is a KpcError, the exporters' ones too
+            from kpc.errors import as_kpc_errors
+
+            value = as_kpc_errors(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'kpc' has no attribute {name!r}")
 
 
+def _as_kpc_errors(func: Any) -> Any:
+    from kpc.errors import as_kpc_errors
+
+    return as_kpc_errors(func)
+
+
+@_as_kpc_errors
 def load(path: Any, model: Any = None) -> torch.nn.Module:
     """Rebuild an artifact (a directory) as a module: no pickle, no code run on the plan's say-so.
 
@@ -67,6 +80,7 @@ def load(path: Any, model: Any = None) -> torch.nn.Module:
     return load_artifact(path, model=model).model
 
 
+@_as_kpc_errors
 def profile(model: Any, example_inputs: Any, *, runtime: str = "ort-cpu", threads: int = 2, precision: str = "fp32",
             out: Any = None, **options: Any) -> LatencyTable:
     """Measure a latency table of `model` at `example_inputs`' shape (and batch) on `runtime`.

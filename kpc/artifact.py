@@ -19,6 +19,7 @@ import copy
 import datetime as _dt
 import hashlib
 import logging
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,6 +169,9 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None, model_fil
     `model`: a fresh, unpruned instance of the architecture (needed for a user's own
     class); `model_file`: `file.py:factory` the caller trusts (needed for file-built models).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise KpcError(f"an artifact is a directory: give its path (a str or pathlib.Path), not a "
+                       f"{type(path).__name__}")
     if not str(path).strip():
         raise KpcError("the artifact directory is empty: give the folder kpc prune, train or distill wrote")
     path = Path(path)

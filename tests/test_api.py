@@ -118,6 +118,12 @@ def test_save_and_load_onto_a_fresh_instance(pruned, tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(reloaded(x), result.model(x))
+    # every mistake is a kpc.KpcError, also where the exporters package raised its own type
+    with pytest.raises(kpc.KpcError, match="already exists and is not empty"):
+        kpc.save(result, out)
+    for wrong in (None, 123):
+        with pytest.raises(kpc.KpcError, match="an artifact is a directory: give its path"):
+            kpc.load(wrong)
 
 
 def test_without_calibration_magnitude_is_used():
