@@ -401,8 +401,8 @@ class _Pruner:
         if not unsafe or floor <= limit:  # the plans left could still meet it: the groups are not why it missed
             return ""
         return (f"; {len(unsafe)} of {len(groups)} groups failed the pruned model's forward pass and were left whole "
-                f"(see the warnings), so the smallest plan left counts {floor / cost.scale:.4g} {cost.unit}: ask for "
-                "at least that")
+                f"({whole_groups(unsafe)}), so the smallest plan left counts {floor / cost.scale:.4g} {cost.unit}: "
+                "ask for at least that")
 
     def fill(self, kept: Any, cost: CostModel, state: _State, limit: float) -> tuple[Any, bool]:
         """Grow the kept plan, one option at a time, while its counted cost fits (exact costs only).
@@ -679,8 +679,8 @@ class _Pruner:
             return
         smallest = _smallest_width(self.settings.min_channels, round_to)
         share = f", {max(floor, 0.0) / full_cost:.1%} of the unpruned model's" if full_cost > 0 else ""
-        whole = sum(not group.prunable for group in groups)
-        kept = f"; {whole} of {len(groups)} groups are left whole (see the warnings)" if whole else ""
+        whole = [group for group in groups if not group.prunable]
+        kept = f"; {len(whole)} of {len(groups)} groups are left whole ({whole_groups(whole)})" if whole else ""
         raise KpcError(f"budget {self.budget.describe()} is below the smallest achievable cost "
                        f"{max(floor, 0.0) / cost.scale:.4g} {cost.unit}{share} (every group at its smallest width, "
                        f"{smallest}{kept}); ask for at least that")
@@ -806,6 +806,13 @@ class _Pruner:
         cls = type(self.source_model)
         return Plan(kind="pruned", model={"source": "user", "class": f"{cls.__module__}.{cls.__qualname__}"},
                     input_size=self.input_size, rounds=[plan_round])
+
+
+def whole_groups(groups: Sequence[ChannelGroup], shown: int = 3) -> str:
+    """The first groups left whole and why, for a one-line error (the rest counted; `kpc inspect` lists all)."""
+    named = [f"{group.root}: {(group.reason or 'left whole')[:90]}" for group in groups[:shown]]
+    more = f"; {len(groups) - shown} more" if len(groups) > shown else ""
+    return "; ".join(named) + more
 
 
 @dataclass

@@ -100,7 +100,9 @@ def test_load_refuses_edited_weights_and_foreign_plans(tmp_path):
 
 def test_budget_errors_say_what_is_possible():
     loaded = open_model("torchvision:resnet18", num_classes=10, input_size=SMALL)
-    with pytest.raises(KpcError, match=r"below the smallest achievable cost [0-9.]+ GFLOPs"):
+    # and names the groups left whole, with why, in the same line (it once pointed at warnings never printed)
+    with pytest.raises(KpcError, match=r"below the smallest achievable cost [0-9.]+ GFLOPs.*groups are left whole "
+                                       r"\(fc: network output \(fc\)"):
         prune(loaded.model, loaded.example_input(), Budget(gflops=1e-6))
     with pytest.raises(KpcError, match="at or above the model's current cost"):
         prune(loaded.model, loaded.example_input(), Budget(gflops=100.0))
