@@ -359,8 +359,14 @@ class _Pruner:
             if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
                 kept, frontier = self.fill(kept, cost, state, limit)
                 # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the
-                # budget, no plan lands closer; that is a landing, not a miss
+                # budget, no plan lands closer; that is a landing, not a miss, but the user is told how far under
                 outcome.landed = cost.landing.lands(kept.counted, limit) or frontier
+                if frontier and not cost.landing.lands(kept.counted, limit):
+                    log.warning("the pruned model counts %.4g %s, %.1f%% under the budget of %.4g: it keeps the "
+                                "most importance under the budget, and one more step of %d channels in any of its "
+                                "groups goes over it (%d of %d groups can be cut); a smaller --round-to gives finer "
+                                "steps", kept.counted / cost.scale, cost.unit, 100 * (1 - kept.counted / limit),
+                                limit / cost.scale, round_to, sum(g.prunable for g in groups), len(groups))
         plan_round = PruneRound(
             budget=self.budget.to_json(), cost_unit=cost.unit, full_cost=float(full_cost / cost.scale),
             limit=float(limit / cost.scale), predicted_cost=float(kept.solution.cost / cost.scale),

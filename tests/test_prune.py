@@ -417,3 +417,21 @@ def test_a_model_with_a_5d_weight_gets_its_importance_pass():
     result = kpc.prune(model, example, kpc.Budget(ratio=0.6), calibration=[torch.randn(4, 3, 16, 16)])
     assert count_macs(result.model, example)[0] <= 0.6 * count_macs(model, example)[0]
     assert result.model.mix.weight.dim() == 5
+
+
+def test_a_flops_plan_far_under_its_budget_for_coarse_steps_says_so(caplog):
+    """One prunable group of 16 channels in steps of 8: half the MACs or all of them. A 70% budget lands at 50%,
+    counted as landed (no plan with more importance fits), and the user is told how far under and why."""
+    import logging
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten()).eval()
+    with caplog.at_level(logging.WARNING, logger="kpc.pruning"):
+        result = prune(model, torch.randn(1, 3, 16, 16), Budget(ratio=0.7))
+    r = result.round
+    assert r.landed and r.counted_cost < 0.55 * r.full_cost and [g.kept_width for g in r.groups if g.prunable] == [8]
+    under = f"{100 * (1 - r.counted_cost / r.limit):.1f}% under the budget"
+    assert under in caplog.text and "one more step of 8 channels" in caplog.text, caplog.text
