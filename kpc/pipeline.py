@@ -15,8 +15,10 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,7 +109,65 @@ class Pipeline:
         model = recipe["model"]
         # the recipe names its model: a file spec there is trusted, and artifacts built from it are rebuilt with it
         self.model_file = model if isinstance(model, str) and model.rpartition(":")[0].endswith(".py") else None
-        self.prune_settings()  # a bad choice in `prune:` is refused before any stage writes a file
+        self.check_sections()  # a bad value in any section is refused, with its key and line, before any stage runs
+
+    def check_sections(self) -> None:
+        """Build and check every active section's settings now: a `distill: {epochs: -1}` was found only after the
+        prune had run, and named the CLI's --epochs rather than the recipe's key."""
+        from kpc.benchmark import BenchSettings
+        from kpc.export import ExportSettings
+        from kpc.latency.profiler import ProfileSettings, check_profile_settings
+
+        r = self.recipe
+        t = r["target"]
+        checks: list[tuple[str, Callable[[], Any]]] = [("prune", self.prune_settings)]
+        if self.active("train"):
+            checks.append(("train", lambda: self.fit_settings(r["train"], teacher=False).check()))
+        if self.active("distill"):
+            checks.append(("distill", lambda: self.fit_settings(r["distill"], teacher=True).check()))
+        if self.active("profile"):
+            checks.append(("profile", lambda: check_profile_settings(ProfileSettings(
+                runtime=t["runtime"], batch=t["batch"], threads=t["threads"], precision=t["precision"],
+                round_to=r["prune"]["round_to"], min_channels=r["prune"]["min_channels"],
+                ignore=tuple(r["prune"]["ignore"]), iters=r["profile"]["iters"]))))
+        e, v = r["export"], r["verify"]
+        checks.append(("export", lambda: ExportSettings(onnx=e["onnx"], trt=e["trt"], fp16=e["fp16"], opset=e["opset"],
+                                                        dynamic_batch=e["dynamic_batch"], batch=t["batch"]).check()))
+        checks.append(("verify", lambda: BenchSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
+                                                       precision=t["precision"], warmup=v["warmup"],
+                                                       iters=v["iters"]).check()))
+        for section, check in checks:
+            try:
+                check()
+            except KpcError as exc:
+                raise self.recipe_error(section, exc) from exc
+
+    def recipe_error(self, section: str, exc: KpcError) -> KpcError:
+        """A settings error in the recipe's words: `recipe.yaml line 9: distill.epochs must be ...`."""
+        text = str(exc)
+        source = str(self.recipe.path) if self.recipe.path is not None else "the recipe"
+        flag = re.search(r"--([a-z][a-z0-9-]*)", text)
+        key = flag.group(1).replace("-", "_") if flag else None
+        for where in ((section,) if key is None else (section, "target", "prune")):
+            if key is not None and f"{where}.{key}" in self.recipe.lines:
+                line = self.recipe.lines[f"{where}.{key}"]
+                return type(exc)(f"{source} line {line}: {text.replace(flag.group(0), f'{where}.{key}', 1)}")
+        line = self.recipe.lines.get(section)
+        place = f"{source} line {line}" if line is not None else source
+        if flag is not None:
+            text = text.replace(flag.group(0), f"{section}.{key}", 1)
+        return type(exc)(f"{place}: {text}" if flag is not None else f"{place}: {section}: {text}")
+
+    def fit_settings(self, section: dict[str, Any], *, teacher: bool) -> Any:
+        """The TrainSettings of a `train:` or `distill:` section, on the recipe's data, seed and target threads."""
+        from dataclasses import replace
+
+        from kpc.train.loop import DISTILL_DEFAULTS, TRAIN_DEFAULTS
+
+        defaults = DISTILL_DEFAULTS if teacher else TRAIN_DEFAULTS
+        values = {"threads": self.recipe["target"]["threads"], **{k: v for k, v in section.items() if v is not None}}
+        values["adaptive_threads"] = section.get("threads") is None  # the target's count may drop under load
+        return replace(defaults, data=self.data, seed=self.recipe["seed"], **values)
 
     def prune_settings(self) -> Any:
         """The recipe's `prune:` section as checked PruneSettings."""
@@ -293,14 +353,9 @@ class Pipeline:
         write_text_atomic(pending, inputs_hash + "\n")
 
     def _fit(self, directory: Path, loaded: LoadedModel, section: dict[str, Any], teacher: LoadedModel | None) -> dict:
-        from dataclasses import replace
+        from kpc.train.loop import fit
 
-        from kpc.train.loop import DISTILL_DEFAULTS, TRAIN_DEFAULTS, fit
-
-        defaults = TRAIN_DEFAULTS if teacher is None else DISTILL_DEFAULTS
-        values = {"threads": self.recipe["target"]["threads"], **{k: v for k, v in section.items() if v is not None}}
-        values["adaptive_threads"] = section.get("threads") is None  # the target's count may drop under load
-        settings = replace(defaults, data=self.data, seed=self.recipe["seed"], **values)
+        settings = self.fit_settings(section, teacher=teacher is not None)
         with self.ui.trainer() as reporter:
             result = fit(loaded, settings, directory / "artifact", teacher=teacher, resume=True, overwrite=True,
                          reporter=reporter)

@@ -138,16 +138,24 @@ def test_dry_run_and_bad_recipes(finished_run, tmp_path):
     assert result.exit_code == 2 and "unknown stage 'quantize'" in result.output
 
 
-@pytest.mark.parametrize(("prune", "message"), [
-    ("{importance_precision: fp8}", "unknown importance precision 'fp8'"),
-    ("{importance: foo}", "unknown importance 'foo'"),
-    ("{solver: lp}", "unknown solver 'lp'"),
+@pytest.mark.parametrize(("section", "message"), [
+    ("prune: {importance_precision: fp8}", "unknown importance precision 'fp8'"),
+    ("prune: {importance: foo}", "unknown importance 'foo'"),
+    ("prune: {solver: lp}", "unknown solver 'lp'"),
+    ("prune:\n  calib_batches: 0", "line 5: prune.calib_batches must be a positive integer (got 0)"),
+    # found only after the prune had run, and named the CLI's --epochs
+    ("distill: {epochs: -1}", "line 4: distill.epochs must be an integer at least 1, got -1"),
+    ("distill: {lr: .nan}", "line 4: distill.lr must be a finite number > 0, got nan"),
+    ("train: {epochs: 1, subset: 0}", "line 4: train.subset must be an integer at least 2"),
+    ("export: {opset: 3}", "line 4: export"),
 ])
-def test_a_bad_choice_in_the_prune_section_is_refused_before_any_stage_writes(prune, message, tmp_path):
+def test_a_bad_value_in_any_section_is_refused_with_its_key_before_any_stage_writes(section, message, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {{ratio: 0.5}}\nprune: {prune}\n")
-    result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "never")])
-    assert result.exit_code == 2 and message in result.output, result.output
+    bad.write_text(f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {{ratio: 0.5}}\n{section}\n")
+    for extra in ([], ["--dry-run"]):
+        result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "never"), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "--" not in result.output.split("error:", 1)[1], "in the recipe's words, not the CLI's"
     assert not (tmp_path / "never").exists()
 
 
