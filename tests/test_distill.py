@@ -200,6 +200,11 @@ def test_a_teacher_that_is_not_the_parent_is_refused(family, tmp_path):
                                  "--subset", "128", "--batch-size", "32", "--out", str(out),
                                  "--model-file", family["spec"]])
     _one_line_exit_2(result, out, "is not the parent of")
+    # the child as its own teacher (all its rounds): it was accepted, and distilled into itself
+    result = runner.invoke(app, ["distill", str(family["child"]), "--teacher", str(family["child"]),
+                                 "--subset", "128", "--batch-size", "32", "--out", str(out),
+                                 "--model-file", family["spec"]])
+    _one_line_exit_2(result, out, "is the pruned child (or a copy of it), not its parent")
 
 
 @needs_fashion_mnist

@@ -43,6 +43,9 @@ def check_teacher(child: LoadedModel, teacher: LoadedModel) -> None:
     if kept != [[g.to_json() for g in r.groups] for r in teacher.rounds]:
         raise KpcError(f"teacher {teacher.source} is not the parent of {child.source}: its pruning rounds are not "
                        "the ones the child was cut from")
+    if rounds and rounds == len(child.rounds):  # the child itself, or a copy: it would distill into itself
+        raise KpcError(f"teacher {teacher.source} has every pruning round of {child.source}: it is the pruned child "
+                       "(or a copy of it), not its parent; give the unpruned model the child was cut from")
 
 
 class Student(nn.Module):
