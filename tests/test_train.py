@@ -135,3 +135,19 @@ def test_bad_training_input_is_one_line_exit_2(tmp_path, make_data, extra, messa
                                  "--epochs", "1", "--batch-size", "32", *extra, "--out", str(out)])
     _one_line_exit_2(result, out, message)
     assert not (tmp_path / "out.work").exists() or not any((tmp_path / "out.work").glob("epoch-*"))
+
+
+def test_a_non_finite_loss_names_its_term_and_the_advice_that_fits():
+    """A distillation term that overflows on a half-trained teacher was blamed on the learning rate."""
+    from kpc.train.loop import non_finite_loss
+
+    finite, inf, nan = torch.tensor(2.3), torch.tensor(float("inf")), torch.tensor(float("nan"))
+    ikd = non_finite_loss({"ce": finite, "ikd": inf, "kd": finite}, 0)
+    assert ikd.startswith("the inner-distillation loss became inf in epoch 1 while the cross-entropy is 2.3")
+    assert "lower --ikd-weight" in ikd and "--lr" not in ikd
+    assert "lower --kd-weight" in non_finite_loss({"ce": finite, "kd": nan}, 2)
+    assert non_finite_loss({"ce": nan, "ikd": finite}, 0) == "the loss became nan in epoch 1: lower --lr"
+    # the cross-entropy broke after a step an enormous distillation term drove: that term is named
+    after = non_finite_loss({"ce": nan, "ikd": nan}, 0, previous={"ce": 2.0, "ikd": 1e19, "kd": 3.0})
+    assert after.startswith("the inner-distillation loss became 1e+19 in epoch 1 while the cross-entropy is 2"), after
+    assert non_finite_loss({"ce": nan}, 0, previous={"ce": 2.0, "ikd": 5.0}).endswith("lower --lr")

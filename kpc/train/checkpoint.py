@@ -126,10 +126,14 @@ def finish(work: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_if_empty(work: Path) -> None:
-    """A failed run that never completed an epoch leaves no empty working directory behind."""
+def remove_without_checkpoint(work: Path) -> None:
+    """A failed run that never completed an epoch leaves no working directory behind.
+
+    Before its first checkpoint it holds at most the starting weights (`best.safetensors`, the
+    weights kept unless an epoch does better): nothing `--resume` could continue from.
+    """
     try:
-        if work.is_dir() and not any(p for p in work.iterdir() if not p.name.startswith(".")):
+        if work.is_dir() and not has_checkpoint(work):
             shutil.rmtree(work, ignore_errors=True)
     except OSError:
         pass

@@ -143,6 +143,34 @@ def _number(value: Any, name: str, *, low: float, high: float | None = None, str
         raise KpcError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+EXPLODING_TERM = 1e4  # a distillation term this many times the cross-entropy (or 1) drove the step that broke
+
+
+def non_finite_loss(parts: dict[str, torch.Tensor], epoch: int, previous: dict[str, float] | None = None) -> str:
+    """Which loss term went non-finite (or, in the step before, dwarfed the rest), and the advice that fits it.
+
+    Advice to lower --lr was wrong where the inner-distillation term overflowed on a teacher
+    whose features were huge (a teacher trained one epoch, logits near 1e6): its term read
+    1e19 while the cross-entropy read 2, the step that followed broke the weights, and a
+    lower rate only delayed the NaN into validation.
+    """
+    values = {name: float(value.detach()) for name, value in parts.items()}
+    broken = [name for name, value in values.items() if not math.isfinite(value)]
+    if previous and "ce" in broken:  # the cross-entropy broke after a step some distillation term dominated
+        scale = EXPLODING_TERM * max(1.0, abs(previous.get("ce", 0.0)))
+        huge = [name for name in ("ikd", "kd") if abs(previous.get(name, 0.0)) > scale]
+        if huge:
+            broken, values = huge, {**previous, "ce": previous.get("ce", float("nan"))}
+    if broken and "ce" not in broken:
+        names = {"ikd": ("inner-distillation", "--ikd-weight"), "kd": ("logit-distillation", "--kd-weight")}
+        term, flag = names.get(broken[0], (broken[0], "--lr"))
+        return (f"the {term} loss became {values[broken[0]]:.3g} in epoch {epoch + 1} while the cross-entropy is "
+                f"{values['ce']:.3g}: the teacher's features or logits are too large to match (a teacher that is not "
+                f"trained to convergence?); check the teacher's accuracy, or lower {flag} (0 turns the term off)")
+    shown = values.get("ce", float("nan")) if "ce" in broken else sum(values.values())
+    return f"the loss became {shown} in epoch {epoch + 1}: lower --lr"
+
+
 def default_lr(optimizer: str, defaults: TrainSettings) -> float:
     """The peak learning rate when none is given: the defaults' for SGD, a hundredth of it for AdamW."""
     return defaults.lr / 100 if optimizer == "adamw" else defaults.lr
@@ -380,6 +408,7 @@ class _Run:
         correct = seen = 0
         lr = s.lr
         started = time.perf_counter()
+        previous: dict[str, float] | None = None  # the last step's loss terms, to tell which one broke the weights
         for index, (images, labels) in enumerate(loader):
             lr = lr_at(epoch * steps + index, base=s.lr, total=total_steps, warmup=warmup)
             set_lr(self.optimizer, lr)
@@ -396,7 +425,8 @@ class _Run:
             if self.watch is not None and self.context.is_main:
                 self.watch.step()
             if not torch.isfinite(total):
-                raise KpcError(f"the loss became {float(total)} in epoch {epoch + 1}: lower --lr")
+                raise KpcError(non_finite_loss(parts, epoch, previous))
+            previous = {key: float(value.detach()) for key, value in parts.items()}
             loss_value = float(total.detach())
             sums["loss"] += loss_value * len(labels)
             for key, value in parts.items():
@@ -547,7 +577,7 @@ def fit(loaded: LoadedModel, settings: TrainSettings, out: str | Path, *, teache
             return run.result("distilled" if teacher is not None else "trained", overwrite)
         except BaseException:
             if main and not had_work:
-                ckpt.remove_if_empty(work)
+                ckpt.remove_without_checkpoint(work)
             raise
         finally:
             teardown(context)
