@@ -159,6 +159,21 @@ def test_outputs_matched_by_position_when_names_differ() -> None:
     assert check.max_abs == pytest.approx(1e-6, rel=0.1)
 
 
+def test_atol_is_in_units_of_the_outputs_scale() -> None:
+    """float32 rounding in an output reaching 1e13 leaves errors near 1e6 on its small elements: right to 7 digits
+    of the output, and failed by a fixed atol (a random-init MobileOne's export)."""
+    ref = {"logits": np.array([[1e13, -4e12, 3.0]])}
+    rounded = {"logits": ref["logits"] + np.array([[2e6, -1e6, 1.5e6]])}
+    (check,) = compare_outputs(ref, rounded, atol=1e-4, rtol=1e-3)
+    assert check.ok and check.scale == 1e13 and "atol 0.0001 x scale 1e+13" in check.line()
+    wrong = {"logits": ref["logits"] + np.array([[0.0, 0.0, 5e10]])}  # a real difference at 0.5% of the scale
+    (check,) = compare_outputs(ref, wrong, atol=1e-4, rtol=1e-3)
+    assert not check.ok
+    small = {"logits": np.array([[0.5, 0.1]])}  # outputs within [-1, 1]: atol as given
+    (check,) = compare_outputs(small, {"logits": small["logits"] + 2e-4}, atol=1e-4, rtol=1e-3)
+    assert not check.ok and check.scale == 1.0
+
+
 def test_fp16_export_has_half_weights_and_io(tmp_path: Path) -> None:
     model = calibrated("resnet18")
     path = export_onnx(model, as_tensors(image()), tmp_path / "half.onnx", fp16=True)
