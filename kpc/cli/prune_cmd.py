@@ -82,7 +82,9 @@ def prune_command(
     bn_recalibrate: Annotated[int | None, typer.Option("--bn-recalibrate", help="Batches of --data that re-estimate "
                                                        "the pruned model's BatchNorm statistics (default: 20 with real "
                                                        "data, 0 with synthetic).")] = DEFAULTS.bn_recalibrate,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the calibration sample.")]
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
+                                      help="Seed of the calibration sample, and of a model's initial weights where no "
+                                           "--weights are given.")]
     = DEFAULTS.seed,
     importance_precision: Annotated[ImportancePrecision, typer.Option(
         "--importance-precision", help="Number format of the importance and sensitivity passes: auto (bf16 "
@@ -117,6 +119,9 @@ def prune_command(
                              sensitivity=int(sensitivity) if sensitivity.strip().isdigit() else sensitivity.strip())
     settings.check()
     spec = parse_data_spec(data)
+    import torch
+
+    torch.manual_seed(seed)  # a model without --weights starts from weights that depend on --seed only, as in train
     loaded = open_model(model, weights=weights, num_classes=num_classes, input_size=parse_input_size(input_size),
                         pretrained=pretrained, model_file=model_file)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
