@@ -157,8 +157,11 @@ def check_same_input(baseline: Any, candidate: Any) -> tuple[int, ...]:
     """Both models must eat the same tensor, or the comparison times two different tasks."""
     a, b = tuple(baseline.input_size), tuple(candidate.input_size)
     if a != b:
-        raise KpcError(f"the models take different inputs: baseline {_shape(a)}, candidate {_shape(b)}; "
-                       f"pass --input-size {_shape(b)} for the spec side, or compare models built for one size")
+        specs = [side for side, loaded in (("baseline", baseline), ("candidate", candidate))
+                 if getattr(getattr(loaded, "plan", None), "kind", None) == "model"]
+        advice = (f"pass --input-size {_shape(b if specs == ['baseline'] else a)} for the {specs[0]} (a model spec)"
+                  if len(specs) == 1 else "compare models built for one input size")
+        raise KpcError(f"the models take different inputs: baseline {_shape(a)}, candidate {_shape(b)}; {advice}")
     return a
 
 

@@ -56,6 +56,9 @@ def parse_data_spec(text: str) -> DataSpec:
         raise KpcError(f"unknown data spec {text!r}: use one of synthetic, fashion-mnist[:PATH], "
                        "cifar10:PATH, imagefolder:PATH")
     if kind == "synthetic":
+        if rest.strip():  # a path or option after it was silently ignored
+            raise KpcError(f"data spec {text!r}: synthetic takes no path or options (random images of the model's "
+                           "input size); use synthetic")
         return DataSpec(kind)
     if kind == "fashion-mnist":
         path = Path(rest).expanduser() if rest else FASHION_MNIST_DIR

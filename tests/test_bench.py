@@ -131,7 +131,8 @@ def test_precision_the_runtime_lacks_is_exit_2():
 def test_different_input_shapes_are_exit_2(pruned, tmp_path):
     result = runner.invoke(app, ["bench", "torchvision:resnet18", str(pruned), "--num-classes", "10",
                                  "--input-size", "3x32x32", "--json", str(tmp_path / "r.json")])
-    assert_one_error_line(result, 2, "the models take different inputs: baseline 3x32x32, candidate 3x64x64")
+    assert_one_error_line(result, 2, "the models take different inputs: baseline 3x32x32, candidate 3x64x64; "
+                                     "pass --input-size 3x64x64 for the baseline (a model spec)")
     assert not (tmp_path / "r.json").exists()
 
 

@@ -36,6 +36,8 @@ def test_bad_data_specs(tmp_path):
         parse_data_spec(f"imagefolder:{tmp_path / 'nope'}")
     with pytest.raises(KpcError, match="unknown data spec"):
         parse_data_spec("mnist")
+    with pytest.raises(KpcError, match="synthetic takes no path or options"):
+        parse_data_spec("synthetic:/some/folder")
     with pytest.raises(KpcError, match="no train-images"):
         load_dataset(parse_data_spec(f"fashion-mnist:{tmp_path}"), "train", (1, 28, 28))
     broken = tmp_path / "train-images-idx3-ubyte.gz"
