@@ -74,7 +74,7 @@ from kpc.sensitivity import (
     measured_passes,
 )
 from kpc.stopwatch import Stopwatch
-from kpc.tracing import refuse_scripted
+from kpc.tracing import input_advice, refuse_scripted
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,8 @@ class _Pruner:
             with torch.no_grad():
                 reference = self.work(example)
         except Exception as exc:
-            raise KpcError(f"the model fails on an input of shape {tuple(example.shape)} ({first_line(exc)}): give "
-                           "example inputs (--input-size) the model accepts") from exc
+            raise KpcError(f"the model fails on an input of shape {tuple(example.shape)} ({first_line(exc)}): "
+                           f"{input_advice(model)}") from exc
         if not isinstance(reference, torch.Tensor):
             raise KpcError(f"the model returns a {type(reference).__name__}; kpc prunes models that return one "
                            "tensor")

@@ -41,3 +41,28 @@ def refuse_scripted(model: nn.Module) -> None:
         raise KpcError(f"{shown} {'is a' if len(scripted) == 1 else 'are'} TorchScript module"
                        f"{'' if len(scripted) == 1 else 's'}, which kpc cannot trace or cut: build the model without "
                        "torch.jit.script/trace (script the pruned model afterwards)")
+
+
+def input_advice(model: nn.Module) -> str:
+    """What to do about a model that fails on its (N, C, H, W) example, for the end of a one-line error.
+
+    "Give an --input-size the model accepts" cannot be followed for a model that takes two
+    inputs, or a 1-D or 3-D signal: --input-size is always C x H x W.
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+        required = [p.name for p in parameters if p.default is p.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        required = []
+    if len(required) > 1:
+        return (f"kpc prunes models that take one image batch, and this forward takes {len(required)} inputs "
+                f"({', '.join(required)}): wrap it in a module that takes one")
+    kinds = {type(m) for m in model.modules()}
+    if nn.Conv2d not in kinds and kinds & {nn.Conv1d, nn.Conv3d}:
+        found = sorted(k.__name__ for k in kinds & {nn.Conv1d, nn.Conv3d})
+        return (f"kpc prunes image models that take (N, C, H, W) batches, and this one is built of {', '.join(found)} "
+                "layers")
+    return "give an --input-size (C x H x W) the model accepts"

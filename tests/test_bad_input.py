@@ -382,3 +382,24 @@ def test_torchscript_modules_are_refused_by_name_before_any_work():
     scripted = torch.jit.script(nn.Sequential(block(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval())
     with pytest.raises(kpc.KpcError, match=r"^the model is a TorchScript module"):
         kpc.prune(scripted, torch.randn(1, 8, 16, 16), Budget(ratio=0.5))
+
+
+def test_a_model_no_input_size_fits_is_told_why():
+    """"Give an --input-size the model accepts" could not be followed by a two-input or a 1-D model."""
+    from torch import nn
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.conv(image * mask).mean((2, 3))
+
+    audio = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4))
+    example = torch.randn(1, 3, 16, 16)
+    with pytest.raises(kpc.KpcError, match=r"this forward takes 2 inputs \(image, mask\): wrap it in a module"):
+        kpc.prune(TwoInputs().eval(), example, Budget(ratio=0.5))
+    with pytest.raises(kpc.KpcError, match=r"image models that take \(N, C, H, W\) batches, and this one is built "
+                                           r"of Conv1d layers"):
+        kpc.prune(audio.eval(), example, Budget(ratio=0.5))

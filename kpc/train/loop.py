@@ -207,6 +207,7 @@ def model_outputs(model: nn.Module, example: torch.Tensor) -> int:
     logits is a user mistake, refused in one line before any data is read.
     """
     from kpc.safety import first_line
+    from kpc.tracing import input_advice
 
     was_training = model.training
     model.eval()
@@ -214,8 +215,8 @@ def model_outputs(model: nn.Module, example: torch.Tensor) -> int:
         with torch.no_grad():
             logits = model(example)
     except Exception as exc:
-        raise KpcError(f"the model fails on an input of shape {tuple(example.shape)} ({first_line(exc)}): give an "
-                       "--input-size the model accepts") from exc
+        raise KpcError(f"the model fails on an input of shape {tuple(example.shape)} ({first_line(exc)}): "
+                       f"{input_advice(model)}") from exc
     finally:
         model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
