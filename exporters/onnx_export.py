@@ -109,6 +109,8 @@ def _run_exporter(
         # notices would otherwise be printed on every export of a sweep.
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
         warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        # the pool rewrite reads the spatial size as Python ints on purpose: H and W are fixed in every export
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"exporters\.onnx_rewrites")
         with decomposed():
             torch.onnx.export(
                 module,
