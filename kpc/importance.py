@@ -62,6 +62,25 @@ def needs_gradients(method: str) -> bool:
     return method.startswith("taylor")
 
 
+class SizedCalibration:
+    """Calibration batches that must have the example's image size, checked as they are read (re-iterable).
+
+    Images of another size ran silently: the importance pass and the BatchNorm statistics were
+    then those of another resolution than the one the model is pruned and costed for.
+    """
+
+    def __init__(self, source: Iterable[Any], size: Sequence[int]) -> None:
+        self.source, self.size = source, tuple(int(d) for d in size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for index, (images, labels) in enumerate(as_batches(self.source)):
+            if tuple(images.shape[1:]) != self.size:
+                raise KpcError(f"calibration batch {index} holds images of shape {tuple(images.shape[1:])}, but "
+                               f"example_inputs are {self.size}: give calibration images at the size the model is "
+                               "pruned for (or example_inputs of the calibration's size)")
+            yield images, labels
+
+
 def as_batches(calibration: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(images, labels or None) from a DataLoader or any iterable of image tensors or (images, labels) pairs."""
     for index, item in enumerate(calibration):

@@ -37,6 +37,7 @@ from kpc.groups import build_graph, discover_groups, find_classifier
 from kpc.heads import mark_head_groups
 from kpc.importance import (
     METHODS,
+    SizedCalibration,
     accumulate_gradients,
     as_batches,
     check_precision,
@@ -196,11 +197,13 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, calibr
         raise KpcError("--sensitivity needs data: give calibration batches (CLI: --data), or 0")
     if chosen.bn_recalibrate and calibration is None and recalibration is None:
         raise KpcError("--bn-recalibrate needs data: give calibration batches (CLI: --data), or 0")
-    pruner = _Pruner(model, example, budget, chosen, _Replayable(calibration) if calibration is not None else None,
+    size = example.shape[1:]  # every image the importance pass and the BatchNorm statistics read has this size
+    pruner = _Pruner(model, example, budget, chosen,
+                     SizedCalibration(_Replayable(calibration), size) if calibration is not None else None,
                      data_label, progress)
     result = pruner.run()
     if chosen.bn_recalibrate:
-        source = recalibration if recalibration is not None else pruner.calibration
+        source = SizedCalibration(recalibration, size) if recalibration is not None else pruner.calibration
         with pruner.clock.step("batchnorm"):
             result.round.bn_recalibration = recalibrate_batchnorm(result.model, source, chosen.bn_recalibrate)
         result.model.eval()
@@ -353,9 +356,10 @@ class _Pruner:
                                                                  landed=outcome.landed)
             kept = outcome.kept
             if cost.landing.over_budget_is_error and kept.counted > limit * (1 + 1e-9):
-                raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.4g} "
-                               f"{cost.unit} against {limit / cost.scale:.4g}"
-                               + self.unsafe_hint(groups, cost, full_widths, state, limit))
+                hint = self.unsafe_hint(groups, cost, full_widths, state, limit)
+                raise KpcError(f"could not land under the budget: the best plan counts {kept.counted / cost.scale:.6g} "
+                               f"{cost.unit}, {100 * (kept.counted / limit - 1):.2g}% over {limit / cost.scale:.6g}"
+                               + (hint or f"; ask for at least {kept.counted / cost.scale:.6g}"))
             if not outcome.landed and cost.landing.over_budget_is_error and kept.counted <= limit * (1 + 1e-9):
                 kept, frontier = self.fill(kept, cost, state, limit)
                 # an exact cost whose steps are coarse (few, wide groups): once no group can grow one step within the

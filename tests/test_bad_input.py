@@ -403,3 +403,17 @@ def test_a_model_no_input_size_fits_is_told_why():
     with pytest.raises(kpc.KpcError, match=r"image models that take \(N, C, H, W\) batches, and this one is built "
                                            r"of Conv1d layers"):
         kpc.prune(audio.eval(), example, Budget(ratio=0.5))
+
+
+def test_calibration_images_of_another_size_are_refused():
+    """They ran silently: importance and BatchNorm statistics of another resolution than the one pruned for."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 4)).eval()
+    larger = [(torch.randn(4, 3, 64, 64), torch.randint(0, 4, (4,)))]
+    with pytest.raises(kpc.KpcError, match=r"calibration batch 0 holds images of shape \(3, 64, 64\), but "
+                                           r"example_inputs are \(3, 32, 32\)"):
+        kpc.prune(model, torch.randn(1, 3, 32, 32), Budget(ratio=0.5), calibration=larger)
+    fitting = (batch for batch in [(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)))] * 2)  # a one-shot iterator
+    assert kpc.prune(model, torch.randn(1, 3, 32, 32), Budget(ratio=0.6), calibration=fitting).round.landed
