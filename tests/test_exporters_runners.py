@@ -163,6 +163,22 @@ def test_torch_runner_leaves_callers_module_alone() -> None:
     assert model[0].weight.is_contiguous()  # not converted to channels_last
 
 
+class _ViewFlatten(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1)
+
+
+def test_channels_last_a_model_cannot_take_is_a_typed_error() -> None:
+    """`x.view(x.size(0), -1)` on NHWC activations: "internal error" from kpc bench --channels-last before."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _ViewFlatten(), torch.nn.Linear(8 * 32 * 32, 4))
+    with (get_runner("torch-cpu", threads=1, channels_last=True) as runner,
+          pytest.raises(ExporterError, match=r"does not run in channels_last \(view size .*drop --channels-last")):
+        runner.prepare(model, image())
+    with get_runner("torch-cpu", threads=1) as runner:  # its own layout runs
+        runner.prepare(model, image())
+        assert runner.infer(image())["output"].shape == (1, 4)
+
+
 def test_torch_runner_refuses_files(tmp_path: Path) -> None:
     with pytest.raises(ExporterError, match=r"runs a torch\.nn\.Module"):
         get_runner("torch-cpu").prepare(tmp_path / "model.onnx", image())

@@ -50,13 +50,20 @@ class _TorchRunner(Runner):
         torch.set_num_threads(self.threads)
         module = copy_model(model).eval().to(self.device)
         module = self._convert_module(module)
-        if self.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        self._module = module
-        self._input_names = list(example_inputs)
-        self.batch = batch_of(example_inputs)
-        with self._context():
-            outputs = self._forward(self._stage(example_inputs))
+        try:
+            if self.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            self._module = module
+            self._input_names = list(example_inputs)
+            self.batch = batch_of(example_inputs)
+            with self._context():
+                outputs = self._forward(self._stage(example_inputs))
+        except (RuntimeError, ValueError) as exc:
+            if not self.channels_last:
+                raise
+            # x.view(x.size(0), -1) on NHWC activations, or a 5-D weight: the user asked for a layout it cannot take
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise ExporterError(f"the model does not run in channels_last ({reason}): drop --channels-last") from exc
         self._output_names = list(name_outputs(outputs))
 
     def infer(self, inputs: Arrays) -> dict[str, np.ndarray]:
