@@ -235,7 +235,8 @@ def _validate(raw: Any, schema: Schema, prefix: str, lines: dict[str, int], sour
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise KpcError(f"recipe {path} does not exist")
+        what = "is a directory" if path.is_dir() else "is not a file" if path.exists() else "does not exist"
+        raise KpcError(f"recipe {path} {what}: give a YAML file (see kpc/recipes/demo.yaml)")
     recipe = parse_recipe(path.read_text(), str(path))
     recipe.path = path
     return recipe

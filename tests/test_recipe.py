@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +50,13 @@ def test_bad_recipes_name_the_key_and_line(text, message):
         parse_recipe(text, "r.yaml")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_recipe_path_that_is_no_file_says_what_it_is(tmp_path):
+    for path, what in ((tmp_path, "is a directory"), (tmp_path / "missing.yaml", "does not exist"),
+                       (Path("/dev/null"), "is not a file")):
+        with pytest.raises(KpcError, match=f"recipe {re.escape(str(path))} {what}: give a YAML file"):
+            load_recipe(path)
 
 
 def test_demo_recipe_passes_validation():
