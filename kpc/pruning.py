@@ -595,7 +595,8 @@ class _Pruner:
 
         round_to = self.checked_table_step()
         return latency_cost_factory(self.budget.table, self.work, self.input_size, round_to=round_to,
-                                    min_channels=s.min_channels, target=self.budget.target), round_to
+                                    min_channels=s.min_channels, target=self.budget.target,
+                                    force=self.budget.force_table), round_to
 
     def checked_table_step(self) -> int:
         """The table's width step, after refusing a table measured for another target (unless forced)."""
@@ -613,7 +614,8 @@ class _Pruner:
         from kpc.latency import latency_cost_factory
 
         make = latency_cost_factory(self.budget.table, self.work, self.input_size, round_to=round_to,
-                                    min_channels=self.settings.min_channels, target=self.budget.target)
+                                    min_channels=self.settings.min_channels, target=self.budget.target,
+                                    force=self.budget.force_table)
         return make(self.work, self.example, graph, groups)
 
     def flops_width_step(self) -> int:

@@ -37,6 +37,7 @@ from kpc.latency.profiler import (
     time_layer,
 )
 from kpc.latency.table import Entry
+from kpc.pruning import prune
 
 from .conftest import prune_spec
 
@@ -262,6 +263,15 @@ def test_mismatched_tables_are_refused_unless_forced(table_path, tmp_path):
             check_table(load_table(other), SIZE, force=False, target=TARGET)
     forced = check_table(load_table(other), SIZE, force=True, target=TARGET)
     assert any("precision" in problem for problem in forced)
+
+
+def test_a_table_of_another_model_is_refused_unless_forced(table_path):
+    """ResNet-34's signatures are all ResNet-18's: its table passed, and predicted 2.24 ms for plans timing 0.99."""
+    other = open_model("torchvision:resnet34", num_classes=10, input_size=SIZE)
+    budget = Budget(ms=1.0, table=load_table(table_path), target={"threads": 1})
+    with pytest.raises(KpcError, match=r"profiled on a model of 21 layers \(torchvision:resnet18\), and this model "
+                                       r"has 37: .*pass --force-lut"):
+        prune(other.model, other.example_input(), budget)
 
 
 def test_missing_signature_is_an_error_not_a_zero(table_path, tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from kpc.errors import KpcError
 from kpc.latency.table import LatencyTable, load_table
+
+log = logging.getLogger(__name__)
 
 CLOSED_LOOP_ITERS = 100  # interleaved rounds per closed-loop timing: the budget window is only a few percent wide
 TARGET_KEYS = ("runtime", "batch", "threads", "precision")
@@ -29,6 +32,25 @@ def check_table(table: LatencyTable, input_size: Sequence[int], *, force: bool, 
     return problems
 
 
+def check_same_model(table: LatencyTable, layers: int, *, force: bool) -> None:
+    """Refuse a table profiled on a model with another number of layers (unless forced).
+
+    Every signature of ResNet-34 is one of ResNet-18's, so a ResNet-18 table passed the
+    signature check for it; but the table's remainder and full-model figures are the other
+    model's, and the prune predicted 2.24 ms for plans that timed 0.99 ms.
+    """
+    recorded = table.header.get("layers")
+    if recorded is None or int(recorded) == layers:
+        return
+    problem = (f"the latency table was profiled on a model of {recorded} layers ({table.header.get('model')}), and "
+               f"this model has {layers}")
+    if force:
+        log.warning("--force-lut: %s; its predictions are that model's", problem)
+        return
+    raise KpcError(f"{problem}: its remainder and full-model latency are another model's; profile this model with "
+                   "kpc profile, or pass --force-lut to use it anyway")
+
+
 def table_width_step(table: LatencyTable, round_to: int | None, where: str = "the latency table") -> int:
     """The width step a prune with this table uses: the table's own, or the user's if it is a multiple of it."""
     from kpc.latency.profiler import compatible_step
@@ -46,7 +68,8 @@ def timing_target(table: LatencyTable, target: dict[str, Any] | None) -> dict[st
 
 
 def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequence[int], *, round_to: int,
-                         min_channels: int, target: dict[str, Any] | None = None) -> Callable[..., Any]:
+                         min_channels: int, target: dict[str, Any] | None = None, force: bool = False
+                         ) -> Callable[..., Any]:
     """The cost-model factory a latency prune calls: predictions from the table, timings on its target.
 
     Target fields not given default to the table's; the device is always this machine's,
@@ -68,6 +91,7 @@ def latency_cost_factory(table: LatencyTable, baseline: Any, input_size: Sequenc
 
     def make(model: Any, example: Any, graph: Any, groups: Any) -> LatencyModel:
         layers = layers_for(model, example, graph, groups, round_to, min_channels)
+        check_same_model(table, len(layers.layers), force=force)
         cost = LatencyModel(table, layers.layers, layers.full_widths, layers.min_widths)
         cost.measure_model = measure
         cost.width_step = round_to
