@@ -417,3 +417,17 @@ def test_calibration_images_of_another_size_are_refused():
         kpc.prune(model, torch.randn(1, 3, 32, 32), Budget(ratio=0.5), calibration=larger)
     fitting = (batch for batch in [(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)))] * 2)  # a one-shot iterator
     assert kpc.prune(model, torch.randn(1, 3, 32, 32), Budget(ratio=0.6), calibration=fitting).round.landed
+
+
+def test_a_finished_table_is_neither_replaced_nor_resumed_without_overwrite(tmp_path):
+    """kpc profile replaced an existing table without a word, and --resume on a finished one measured it all again."""
+    table = tmp_path / "t.json"
+    table.write_text("{}")
+    result = runner.invoke(app, ["profile", SPEC, *SMALL, "--out", str(table), "--iters", "3"])
+    one_line_exit_2(result, "t.json exists: pass --overwrite to measure it again")
+    result = runner.invoke(app, ["profile", SPEC, *SMALL, "--out", str(table), "--iters", "3", "--resume"])
+    one_line_exit_2(result, "is a finished table, with no interrupted profile to resume")
+    assert table.read_text() == "{}"
+    png = tmp_path / "plot.txt"
+    one_line_exit_2(runner.invoke(app, ["profile", "--show", str(table), "--out", str(png)]), "give --out a .png path")
+    one_line_exit_2(runner.invoke(app, ["profile", SPEC, "--show", str(table)]), "give the table alone")

@@ -46,6 +46,7 @@ def profile_command(
                                              "<runtime>-<precision>-b<batch>-t<threads>/<model>.json); with "
                                              "--show, the PNG (default: next to the table).")] = None,
     resume: Annotated[bool, flag("--resume", help="Keep the points an interrupted run measured.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing table (or PNG with --show).")] = False,
     show: Annotated[Path | None, typer.Option("--show", help="Plot an existing table to PNG instead.")] = None,
     weights: WeightsOpt = None,
     num_classes: NumClassesOpt = None,
@@ -67,6 +68,12 @@ def profile_command(
     if show is not None:
         from kpc.latency.plot import plot_table
 
+        if model is not None:
+            raise KpcError("--show plots an existing table: give the table alone (kpc profile --show TABLE)")
+        if out is not None and out.suffix.lower() != ".png":
+            raise KpcError(f"--show writes a PNG: give --out a .png path (got {out})")
+        if out is not None and out.exists() and not overwrite:
+            raise KpcError(f"{out} exists: pass --overwrite to replace it")
         png = plot_table(show, out)
         log(f"wrote {png}")
         return
@@ -87,6 +94,7 @@ def profile_command(
                         pretrained=pretrained, model_file=model_file)
     target = out or default_table_path(profiles_root, target_device(runtime_name), settings, loaded.label)
     resolve_file_target(target)
+    check_existing_table(Path(target), resume=resume, overwrite=overwrite)
     check_writable(target)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
@@ -101,3 +109,20 @@ def profile_command(
     log(f"wrote {target}: {h['signatures']} signatures, {h['points']} points, full model {h['full_model_ms']:.3f} ms "
         f"on {h['device']} ({h['runtime']}, {h['precision']}, batch {h['batch']}, {h['threads']} threads) "
         f"in {h['profile_seconds']:.0f} s")
+
+
+def check_existing_table(target: Path, *, resume: bool, overwrite: bool) -> None:
+    """A finished table is never replaced without --overwrite, nor re-measured by --resume (which finishes only an
+    interrupted profile: its `.partial` points)."""
+    from kpc.errors import KpcError
+
+    if not target.is_file() or overwrite:
+        return
+    partial = target.with_name(target.name + ".partial")
+    if resume and partial.is_file():
+        return
+    if resume:
+        raise KpcError(f"{target} is a finished table, with no interrupted profile to resume: nothing to do; pass "
+                       "--overwrite to measure it again")
+    raise KpcError(f"{target} exists: pass --overwrite to measure it again (or --resume to finish an interrupted "
+                   "profile of it)")
