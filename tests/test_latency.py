@@ -444,3 +444,18 @@ def test_a_group_torch_pruning_maps_through_a_split_is_left_whole_and_the_profil
     child = pruned_copy(model, layers, widths)
     assert child.stem.out_channels == 64 and child.block.conv1.out_channels == 128
     assert child(example).shape == (1, 10)
+
+
+def test_the_remainder_fit_never_predicts_a_negative_time_for_the_smallest_plan():
+    """A three-term fit on noisy timings of a 0.1-ms model read fixed -0.33 ms, output volume -1.07 ms, and predicted
+    -0.11 ms for every group at its smallest width; terms are dropped until that plan's time is positive."""
+    from kpc.latency.profiler import _fit
+
+    entries = np.array([1.0, 0.8, 0.6, 0.4, 0.9, 0.5, 0.7])
+    outputs = np.array([1.0, 0.7, 0.5, 0.3, 0.85, 0.45, 0.6])
+    target = 3 * entries - 0.3 - 1.0 * outputs + np.array([0.01, -0.02, 0.015, 0.0, -0.01, 0.02, -0.005])
+    smallest = (0.1, 0.05)
+    s, c, r = _fit(entries, outputs, target)  # unconstrained: what the fit gave before
+    assert s * smallest[0] + c + r * smallest[1] < 0
+    s, c, r = _fit(entries, outputs, target, smallest)
+    assert s > 0 and s * smallest[0] + c + r * smallest[1] > 0
