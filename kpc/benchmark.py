@@ -60,7 +60,7 @@ REPORT_SCHEMA: dict[str, str] = {
     "gate": "{min_speedup: float | null, passed: bool | null (null when no gate was asked)}",
     "cores": "{available: int (cores this process may use), other_processes: float | null (cores' worth of CPU "
              "time other processes used while timing; /proc/stat, null elsewhere), contended: bool (they took "
-             "cores the timing threads needed)}",
+             "cores the timing threads needed), oversubscribed: bool (more CPU threads pinned than cores)}",
 }
 
 
@@ -200,6 +200,7 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
     busy = contended(others, max(1, threads))
     if busy:
         log.warning(CONTENDED_HINT.format(others=others))
+    oversubscribed = not settings.runtime.endswith(("cuda", "trt")) and warn_if_oversubscribed(threads, "timed")
     ratio, low, high = exporters.bootstrap_ratio_ci(stats_a.samples_ms, stats_b.samples_ms,
                                                     confidence=settings.confidence, resamples=settings.resamples,
                                                     seed=settings.seed)
@@ -224,8 +225,23 @@ def run_bench(baseline: Any, candidate: Any, settings: BenchSettings, *,
                     "resamples": settings.resamples, "method": "median ratio, paired percentile bootstrap"},
         "gate": {"min_speedup": min_speedup,
                  "passed": None if min_speedup is None else bool(low >= min_speedup)},
-        "cores": {"available": available_cores(), "other_processes": others, "contended": busy},
+        "cores": {"available": available_cores(), "other_processes": others, "contended": busy,
+                  "oversubscribed": oversubscribed},
     }
+
+
+def warn_if_oversubscribed(threads: int, what: str) -> bool:
+    """Warn where more threads are pinned than this process has cores: they take turns on them, and a timing
+    measures that rather than the model (99 threads on 2 cores read a ResNet-18 child at 102 ms against 0.9)."""
+    cores = available_cores()
+    if threads <= cores:
+        return False
+    log.warning(OVERSUBSCRIBED_HINT.format(threads=threads, cores=cores, what=what))
+    return True
+
+
+OVERSUBSCRIBED_HINT = ("{threads} threads on the {cores} cores this process may use: the runtime's threads take turns "
+                       "on them, so what is {what} is that contention, not the model; pass at most {cores} threads")
 
 
 def _other_processes_cores(before: tuple[float, float, float] | None,
@@ -254,6 +270,8 @@ CONTENDED_HINT = ("other processes kept {others:.1f} cores busy while timing: th
 def contention_note(report: dict[str, Any]) -> str | None:
     """One sentence for a report timed beside a busy process; None when the cores were free (or unknown)."""
     cores = report.get("cores") or {}
+    if cores.get("oversubscribed"):
+        return OVERSUBSCRIBED_HINT.format(threads=report.get("threads"), cores=cores.get("available"), what="timed")
     if not cores.get("contended"):
         return None
     return CONTENDED_HINT.format(others=cores["other_processes"])

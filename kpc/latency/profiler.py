@@ -389,6 +389,10 @@ def check_profile_settings(settings: ProfileSettings) -> None:
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise KpcError(f"--{name.replace('_', '-')} must be a non-negative integer (got {value!r})")
+    if not settings.runtime.endswith(("cuda", "trt")):
+        from kpc.benchmark import warn_if_oversubscribed
+
+        warn_if_oversubscribed(settings.threads, "measured into the table")
 
 
 def _entry(geometry: Geometry, c_in: list[int], c_out: list[int], measured: dict[str, float],
