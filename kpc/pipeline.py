@@ -141,6 +141,31 @@ class Pipeline:
                 check()
             except KpcError as exc:
                 raise self.recipe_error(section, exc) from exc
+        self.check_classes()
+
+    def check_classes(self) -> None:
+        """A teacher the run does not train must have one output per class of the data distill and verify read.
+
+        Without `num_classes:`, torchvision:resnet18 has 1000 outputs; the run pruned it and
+        failed at distillation on Fashion-MNIST's 10 classes.
+        """
+        from kpc.data import dataset_num_classes
+
+        if self.active("train") or self.data.kind == "synthetic":
+            return
+        classes = dataset_num_classes(self.data)
+        if classes is None:
+            return
+        from kpc.train.loop import model_outputs
+
+        teacher = self.open_teacher()
+        outputs = model_outputs(teacher.model, teacher.example_input())
+        if outputs != classes:
+            line = self.recipe.lines.get("num_classes", self.recipe.lines.get("model"))
+            source = str(self.recipe.path) if self.recipe.path is not None else "the recipe"
+            raise KpcError(f"{source}{f' line {line}' if line else ''}: the model has {outputs} outputs but "
+                           f"{self.data.label()} has {classes} classes: set num_classes: {classes} (and weights: "
+                           "trained for them), or add a train: section")
 
     def recipe_error(self, section: str, exc: KpcError) -> KpcError:
         """A settings error in the recipe's words: `recipe.yaml line 9: distill.epochs must be ...`."""

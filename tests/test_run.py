@@ -148,6 +148,8 @@ def test_dry_run_and_bad_recipes(finished_run, tmp_path):
     ("distill: {lr: .nan}", "line 4: distill.lr must be a finite number > 0, got nan"),
     ("train: {epochs: 1, subset: 0}", "line 4: train.subset must be an integer at least 2"),
     ("export: {opset: 3}", "line 4: export"),
+    # no train stage and no num_classes: 1000 outputs, found at distillation after the prune had run
+    ("input_size: 3x32x32", "line 1: the model has 1000 outputs but fashion-mnist"),
 ])
 def test_a_bad_value_in_any_section_is_refused_with_its_key_before_any_stage_writes(section, message, tmp_path):
     bad = tmp_path / "bad.yaml"
@@ -164,7 +166,7 @@ def test_a_flops_recipe_prunes_for_its_target_runtime(tmp_path, budget):
     """A FLOPs budget keeps the recipe's runtime: its width step is that runtime's channel block, as on the CLI;
     with the recipe's own table, a GFLOPs budget breaks near-ties toward speed, as --budget-gflops with --lut."""
     recipe = tmp_path / "flops.yaml"
-    text = (f"model: torchvision:resnet18\ndata: fashion-mnist\nbudget: {budget}\n"
+    text = (f"model: torchvision:resnet18\nnum_classes: 10\ndata: fashion-mnist\nbudget: {budget}\n"
             "target: {runtime: ort-cpu, batch: 1, precision: fp32, threads: 2}\n")
     recipe.write_text(text)
     plain = Pipeline(load_recipe(recipe), tmp_path / "run").prune_budget()
@@ -172,7 +174,7 @@ def test_a_flops_recipe_prunes_for_its_target_runtime(tmp_path, budget):
     table = Path(__file__).parents[1] / "profiles" / "intel-r-xeon-r-processor" / "ort-cpu-fp32-b1-t2" / "resnet18.json"
     recipe.write_text(text + f"lut: {table}\n")
     if "ratio" in budget:
-        with pytest.raises(KpcError, match=r"line 5: lut is not read with budget\.ratio"):
+        with pytest.raises(KpcError, match=r"line 6: lut is not read with budget\.ratio"):
             load_recipe(recipe)
         return
     pipeline = Pipeline(load_recipe(recipe), tmp_path / "run")
