@@ -114,28 +114,18 @@ class Pipeline:
     def check_sections(self) -> None:
         """Build and check every active section's settings now: a `distill: {epochs: -1}` was found only after the
         prune had run, and named the CLI's --epochs rather than the recipe's key."""
-        from kpc.benchmark import BenchSettings
-        from kpc.export import ExportSettings
-        from kpc.latency.profiler import ProfileSettings, check_profile_settings
+        from kpc.latency.profiler import check_profile_settings
 
         r = self.recipe
-        t = r["target"]
         checks: list[tuple[str, Callable[[], Any]]] = [("prune", self.prune_settings)]
         if self.active("train"):
             checks.append(("train", lambda: self.fit_settings(r["train"], teacher=False).check()))
         if self.active("distill"):
             checks.append(("distill", lambda: self.fit_settings(r["distill"], teacher=True).check()))
         if self.active("profile"):
-            checks.append(("profile", lambda: check_profile_settings(ProfileSettings(
-                runtime=t["runtime"], batch=t["batch"], threads=t["threads"], precision=t["precision"],
-                round_to=r["prune"]["round_to"], min_channels=r["prune"]["min_channels"],
-                ignore=tuple(r["prune"]["ignore"]), iters=r["profile"]["iters"]))))
-        e, v = r["export"], r["verify"]
-        checks.append(("export", lambda: ExportSettings(onnx=e["onnx"], trt=e["trt"], fp16=e["fp16"], opset=e["opset"],
-                                                        dynamic_batch=e["dynamic_batch"], batch=t["batch"]).check()))
-        checks.append(("verify", lambda: BenchSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
-                                                       precision=t["precision"], warmup=v["warmup"],
-                                                       iters=v["iters"]).check()))
+            checks.append(("profile", lambda: check_profile_settings(self.profile_settings())))
+        checks.append(("export", lambda: self.export_settings().check()))
+        checks.append(("verify", lambda: self.bench_settings().check()))
         for section, check in checks:
             try:
                 check()
@@ -162,15 +152,14 @@ class Pipeline:
         outputs = model_outputs(teacher.model, teacher.example_input())
         if outputs != classes:
             line = self.recipe.lines.get("num_classes", self.recipe.lines.get("model"))
-            source = str(self.recipe.path) if self.recipe.path is not None else "the recipe"
-            raise KpcError(f"{source}{f' line {line}' if line else ''}: the model has {outputs} outputs but "
+            raise KpcError(f"{self.source}{f' line {line}' if line else ''}: the model has {outputs} outputs but "
                            f"{self.data.label()} has {classes} classes: set num_classes: {classes} (and weights: "
                            "trained for them), or add a train: section")
 
     def recipe_error(self, section: str, exc: KpcError) -> KpcError:
         """A settings error in the recipe's words: `recipe.yaml line 9: distill.epochs must be ...`."""
         text = str(exc)
-        source = str(self.recipe.path) if self.recipe.path is not None else "the recipe"
+        source = self.source
         flag = re.search(r"--([a-z][a-z0-9-]*)", text)
         key = flag.group(1).replace("-", "_") if flag else None
         for where in ((section,) if key is None else (section, "target", "prune")):
@@ -182,6 +171,37 @@ class Pipeline:
         if flag is not None:
             text = text.replace(flag.group(0), f"{section}.{key}", 1)
         return type(exc)(f"{place}: {text}" if flag is not None else f"{place}: {section}: {text}")
+
+    @property
+    def source(self) -> str:
+        """How errors name the recipe: its file, where it came from one."""
+        return str(self.recipe.path) if self.recipe.path is not None else "the recipe"
+
+    def profile_settings(self) -> Any:
+        """The profile stage's settings: the target's runtime, the prune's width grid, `profile:`'s iterations."""
+        from kpc.latency.profiler import ProfileSettings
+
+        r = self.recipe
+        t, p = r["target"], r["prune"]
+        return ProfileSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"], precision=t["precision"],
+                               round_to=p["round_to"], min_channels=p["min_channels"], ignore=tuple(p["ignore"]),
+                               iters=r["profile"]["iters"])
+
+    def export_settings(self) -> Any:
+        """The export stage's settings: `export:` at the target's batch."""
+        from kpc.export import ExportSettings
+
+        e = self.recipe["export"]
+        return ExportSettings(onnx=e["onnx"], trt=e["trt"], fp16=e["fp16"], opset=e["opset"],
+                              dynamic_batch=e["dynamic_batch"], batch=self.recipe["target"]["batch"])
+
+    def bench_settings(self) -> Any:
+        """The verify stage's bench: the target, `verify:`'s warm-up and iterations."""
+        from kpc.benchmark import BenchSettings
+
+        t, v = self.recipe["target"], self.recipe["verify"]
+        return BenchSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"], precision=t["precision"],
+                             warmup=v["warmup"], iters=v["iters"])
 
     def fit_settings(self, section: dict[str, Any], *, teacher: bool) -> Any:
         """The TrainSettings of a `train:` or `distill:` section, on the recipe's data, seed and target threads."""
@@ -401,15 +421,11 @@ class Pipeline:
         return self._fit(directory, loaded, r["train"], None)
 
     def _run_profile(self, directory: Path) -> dict[str, Any]:
-        from kpc.latency.profiler import ProfileSettings, profile
+        from kpc.latency.profiler import profile
 
-        r = self.recipe
-        t, p = r["target"], r["prune"]
-        settings = ProfileSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
-                                   precision=t["precision"], round_to=p["round_to"], min_channels=p["min_channels"],
-                                   ignore=tuple(p["ignore"]), iters=r["profile"]["iters"])
+        settings = self.profile_settings()
         teacher = self.open_teacher()
-        with self.ui.counter(f"profiling on {t['runtime']}") as tick:
+        with self.ui.counter(f"profiling on {settings.runtime}") as tick:
             table = profile(teacher.model, teacher.example_input(), settings, directory / "lut.json",
                             label=teacher.label, progress=tick)
         return {"lut": str(directory / "lut.json"), "full_model_ms": table.header["full_model_ms"]}
@@ -449,25 +465,20 @@ class Pipeline:
         return self._fit(directory, self.open_artifact(self.child_path()), self.recipe["distill"], self.open_teacher())
 
     def _run_export(self, directory: Path) -> dict[str, Any]:
-        from kpc.export import ExportSettings, export_model
+        from kpc.export import export_model
 
-        e = self.recipe["export"]
-        settings = ExportSettings(onnx=e["onnx"], trt=e["trt"], fp16=e["fp16"], opset=e["opset"],
-                                  dynamic_batch=e["dynamic_batch"], batch=self.recipe["target"]["batch"])
-        export_model(self.open_artifact(self.final_path()), directory / "export", settings, overwrite=True)
+        export_model(self.open_artifact(self.final_path()), directory / "export", self.export_settings(),
+                     overwrite=True)
         return {"export": str(directory / "export")}
 
     def _run_verify(self, directory: Path) -> dict[str, Any]:
-        from kpc.benchmark import BenchSettings, render_markdown, run_bench
+        from kpc.benchmark import render_markdown, run_bench
         from kpc.evaluate import evaluate_accuracy
 
-        r = self.recipe
-        t, v = r["target"], r["verify"]
+        v = self.recipe["verify"]
         teacher, child, final = (self.open_teacher(), self.open_artifact(self.child_path()),
                                  self.open_artifact(self.final_path()))
-        settings = BenchSettings(runtime=t["runtime"], batch=t["batch"], threads=t["threads"],
-                                 precision=t["precision"], warmup=v["warmup"], iters=v["iters"])
-        bench = run_bench(teacher, final, settings, min_speedup=v["min_speedup"])
+        bench = run_bench(teacher, final, self.bench_settings(), min_speedup=v["min_speedup"])
         accuracy = {}
         if self.data.kind != "synthetic":
             for name, loaded in (("teacher", teacher), ("pruned", child), ("final", final)):
