@@ -61,9 +61,11 @@ class OutputCheck:
     def line(self) -> str:
         status = "ok  " if self.ok else "FAIL"
         if self.shape_ref is not None and self.shape_ref == self.shape_got:
+            # The bound is atol x scale + rtol x |ref| per element, so max_rel alone can exceed
+            # rtol near zeros and still pass: say how much of the bound the worst element used.
             detail = (
-                f"shape {self.shape_ref}  max_abs {self.max_abs:.3g} (atol {self._atol()})  "
-                f"max_rel {self.max_rel:.3g} (rtol {self.rtol:g})"
+                f"shape {self.shape_ref}  max_abs {self.max_abs:.3g}  max_rel {self.max_rel:.3g}  "
+                f"worst element at {self.severity:.0%} of atol {self._atol()} + rtol {self.rtol:g} x |ref|"
             )
             if not self.ok:
                 detail += f"  -- {self.problem()}"

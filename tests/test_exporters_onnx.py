@@ -159,6 +159,16 @@ def test_outputs_matched_by_position_when_names_differ() -> None:
     assert check.max_abs == pytest.approx(1e-6, rel=0.1)
 
 
+def test_a_passing_line_says_how_much_of_the_bound_was_used() -> None:
+    """An element near zero gives a max_rel above rtol in a check that passes; the line printed
+    "max_rel 0.257 (rtol 0.05)" beside "ok", which read as a failure."""
+    ref = {"logits": np.array([1.0, 0.001])}
+    got = {"logits": np.array([1.001, 0.0012])}
+    (check,) = compare_outputs(ref, got, atol=1e-3, rtol=0.05)
+    assert check.ok and check.max_rel > 0.05
+    assert check.line().startswith("ok ") and "worst element at 19% of atol 0.001 + rtol 0.05 x |ref|" in check.line()
+
+
 def test_atol_is_in_units_of_the_outputs_scale() -> None:
     """float32 rounding in an output reaching 1e13 leaves errors near 1e6 on its small elements: right to 7 digits
     of the output, and failed by a fixed atol (a random-init MobileOne's export)."""
